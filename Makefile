@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+DATA_DIR ?= data
+FMNIST_DEB := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-slow test-all install data bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-install when pyproject.toml changes; the package is editable, so code changes need nothing.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST: Debian's package when we are root on Debian, otherwise torchvision's download into $(DATA_DIR).
+data: install
+	@if [ -f $(FMNIST_DEB)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: using $(FMNIST_DEB)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && apt-cache show dataset-fashion-mnist >/dev/null 2>&1; then \
+		apt-get install -y dataset-fashion-mnist; \
+	else \
+		$(BIN)/normsam download fashion-mnist --data-dir $(DATA_DIR); \
+	fi
+
+# The main job: SGD vs SAM-all vs SAM-ON on Fashion-MNIST (a few minutes on 2 cores).
+demo: data
+	$(BIN)/normsam compare --data-dir $(DATA_DIR) --out runs/compare
+
+test: install
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow -q
+
+test-all: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

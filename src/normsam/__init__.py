@@ -1,0 +1,37 @@
+"""normsam: sharpness-aware minimization for PyTorch, built around SAM-ON (perturb only the norm layers).
+
+Public API; everything not re-exported here is private.
+"""
+
+from normsam.optim import (
+    BN_POLICIES,
+    MASK_SCOPES,
+    PARAMETER_SCOPES,
+    PERTURBATIONS,
+    SAM,
+    SCOPES,
+    ParamInfo,
+    ScopeReport,
+    describe_scope,
+    frozen_running_stats,
+    is_norm_layer,
+    param_groups,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SAM",
+    "param_groups",
+    "describe_scope",
+    "is_norm_layer",
+    "frozen_running_stats",
+    "ParamInfo",
+    "ScopeReport",
+    "PERTURBATIONS",
+    "SCOPES",
+    "PARAMETER_SCOPES",
+    "MASK_SCOPES",
+    "BN_POLICIES",
+    "__version__",
+]

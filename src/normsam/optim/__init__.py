@@ -1,0 +1,34 @@
+"""The optimizer side of normsam: the SAM wrapper, perturbation models, scopes, masks, running statistics."""
+
+from normsam.optim.perturbations import PERTURBATIONS, PerturbationModel, get_perturbation, perturbation
+from normsam.optim.running_stats import BN_POLICIES, frozen_running_stats, running_stat_modules
+from normsam.optim.sam import SAM
+from normsam.optim.scopes import (
+    MASK_SCOPES,
+    PARAMETER_SCOPES,
+    SCOPES,
+    ParamInfo,
+    ScopeReport,
+    describe_scope,
+    is_norm_layer,
+    param_groups,
+)
+
+__all__ = [
+    "SAM",
+    "PERTURBATIONS",
+    "PerturbationModel",
+    "get_perturbation",
+    "perturbation",
+    "BN_POLICIES",
+    "frozen_running_stats",
+    "running_stat_modules",
+    "SCOPES",
+    "PARAMETER_SCOPES",
+    "MASK_SCOPES",
+    "ParamInfo",
+    "ScopeReport",
+    "describe_scope",
+    "is_norm_layer",
+    "param_groups",
+]
