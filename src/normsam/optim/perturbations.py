@@ -146,6 +146,10 @@ def perturbation(
             ℓ2 norm only (``norm_over="all"``); empty for ``norm_over="perturbed"``.
         foreach: use the ``torch._foreach_*`` path instead of the plain loop.
     """
+    if not (len(grads) == len(weights) == len(rhos) == len(scaled)):
+        raise ValueError("perturbation(): grads, weights, rhos and scaled must have the same length.")
+    if not (len(extra_grads) == len(extra_weights) == len(extra_scaled)):
+        raise ValueError("perturbation(): extra_grads, extra_weights and extra_scaled must have the same length.")
     impl = _perturbation_foreach if foreach else _perturbation_loop
     return impl(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled)
 

@@ -236,6 +236,11 @@ class SAM(torch.optim.Optimizer):
     def _targets(self) -> list[Tensor]:
         return [p for p, _, _ in self._entries(True)]
 
+    def perturbed_parameters(self) -> list[Tensor]:
+        """The tensors SAM perturbs (the candidates, for a mask scope). ``loss.backward(inputs=...)`` with
+        them is the cheap ascent for callers that accumulate gradients over micro-batches."""
+        return self._targets()
+
     def _scaled(self, entries) -> list[bool]:
         model, nb = self.perturbation_model, self.normalize_bias
         return [model.scales(name is not None and name.endswith("bias"), nb) for _, _, name in entries]
@@ -291,7 +296,10 @@ class SAM(torch.optim.Optimizer):
         extra = [(e, g) for e, g in zip(others, extra_grads) if g is not None]
         finite = self._all_finite([g for g in grads if g is not None] + [g for _, g in extra])
         if finite and self.mask_scope is not None:
-            grads = self._apply_masks(entries, grads)
+            masked = self._apply_masks(entries, grads)
+            if self.norm_over == "all":  # the full gradient's norm includes the masked-out elements
+                extra += [(e, g - m) for e, g, m in zip(entries, grads, masked) if g is not None]
+            grads = masked
         self._backup = []
         if self._running_stats is not None:
             self._running_stats.save()

@@ -1,0 +1,7 @@
+"""``python -m normsam`` (and ``torchrun -m normsam train ...``)."""
+
+import sys
+
+from normsam.cli import main
+
+sys.exit(main())

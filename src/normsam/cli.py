@@ -1,0 +1,129 @@
+"""The ``normsam`` command line: train, compare, inspect, sharpness, sweep, report, bench, download.
+
+Every subcommand is a thin layer over a library function; errors in the input end the command with a
+one-line message (exit status 2) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from normsam.train.config import load_config, parse_overrides
+    from normsam.train.loop import Trainer, resume
+
+    if args.resume:
+        if args.config:
+            raise ValueError("--resume takes the run's saved config; drop --config.")
+        resume(args.resume, parse_overrides(args.overrides))
+        return 0
+    Trainer(load_config(args.config, args.overrides)).run()
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from normsam.train.compare import compare
+    from normsam.train.config import parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    for key in ("data_dir", "epochs", "subset", "seed", "threads"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    compare(args.out, overrides=overrides)
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from normsam.optim.scopes import describe_scope
+    from normsam.train.models import build_model
+
+    model = build_model(
+        args.model, num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.image_size, norm=args.norm
+    )
+    scope = args.scope if not args.pattern else args.pattern
+    report = describe_scope(model, scope)
+    print(f"{args.model}: {report.total_numel:,} trainable parameters")
+    print(report.table(max_rows=None if args.all else 40))
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from normsam.train.data import load_data
+
+    splits = load_data(args.name, data_dir=args.data_dir, download=True)
+    print(f"{args.name}: {len(splits.train):,} training and {len(splits.test):,} test images in {args.data_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="normsam",
+        description="Sharpness-aware minimization for PyTorch, built around SAM-ON (perturb only the norm layers).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one run (YAML config + key=value overrides)")
+    p.add_argument("--config", help="a preset (quick, paper-cifar100-wrn) or a YAML file")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. scope=norm rho=0.5 epochs=20")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("compare", help="SGD vs SAM-all vs SAM-ON on Fashion-MNIST (the demo)")
+    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--data-dir", help="where Fashion-MNIST lies (default: $NORMSAM_DATA, then Debian's path)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--subset", type=int, help="training images (stratified); default 8000")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides for every run")
+    p.set_defaults(func=_compare)
+
+    p = sub.add_parser("inspect", help="what a scope selects on a model (a dry run)")
+    p.add_argument("model", help="e.g. resnet20, wrn28-10, vit-small, timm:convnext_atto, torchvision:resnet18")
+    p.add_argument("--scope", default="norm", help="all, norm, no-norm (default: norm)")
+    p.add_argument("--pattern", nargs="+", help="glob patterns over parameter names instead of --scope")
+    p.add_argument("--norm", help="norm of resnet*/wrn*: batch, group, layer, none")
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--in-channels", type=int, default=3)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--all", action="store_true", help="print every row")
+    p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("download", help="download a data set through torchvision")
+    p.add_argument("name", help="fashion-mnist, mnist, cifar10, cifar100")
+    p.add_argument("--data-dir", default="data")
+    p.set_defaults(func=_download)
+
+    _add_analysis_commands(sub)
+    return parser
+
+
+def _add_analysis_commands(sub) -> None:
+    """Subcommands of the analysis side (sharpness, sweep, report) and the benchmark."""
+    try:
+        from normsam.analysis import commands
+    except ImportError:  # pragma: no cover - only while a subcommand module is missing
+        return
+    commands.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"normsam {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Run folders and checkpoints: atomic writes, ``weights_only`` loads, metrics files.
+
+A run folder explains itself::
+
+    config.yaml        the resolved config
+    environment.json   versions, device, threads, command line
+    metrics.jsonl      one JSON object per epoch (also metrics.csv)
+    norm_stats.jsonl   per-epoch quantiles/histograms of the norm layers' γ and β
+    checkpoint.pt      written atomically after every epoch (model, optimizer, schedule, history)
+    summary.json       written when the run has finished
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CHECKPOINT",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "save_checkpoint",
+    "load_checkpoint",
+    "write_json",
+    "write_metrics",
+    "environment",
+]
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.yaml"
+METRICS_JSONL = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+NORM_STATS = "norm_stats.jsonl"
+SUMMARY = "summary.json"
+ENVIRONMENT = "environment.json"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}: the run has not finished an epoch yet.")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (keeps them equal to the
+    checkpoint's history, also after a resume)."""
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / METRICS_JSONL, "".join(json.dumps(row) + "\n" for row in history))
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    atomic_write_text(run_dir / METRICS_CSV, out.getvalue())
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions, device and threads, for ``environment.json``."""
+    import numpy
+    import timm
+    import torchvision
+
+    import normsam
+
+    env = {
+        "normsam": normsam.__version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "cuda_available": torch.cuda.is_available(),
+        "command": sys.argv,
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode == 0:
+            env["git_commit"] = commit.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return env

@@ -1,0 +1,256 @@
+"""Run configuration: one typed dataclass, YAML files, presets and ``key=value`` overrides.
+
+Values are plain and typed. A config is built from, in order: the defaults below, a preset or YAML file
+(``--config quick`` or ``--config my.yaml``), then ``key=value`` overrides from the command line (values
+parsed as YAML: ``rho=0.5``, ``subset=null``, ``download=true``). An unknown key or a value of the wrong
+type is an error that lists the valid keys; the resolved config is saved in every run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from normsam.optim.perturbations import PERTURBATIONS
+from normsam.optim.running_stats import BN_POLICIES
+from normsam.optim.scopes import MASK_SCOPES, SCOPES
+
+__all__ = ["TrainConfig", "PRESETS", "OPTIMIZERS", "load_config", "parse_overrides", "config_keys"]
+
+OPTIMIZERS = ("sgd", "adamw", "lion")
+AMP_MODES = ("off", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+PRESETS = ("quick", "paper-cifar100-wrn")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. ``scope: none`` trains with the plain base optimizer."""
+
+    # data
+    data: str = "fashion-mnist"
+    data_dir: Union[str, None] = None
+    download: bool = False
+    subset: Union[int, None] = None  # stratified subset of the training set
+    val_split: float = 0.0  # stratified validation split taken from the training set
+    augment: Union[str, None] = None  # none | crop | crop-flip | autoaugment; None: crop-flip (crop for mnist)
+    image_size: Union[int, None] = None  # synthetic and imagefolder only
+    # model
+    model: str = "resnet20"
+    norm: Union[str, None] = None  # batch | group | layer | none, for resnet*/wrn*
+    # base optimizer and schedule
+    epochs: int = 10
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # sgd momentum; beta1 for adamw and lion
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.1
+    # SAM
+    scope: Union[str, list] = "norm"  # none | all | norm | no-norm | random | ssam-f | ssam-d | [glob, ...]
+    perturbation: str = "sam"
+    rho: float = 0.5
+    eta: Union[float, None] = None
+    normalize_bias: bool = False
+    norm_over: str = "perturbed"
+    sparsity: Union[float, None] = None  # element-mask scopes
+    mask_interval: Union[int, None] = None  # ssam-d: SAM steps between mask updates
+    fisher_samples: int = 128  # ssam-f: examples for the Fisher estimate
+    mask_refresh_epochs: int = 1  # ssam-f: epochs between Fisher-mask refreshes
+    sam_start: int = 0  # first epoch (0-based) with SAM steps
+    sam_end: Union[int, None] = None  # first epoch after the SAM window; None: until the end
+    bn_policy: str = "freeze"
+    cheap_ascent: bool = True  # first pass computes only the perturbed tensors' gradients
+    # scale
+    amp: str = "off"  # off | bf16 | fp16
+    accumulation: int = 1  # micro-batches per step (batch_size is the whole step's batch)
+    clip_grad_norm: Union[float, None] = None  # on the second-pass gradient
+    sync_ascent: bool = False  # DDP: all-reduce the ascent gradient of the perturbed tensors
+    compile: bool = False  # torch.compile the model
+    # analysis
+    norm_stats: bool = True  # per-epoch quantiles and histograms of the norm layers' γ and β
+    sharpness_at_end: bool = False  # measure adaptive ℓ∞ sharpness after the last epoch
+    sharpness_rho: float = 0.002
+    sharpness_steps: int = 20
+    # run
+    seed: int = 0
+    out: Union[str, None] = None  # run folder; None: runs/<data>-<model>-<method>-s<seed>
+    device: str = "auto"
+    threads: Union[int, None] = None
+    eval_batch_size: int = 512
+    progress: bool = True
+    tensorboard: bool = False
+
+    @property
+    def method(self) -> str:
+        """A short label: sgd, or <scope>-<perturbation>-rho<ρ> (e.g. norm-asam-rho5.0)."""
+        if self.scope == "none":
+            return self.optimizer
+        scope = self.scope if isinstance(self.scope, str) else "patterns"
+        return f"{scope}-{self.perturbation}-rho{self.rho:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> TrainConfig:
+        """Check values (types are checked on load); raise ValueError naming the fix."""
+        _one_of("optimizer", self.optimizer, OPTIMIZERS)
+        _one_of("perturbation", self.perturbation, tuple(PERTURBATIONS))
+        _one_of("bn_policy", self.bn_policy, BN_POLICIES)
+        _one_of("amp", self.amp, AMP_MODES)
+        _one_of("device", self.device, DEVICES)
+        _one_of("norm_over", self.norm_over, ("perturbed", "all"))
+        if isinstance(self.scope, str):
+            _one_of("scope", self.scope, ("none",) + SCOPES)
+        elif not self.scope or not all(isinstance(p, str) for p in self.scope):
+            raise ValueError(f"scope as a list must hold glob patterns over parameter names, got {self.scope!r}.")
+        for key in ("epochs", "batch_size", "eval_batch_size", "accumulation", "fisher_samples",
+                    "mask_refresh_epochs", "sharpness_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
+        for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "rho", "sharpness_rho"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}.")
+        if not 0 <= self.val_split < 1:
+            raise ValueError(f"val_split must lie in [0, 1), got {self.val_split}.")
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
+        if self.batch_size % self.accumulation:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by accumulation={self.accumulation}: "
+                "batch_size is the whole step's batch, split into `accumulation` equal micro-batches."
+            )
+        if self.sam_start < 0 or (self.sam_end is not None and self.sam_end <= self.sam_start):
+            raise ValueError(
+                f"SAM window sam_start={self.sam_start}, sam_end={self.sam_end} is empty: need "
+                "0 <= sam_start < sam_end (sam_end=null runs SAM until the last epoch)."
+            )
+        if self.scope in MASK_SCOPES and self.sparsity is None:
+            raise ValueError(f"scope={self.scope} needs sparsity=<share of elements not perturbed>, e.g. 0.9995.")
+        if self.scope == "ssam-d" and self.mask_interval is None:
+            raise ValueError("scope=ssam-d needs mask_interval=<SAM steps between mask updates>, e.g. 100.")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ValueError(f"clip_grad_norm must be > 0 (or null to disable), got {self.clip_grad_norm}.")
+        return self
+
+
+def _one_of(key: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        raise ValueError(f"Invalid {key}: {value!r}; valid values are {', '.join(map(str, valid))}.")
+
+
+def config_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _allowed_types(key: str) -> tuple[type, ...]:
+    hint = _HINTS[key]
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        return tuple(typing.get_origin(a) or a for a in typing.get_args(hint))
+    return (hint,)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Check (and where lossless, convert) a value for ``key``: int → float, number → str."""
+    allowed = _allowed_types(key)
+    if value is None:
+        if type(None) in allowed:
+            return None
+    elif isinstance(value, bool):
+        if bool in allowed:
+            return value
+    elif isinstance(value, int) and int in allowed:
+        return value
+    elif isinstance(value, (int, float)) and float in allowed:
+        return float(value)
+    elif isinstance(value, float) and int in allowed and value.is_integer():
+        return int(value)
+    elif isinstance(value, list) and list in allowed:
+        return value
+    elif isinstance(value, str) and str in allowed:
+        return value
+    elif isinstance(value, (int, float)) and str in allowed:
+        return str(value)
+    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+    raise ValueError(f"Wrong type for {key}: {value!r} ({type(value).__name__}); expected {names}.")
+
+
+def _unknown_key(key: str, where: str) -> ValueError:
+    close = difflib.get_close_matches(key, config_keys(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ValueError(f"Unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(config_keys())}.")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["rho=0.5", "subset=null"]`` → ``{"rho": 0.5, "subset": None}`` (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip().lstrip("-").replace("-", "_")
+        if not sep or not key:
+            raise ValueError(f"Override {item!r} is not key=value, e.g. rho=0.5 or scope=all.")
+        try:
+            out[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
+    """A preset name or a YAML file → (mapping, description)."""
+    if source in PRESETS:
+        text = resources.files("normsam").joinpath("presets", f"{source}.yaml").read_text()
+        where = f"preset {source!r}"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(
+                f"Config {source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file."
+            )
+        text, where = path.read_text(), str(path)
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a mapping of config keys, got {type(data).__name__}.")
+    return data, where
+
+
+def load_config(
+    config: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults, then a preset or YAML file, then overrides; typed and validated."""
+    values: dict[str, Any] = {}
+    layers: list[tuple[dict[str, Any], str]] = []
+    if config is not None:
+        layers.append(_read_yaml(config))
+    if overrides:
+        parsed = overrides if isinstance(overrides, dict) else parse_overrides(list(overrides))
+        layers.append((parsed, "the overrides"))
+    valid = set(config_keys())
+    for data, where in layers:
+        for key, value in data.items():
+            if key not in valid:
+                raise _unknown_key(key, where)
+            values[key] = _coerce(key, value)
+    return TrainConfig(**values).validate()
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def config_from_file(path: Path) -> TrainConfig:
+    """A run folder's resolved ``config.yaml``."""
+    return load_config(str(path))

@@ -1,0 +1,592 @@
+"""The training loop: one readable recipe for SGD, SAM-all and SAM-ON runs.
+
+``Trainer(cfg).run()`` sets up data, model and optimizer, then per epoch trains, evaluates, records metrics
+and writes a checkpoint atomically. Everything random is a function of ``(seed, epoch)`` (data order,
+augmentation, dropout), so ``normsam train --resume RUN_DIR`` continues an interrupted run with exactly the
+metrics an uninterrupted one would have had.
+
+One SAM step over ``accumulation`` micro-batches (SPEC §1–2)::
+
+    ascent:   for each micro-batch: backward of loss/k, for the perturbed tensors only (cheap ascent)
+              sam.first_step()            # ε from the accumulated ascent gradient, w_S ← w_S + ε
+    descent:  for each micro-batch: backward of loss(w + ε)/k, all parameters
+              sam.restore()               # w_S back from its saved copy, running stats as before
+              clip, base optimizer step   # at the restored w
+
+With DDP the ascent runs under ``no_sync()`` (each worker its own perturbation, as in the original SAM)
+unless ``sync_ascent=true``; with fp16 the GradScaler's scale is divided out of the ascent gradient and the
+weights are restored before ``scaler.step`` whether or not it skips the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from normsam.analysis.norm_stats import norm_parameter_stats
+from normsam.optim.sam import SAM
+from normsam.optim.scopes import MASK_SCOPES
+from normsam.train import checkpoint as ckpt
+from normsam.train.config import TrainConfig, config_from_file, load_config, save_config
+from normsam.train.data import BatchLoader, DataSplits, load_data, make_augment
+from normsam.train.models import build_model
+
+__all__ = ["Trainer", "train", "resume", "run_or_resume", "RunExistsError", "seed_everything", "derive_seed"]
+
+
+class RunExistsError(ValueError):
+    """The run folder already holds a run."""
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (e.g. ``(seed, epoch)``), stable across processes and platforms."""
+    value = 0x9E3779B97F4A7C15
+    for part in parts:
+        value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        value ^= value >> 31
+    return value & 0x7FFFFFFFFFFFFFFF
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's ``random``."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device=cuda but CUDA is not available here; use device=cpu or device=auto.")
+    return torch.device(name)
+
+
+def _base_optimizer(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW, dict(lr=cfg.lr, betas=(cfg.momentum, 0.999), weight_decay=cfg.weight_decay)
+    from timm.optim import Lion
+
+    return Lion, dict(lr=cfg.lr, betas=(cfg.momentum, 0.99), weight_decay=cfg.weight_decay)
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warm-up to 1 over ``warmup_steps``, then cosine to 0 at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class _Distributed:
+    """torchrun's environment: rank, world size, and the process group."""
+
+    def __init__(self) -> None:
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> None:
+        import torch.distributed as dist
+
+        if self.enabled and not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+    def barrier(self) -> None:
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def all_reduce_sum(self, values: list[float], device: torch.device) -> list[float]:
+        if not self.enabled:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+class Trainer:
+    """Set up once, then :meth:`run`. ``resume=True`` continues from the run folder's checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path | None = None, *, resume: bool = False):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.out or f"runs/{cfg.data}-{cfg.model}-{cfg.method}-s{cfg.seed}")
+        self.dist = _Distributed()
+        self._check_run_dir(resume)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.device = _resolve_device(cfg.device)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(self.device)
+        self.dist.init(self.device)
+        seed_everything(cfg.seed)
+
+        self.data = self._load_data()
+        self.model = build_model(
+            cfg.model,
+            num_classes=self.data.num_classes,
+            in_channels=self.data.in_channels,
+            image_size=self.data.image_size,
+            norm=cfg.norm,
+        ).to(self.device)
+        self.forward_model = self._wrap_model(self.model)
+        self.train_loader, self.eval_loaders = self._make_loaders()
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+
+        base_cls, base_kwargs = _base_optimizer(cfg)
+        self.sam: SAM | None = None
+        if cfg.scope == "none":
+            self.optimizer = base_cls(self.model.parameters(), **base_kwargs)
+        else:
+            self.sam = self._make_sam(base_cls, base_kwargs)
+            self.optimizer = self.sam.base_optimizer
+        warmup = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: warmup_cosine(s, warmup_steps=warmup, total_steps=self.total_steps)
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
+        self.history: list[dict[str, Any]] = []
+        self.start_epoch = 0
+        self.elapsed = 0.0
+        if resume:
+            self._load_checkpoint()
+        self.tb = self._tensorboard()
+
+    # --- setup --------------------------------------------------------------------------------------
+
+    def _check_run_dir(self, resume: bool) -> None:
+        has_run = (self.run_dir / ckpt.CHECKPOINT).exists() or (self.run_dir / ckpt.SUMMARY).exists()
+        if resume and not (self.run_dir / ckpt.CHECKPOINT).exists():
+            raise FileNotFoundError(
+                f"Cannot resume {self.run_dir}: it has no {ckpt.CHECKPOINT} (no epoch finished yet); "
+                "start it again with `normsam train out=...`."
+            )
+        if not resume and has_run:
+            raise RunExistsError(
+                f"{self.run_dir} already holds a run; resume it with `normsam train --resume {self.run_dir}` "
+                "or choose another out=."
+            )
+
+    def _load_data(self) -> DataSplits:
+        cfg = self.cfg
+        return load_data(
+            cfg.data,
+            data_dir=cfg.data_dir,
+            download=cfg.download,
+            subset=cfg.subset,
+            val_split=cfg.val_split,
+            seed=cfg.seed,
+            image_size=cfg.image_size,
+        )
+
+    def _make_loaders(self) -> tuple[BatchLoader, dict[str, BatchLoader]]:
+        cfg, data = self.cfg, self.data
+        augment_name = cfg.augment or ("crop" if data.name == "mnist" else "crop-flip")
+        per_rank = cfg.batch_size // self.dist.world_size
+        if per_rank * self.dist.world_size != cfg.batch_size:
+            raise ValueError(
+                f"batch_size={cfg.batch_size} (the global batch) is not divisible by the {self.dist.world_size} "
+                "processes; choose a multiple."
+            )
+        train = BatchLoader(
+            data.train,
+            per_rank,
+            shuffle=True,
+            augment=make_augment(augment_name, data),
+            seed=cfg.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            device=self.device,
+        )
+        plain = make_augment("none", data)
+        evals = {"test": BatchLoader(data.test, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)}
+        if data.val is not None:
+            evals["val"] = BatchLoader(data.val, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)
+        return train, evals
+
+    def _wrap_model(self, model: nn.Module) -> nn.Module:
+        wrapped = model
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            wrapped = DistributedDataParallel(wrapped, device_ids=ids)
+        return wrapped
+
+    def _make_sam(self, base_cls: type, base_kwargs: dict[str, Any]) -> SAM:
+        cfg = self.cfg
+        mask_kw: dict[str, Any] = {}
+        if cfg.scope in MASK_SCOPES:
+            mask_kw = dict(sparsity=cfg.sparsity, mask_seed=cfg.seed)
+        if cfg.scope == "ssam-d":
+            sam_epochs = (cfg.sam_end or cfg.epochs) - cfg.sam_start
+            mask_kw.update(mask_interval=cfg.mask_interval, mask_total_steps=max(1, sam_epochs * self.steps_per_epoch))
+        return SAM(
+            self.model,
+            base_cls,
+            scope=cfg.scope,
+            rho=cfg.rho,
+            perturbation=cfg.perturbation,
+            eta=cfg.eta,
+            normalize_bias=cfg.normalize_bias,
+            norm_over=cfg.norm_over,
+            bn_policy=cfg.bn_policy,
+            sync_ascent=cfg.sync_ascent,
+            **mask_kw,
+            **base_kwargs,
+        )
+
+    def _tensorboard(self):
+        if not (self.cfg.tensorboard and self.dist.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ValueError(
+                "tensorboard=true needs the tensorboard package: pip install 'normsam[tensorboard]'."
+            ) from err
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+    # --- one step ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.cfg.amp == "off":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        with self._autocast():
+            logits = self.forward_model(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
+        return loss, logits
+
+    def _backward(self, loss: Tensor, inputs: list[Tensor] | None = None) -> None:
+        scaled = loss / self.cfg.accumulation
+        if self.scaler is not None:
+            scaled = self.scaler.scale(scaled)
+        scaled.backward(inputs=inputs)
+
+    def _micro_batches(self, x: Tensor, y: Tensor) -> Iterator[tuple[bool, Tensor, Tensor]]:
+        """(is_last, x, y) per micro-batch."""
+        k = self.cfg.accumulation
+        xs, ys = x.chunk(k), y.chunk(k)
+        for i, (xi, yi) in enumerate(zip(xs, ys)):
+            yield i == len(xs) - 1, xi, yi
+
+    def _no_sync(self, skip_sync: bool):
+        if skip_sync and self.dist.enabled:
+            return self.forward_model.no_sync()
+        return contextlib.nullcontext()
+
+    def _descent(self, x: Tensor, y: Tensor) -> tuple[float, Tensor | None]:
+        """Backward of the loss over the micro-batches, all parameters; DDP syncs on the last one."""
+        total, logits_all = 0.0, []
+        for last, xi, yi in self._micro_batches(x, y):
+            with self._no_sync(not last):
+                loss, logits = self._loss(xi, yi)
+                self._backward(loss)
+            total += loss.item() * xi.shape[0]
+            logits_all.append(logits.detach())
+        return total / x.shape[0], torch.cat(logits_all)
+
+    def _ascent(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
+        """First pass: gradients of the perturbed tensors only (cheap ascent), never synced by DDP
+        (``sync_ascent`` averages them inside SAM instead)."""
+        assert self.sam is not None
+        inputs = self.sam.perturbed_parameters() if self.cfg.cheap_ascent else None
+        total, logits_all = 0.0, []
+        for _, xi, yi in self._micro_batches(x, y):
+            with self._no_sync(True):
+                loss, logits = self._loss(xi, yi)
+                self._backward(loss, inputs)
+            total += loss.item() * xi.shape[0]
+            logits_all.append(logits.detach())
+        return total / x.shape[0], torch.cat(logits_all)
+
+    def _base_step(self) -> None:
+        if self.scaler is not None:
+            if self.cfg.clip_grad_norm:
+                self.scaler.unscale_(self.optimizer)
+            self._clip()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self._clip()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _clip(self) -> None:
+        if self.cfg.clip_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+
+    def train_step(self, x: Tensor, y: Tensor, use_sam: bool) -> dict[str, float]:
+        """One optimizer step on the batch ``(x, y)``; returns loss, accuracy and the loss at w + ε."""
+        if not use_sam:
+            loss, logits = self._descent(x, y)
+            self._base_step()
+            return {"loss": loss, "correct": float((logits.argmax(1) == y).sum()), "loss_perturbed": math.nan}
+        assert self.sam is not None
+        loss, logits = self._ascent(x, y)
+        self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
+        loss_perturbed, _ = self._descent(x, y)
+        self.sam.restore()
+        self._base_step()
+        return {"loss": loss, "correct": float((logits.argmax(1) == y).sum()), "loss_perturbed": loss_perturbed}
+
+    # --- epochs ------------------------------------------------------------------------------------
+
+    def sam_active(self, epoch: int) -> bool:
+        cfg = self.cfg
+        return self.sam is not None and cfg.sam_start <= epoch < (cfg.sam_end if cfg.sam_end is not None else cfg.epochs)
+
+    def _refresh_fisher_mask(self, epoch: int) -> None:
+        """SSAM-F: recompute the mask from ``fisher_samples`` training examples, one per batch."""
+        assert self.sam is not None
+        gen = torch.Generator().manual_seed(derive_seed(self.cfg.seed, 5, epoch))
+        idx = torch.randperm(len(self.data.train), generator=gen)[: self.cfg.fisher_samples]
+        norm = make_augment("none", self.data)
+        images = norm(self.data.train.images[idx]).to(self.device)
+        labels = self.data.train.labels[idx].to(self.device)
+        self.sam.refresh_masks(((images[i : i + 1], labels[i : i + 1]) for i in range(len(idx))))
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        cfg = self.cfg
+        torch.manual_seed(derive_seed(cfg.seed, 1, epoch))  # dropout & co: a function of (seed, epoch)
+        use_sam = self.sam_active(epoch)
+        if use_sam and cfg.scope == "ssam-f" and (epoch - cfg.sam_start) % cfg.mask_refresh_epochs == 0:
+            self._refresh_fisher_mask(epoch)
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        sums = {"loss": 0.0, "correct": 0.0, "loss_perturbed": 0.0, "n": 0}
+        bar = self._progress(self.train_loader, f"epoch {epoch + 1}/{cfg.epochs}")
+        start = time.perf_counter()
+        for x, y in bar:
+            out = self.train_step(x, y, use_sam)
+            self.scheduler.step()
+            n = y.shape[0]
+            sums["n"] += n
+            for key in ("loss", "correct", "loss_perturbed"):
+                sums[key] += out[key] * (n if key != "correct" else 1)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.4f}", acc=f"{100 * sums['correct'] / sums['n']:.2f}%")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        n, loss, correct, loss_p = self.dist.all_reduce_sum(
+            [sums["n"], sums["loss"], sums["correct"], sums["loss_perturbed"]], self.device
+        )
+        return {
+            "train_loss": loss / n,
+            "train_acc": 100.0 * correct / n,
+            "train_loss_perturbed": loss_p / n if use_sam else None,
+            "sam": use_sam,
+            "epoch_time": seconds,
+            "step_time": seconds / len(self.train_loader),
+            "images_per_s": n / seconds,
+        }
+
+    @torch.no_grad()
+    def evaluate(self, loader: BatchLoader) -> tuple[float, float]:
+        """(mean cross-entropy without label smoothing, accuracy in %) on a whole split."""
+        self.model.eval()
+        total_loss, correct, n = 0.0, 0, 0
+        for x, y in loader:
+            with self._autocast():
+                logits = self.model(x)
+            total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum())
+            n += y.shape[0]
+        return total_loss / n, 100.0 * correct / n
+
+    def _progress(self, loader: BatchLoader, desc: str):
+        if not (self.cfg.progress and self.dist.is_main):
+            return loader
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)  # no bar without a TTY
+
+    # --- checkpoints -------------------------------------------------------------------------------
+
+    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": epoch,  # epochs completed
+            "model": self.model.state_dict(),
+            "optimizer": (self.sam or self.optimizer).state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "history": self.history,
+            "elapsed": self.elapsed,
+            "config": self.cfg.to_dict(),
+        }
+
+    def _load_checkpoint(self) -> None:
+        state = ckpt.load_checkpoint(self.run_dir / ckpt.CHECKPOINT, map_location=self.device)
+        self.model.load_state_dict(state["model"])
+        (self.sam or self.optimizer).load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        self.history = list(state["history"])
+        self.start_epoch = int(state["epoch"])
+        self.elapsed = float(state["elapsed"])
+
+    def _write_run_files(self) -> None:
+        if not self.dist.is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.run_dir / ckpt.CONFIG)
+        ckpt.write_json(self.run_dir / ckpt.ENVIRONMENT, ckpt.environment(self.device))
+
+    def _record_norm_stats(self, epoch: int) -> None:
+        if not self.cfg.norm_stats:
+            return
+        path = self.run_dir / ckpt.NORM_STATS
+        rows = [r for r in ckpt.read_jsonl(path) if r["epoch"] < epoch]  # drop rows of epochs being redone
+        rows.append({"epoch": epoch, **norm_parameter_stats(self.model)})
+        ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    # --- the run -----------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Train the remaining epochs; returns the summary. Ctrl-C leaves the last checkpoint to resume."""
+        cfg = self.cfg
+        self._write_run_files()
+        if self.start_epoch == 0 and self.dist.is_main:
+            self._record_norm_stats(0)
+        try:
+            for epoch in range(self.start_epoch, cfg.epochs):
+                started = time.perf_counter()
+                row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+                for split, loader in self.eval_loaders.items():
+                    if self.dist.is_main:
+                        row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(loader)
+                row["lr"] = self.optimizer.param_groups[0]["lr"]
+                row["rho"] = self.sam.param_groups[0]["rho"] if self.sam is not None else 0.0
+                self.elapsed += time.perf_counter() - started
+                row["elapsed"] = self.elapsed
+                self.history.append(row)
+                if self.dist.is_main:
+                    self._record_norm_stats(epoch + 1)
+                    ckpt.save_checkpoint(self.run_dir / ckpt.CHECKPOINT, self._checkpoint_state(epoch + 1))
+                    ckpt.write_metrics(self.run_dir, self.history)
+                    self._log(row)
+                self.dist.barrier()
+        except KeyboardInterrupt:
+            if self.dist.is_main:
+                done = len(self.history)
+                print(f"\nInterrupted after {done} finished epoch(s). Resume with: normsam train --resume {self.run_dir}")
+            raise
+        summary = self._summary()
+        if cfg.sharpness_at_end and self.dist.is_main:
+            from normsam.analysis.run_sharpness import measure_run_sharpness
+
+            summary["sharpness"] = measure_run_sharpness(
+                self.run_dir, rho=cfg.sharpness_rho, steps=cfg.sharpness_steps, model=self.model, data=self.data,
+                progress=cfg.progress,
+            )["sharpness"]
+        if self.dist.is_main:
+            ckpt.write_json(self.run_dir / ckpt.SUMMARY, summary)
+        if self.tb is not None:
+            self.tb.close()
+        return summary
+
+    def _log(self, row: dict[str, Any]) -> None:
+        test = f" test {row['test_loss']:.4f} / {row['test_acc']:.2f}%" if "test_acc" in row else ""
+        val = f" val {row['val_acc']:.2f}%" if "val_acc" in row else ""
+        sam = " (SAM)" if row["sam"] else ""
+        print(
+            f"epoch {row['epoch']:>3}/{self.cfg.epochs}{sam}: train {row['train_loss']:.4f} / {row['train_acc']:.2f}%"
+            f"{test}{val}  lr {row['lr']:.4g}  {row['epoch_time']:.1f}s  {row['images_per_s']:.0f} img/s",
+            flush=True,
+        )
+        if self.tb is not None:
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and value is not None and key != "epoch":
+                    self.tb.add_scalar(key, value, row["epoch"])
+
+    def _summary(self) -> dict[str, Any]:
+        last = self.history[-1]
+        best = max(self.history, key=lambda r: r.get("test_acc", -1))
+        return {
+            "run_dir": str(self.run_dir),
+            "method": self.cfg.method,
+            "epochs": len(self.history),
+            "final_test_acc": last.get("test_acc"),
+            "best_test_acc": best.get("test_acc"),
+            "best_epoch": best["epoch"],
+            "final_train_loss": last["train_loss"],
+            "final_val_acc": last.get("val_acc"),
+            "mean_epoch_time": sum(r["epoch_time"] for r in self.history) / len(self.history),
+            "mean_step_time": sum(r["step_time"] for r in self.history) / len(self.history),
+            "total_time": self.elapsed,
+            "nonfinite_ascent_steps": self.sam.counters["nonfinite_ascent_steps"] if self.sam else 0,
+        }
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run a fresh training run from a config; returns the summary."""
+    return Trainer(cfg).run()
+
+
+def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its saved config.
+
+    Only settings that do not change the result may be overridden (``progress``, ``threads``,
+    ``tensorboard``); ``epochs`` may be raised to extend a finished or interrupted run's schedule only if it
+    equals the saved value (the cosine schedule depends on it).
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / ckpt.CONFIG).exists():
+        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no {ckpt.CONFIG}.")
+    cfg = config_from_file(run_dir / ckpt.CONFIG)
+    safe = {"progress", "threads", "tensorboard", "device"}
+    for key, value in (overrides or {}).items():
+        if key not in safe:
+            raise ValueError(
+                f"--resume takes the run's saved config; only {', '.join(sorted(safe))} may be overridden, not {key!r}."
+            )
+        setattr(cfg, key, value)
+    if (run_dir / ckpt.SUMMARY).exists():
+        raise RunExistsError(f"{run_dir} has already finished (summary.json exists); nothing to resume.")
+    return Trainer(cfg, run_dir, resume=True).run()
+
+
+def run_or_resume(run_dir: Path, cfg_overrides: dict[str, Any], preset: str | None = "quick") -> dict[str, Any]:
+    """Train into ``run_dir``; skip it when finished, resume it when interrupted. Returns its summary."""
+    run_dir = Path(run_dir)
+    if (run_dir / ckpt.SUMMARY).exists():
+        return json.loads((run_dir / ckpt.SUMMARY).read_text())
+    progress = cfg_overrides.get("progress")
+    if (run_dir / ckpt.CHECKPOINT).exists():
+        return resume(run_dir, {"progress": progress} if progress is not None else None)
+    cfg = load_config(preset, {**cfg_overrides, "out": str(run_dir)})
+    return Trainer(cfg).run()
