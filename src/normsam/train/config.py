@@ -79,7 +79,7 @@ class TrainConfig:
     # analysis
     norm_stats: bool = True  # per-epoch quantiles and histograms of the norm layers' γ and β
     sharpness_at_end: bool = False  # measure adaptive ℓ∞ sharpness after the last epoch
-    sharpness_rho: float = 0.002
+    sharpness_rho: float = 0.003  # the poster's ρ for 20 steps (SPEC §3)
     sharpness_steps: int = 20
     # run
     seed: int = 0
