@@ -260,9 +260,8 @@ def _peak_step_bytes(step: StepFn, x: Tensor, y: Tensor, device: torch.device) -
         return torch.cuda.max_memory_allocated(device) - base
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(x, y)
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(x, y)  # the same step already ran in the warm-up, so nothing worth reading is hidden
     events = sorted(
         (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
     )
@@ -271,6 +270,22 @@ def _peak_step_bytes(step: StepFn, x: Tensor, y: Tensor, device: torch.device) -
         level += e.nbytes()
         peak = max(peak, level)
     return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop chatter) for the duration."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def run_benchmark(

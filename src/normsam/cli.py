@@ -1,4 +1,5 @@
-"""The ``normsam`` command line: train, compare, inspect, sharpness, sweep, report, bench, download.
+"""The ``normsam`` command line: train, compare, inspect, bench, download, and (from normsam.analysis)
+sharpness, sweep, report.
 
 Every subcommand is a thin layer over a library function; errors in the input end the command with a
 one-line message (exit status 2) instead of a traceback.
@@ -61,6 +62,45 @@ def _download(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from normsam.bench import StepContext, default_variants, run_benchmark
+    from normsam.train.models import build_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but CUDA is not available here; use --device cpu.")
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, args.channels, args.image_size, args.image_size, device=device)
+    y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
+    context = StepContext(rho_all=args.rho_all, rho_on=args.rho_on, perturbation=args.perturbation, amp=args.amp,
+                          device_type=device.type)
+    handwritten = not args.no_handwritten and args.amp != "fp16"  # the yardstick has no GradScaler path
+    result = run_benchmark(
+        lambda: build_model(args.model, num_classes=args.num_classes, in_channels=args.channels,
+                            image_size=args.image_size),
+        x, y, variants=default_variants(handwritten), context=context, rounds=args.rounds,
+        steps_per_round=args.steps_per_round, warmup=args.warmup, measure_memory=not args.no_memory,
+        compile=args.compile, progress=True,
+    )
+    s = result.settings
+    header = (f"{args.model}, batch {s['batch_size']} × {'×'.join(map(str, s['input_shape']))}, {s['device']}, "
+              f"{s['threads']} threads, amp={s['amp']}, compile={s['compile']}, torch {s['torch']}, "
+              f"{s['rounds']} rounds × {s['steps_per_round']} steps; "
+              f"{s['norm_parameters']:,} of {s['parameters']:,} parameters in norm layers")
+    print(header)
+    print(result.table())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"header": header, **result.to_dict()}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="normsam",
@@ -99,6 +139,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="fashion-mnist, mnist, cifar10, cifar100")
     p.add_argument("--data-dir", default="data")
     p.set_defaults(func=_download)
+
+    p = sub.add_parser("bench", help="step time and memory of SGD, SAM-all and SAM-ON, interleaved rounds")
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--compile", action="store_true", help="torch.compile every model copy")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--steps-per-round", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--perturbation", default="sam")
+    p.add_argument("--rho-all", type=float, default=0.05)
+    p.add_argument("--rho-on", type=float, default=0.5)
+    p.add_argument("--no-handwritten", action="store_true", help="skip the hand-written yardsticks")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    p.set_defaults(func=_bench)
 
     _add_analysis_commands(sub)
     return parser

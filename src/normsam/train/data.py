@@ -731,6 +731,12 @@ class AugmentParams:
     offset_y: torch.Tensor
     offset_x: torch.Tensor
     flipped: torch.Tensor
+    autoaugment_seeds: torch.Tensor | None = None  # one seed per sample when AutoAugment is on
+
+    def __getitem__(self, rows: slice) -> AugmentParams:
+        """The draws of a slice of the batch (a DDP rank's share of a global batch)."""
+        seeds = None if self.autoaugment_seeds is None else self.autoaugment_seeds[rows]
+        return AugmentParams(self.offset_y[rows], self.offset_x[rows], self.flipped[rows], seeds)
 
 
 class BatchAugment:
@@ -779,28 +785,32 @@ class BatchAugment:
         offset_y = torch.randint(0, span, (n,), generator=generator)
         offset_x = torch.randint(0, span, (n,), generator=generator)
         flipped = (torch.rand(n, generator=generator) < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool)
-        return AugmentParams(offset_y, offset_x, flipped)
+        seeds = torch.randint(0, 2**62, (n,), generator=generator) if self.autoaugment else None
+        return AugmentParams(offset_y, offset_x, flipped, seeds)
 
     def __call__(
         self,
         images: torch.Tensor,
         generator: torch.Generator | None = None,
         *,
+        params: AugmentParams | None = None,
         return_params: bool = False,
     ) -> torch.Tensor | tuple[torch.Tensor, AugmentParams]:
+        """Augment and normalize; the random draws come from ``generator`` or, already drawn, ``params``."""
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"BatchAugment expects a uint8 batch N×C×H×W, got {_describe(images)}.")
-        if generator is None:
-            if self.is_random:
-                raise ValueError("BatchAugment with random crop/flip/AutoAugment needs a torch.Generator; "
-                                 "pass one (the loader does) so that augmentation is reproducible.")
-            generator = torch.Generator()
-        params = self.draw_params(len(images), generator)
+        if params is None:
+            if generator is None:
+                if self.is_random:
+                    raise ValueError("BatchAugment with random crop/flip/AutoAugment needs a torch.Generator; "
+                                     "pass one (the loader does) so that augmentation is reproducible.")
+                generator = torch.Generator()
+            params = self.draw_params(len(images), generator)
         x = images
         if self.crop_padding > 0 or self.flip:
             x = self._crop_flip(x, params)
         if self._autoaugment_op is not None:
-            x = self._apply_autoaugment(x, generator)
+            x = self._apply_autoaugment(x, params)
         out = self.normalize(x)
         return (out, params) if return_params else out
 
@@ -819,12 +829,16 @@ class BatchAugment:
         chan = torch.arange(c, device=device).view(1, c, 1, 1)
         return padded[batch, chan, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
 
-    def _apply_autoaugment(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        assert self._autoaugment_op is not None
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    def _apply_autoaugment(self, x: torch.Tensor, params: AugmentParams) -> torch.Tensor:
+        """AutoAugment per image, each under its own seed (so that a DDP rank's share of a global batch is
+        augmented exactly as in a single process), inside a forked global RNG."""
+        assert self._autoaugment_op is not None and params.autoaugment_seeds is not None
+        out = []
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return torch.stack([self._autoaugment_op(img) for img in x])
+            for img, seed in zip(x, params.autoaugment_seeds.tolist()):
+                torch.manual_seed(seed)
+                out.append(self._autoaugment_op(img))
+        return torch.stack(out)
 
 
 def make_augment(name: str, splits: DataSplits) -> BatchAugment:
@@ -947,7 +961,10 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         idx = self.indices()
-        gen = _generator(self.seed, 4, self.epoch, self.rank)
+        # One generator for all ranks: each step draws the augmentation of the whole global batch and every
+        # rank applies its share, so DDP sees exactly the batches of one process with the global batch size.
+        gen = _generator(self.seed, 4, self.epoch)
+        draws_global = isinstance(self.augment, BatchAugment) and self.augment.is_random
         images, labels = self.dataset.images, self.dataset.labels
         non_blocking = self.device.type == "cuda"
         for b in range(len(self)):
@@ -960,6 +977,10 @@ class BatchLoader:
             y = y.to(self.device, non_blocking=non_blocking)
             if self.augment is None:
                 xf = x.to(torch.float32) / 255.0
+            elif draws_global:
+                n = len(batch)
+                params = self.augment.draw_params(n * self.world_size, gen)[self.rank * n:(self.rank + 1) * n]
+                xf = self.augment(x, params=params)
             else:
                 xf = self.augment(x, gen)
             yield xf, y

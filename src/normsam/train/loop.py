@@ -288,8 +288,10 @@ class Trainer:
             loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.label_smoothing)
         return loss, logits
 
-    def _backward(self, loss: Tensor, inputs: list[Tensor] | None = None) -> None:
-        scaled = loss / self.cfg.accumulation
+    def _backward(self, loss: Tensor, share: float, inputs: list[Tensor] | None = None) -> None:
+        """Backward of ``loss · share`` (share = micro-batch size / batch size, so the accumulated gradient
+        is the whole batch's mean), scaled by the GradScaler under fp16."""
+        scaled = loss * share
         if self.scaler is not None:
             scaled = self.scaler.scale(scaled)
         scaled.backward(inputs=inputs)
@@ -312,7 +314,7 @@ class Trainer:
         for last, xi, yi in self._micro_batches(x, y):
             with self._no_sync(not last):
                 loss, logits = self._loss(xi, yi)
-                self._backward(loss)
+                self._backward(loss, xi.shape[0] / x.shape[0])
             total += loss.item() * xi.shape[0]
             logits_all.append(logits.detach())
         return total / x.shape[0], torch.cat(logits_all)
@@ -326,7 +328,7 @@ class Trainer:
         for _, xi, yi in self._micro_batches(x, y):
             with self._no_sync(True):
                 loss, logits = self._loss(xi, yi)
-                self._backward(loss, inputs)
+                self._backward(loss, xi.shape[0] / x.shape[0], inputs)
             total += loss.item() * xi.shape[0]
             logits_all.append(logits.detach())
         return total / x.shape[0], torch.cat(logits_all)

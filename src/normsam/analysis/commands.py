@@ -1,0 +1,131 @@
+"""The analysis subcommands of the ``normsam`` CLI: ``sharpness``, ``sweep`` and ``report``.
+
+:func:`register` adds them to the CLI's subparsers. Each subcommand is a pair: ``_add_<name>(subparsers)``
+defines its arguments and sets ``func`` to ``_<name>(args) -> exit code``. To add a subcommand, write such a
+pair and list the ``_add_`` function in :data:`SUBCOMMANDS`. Library modules are imported inside the
+commands, so that ``normsam --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+__all__ = ["register", "SUBCOMMANDS"]
+
+
+# --- sharpness -------------------------------------------------------------------------------------------
+
+
+def _sharpness(args: argparse.Namespace) -> int:
+    from normsam.analysis.run_sharpness import SHARPNESS_FILE, measure_run_sharpness
+
+    result = measure_run_sharpness(
+        args.run_dir,
+        rho=args.rho,
+        steps=args.steps,
+        m=args.m,
+        n=args.n,
+        kind=args.kind,
+        norm=args.norm,
+        adaptive=not args.no_adaptive,
+        scope=args.scope,
+        logit_normalize=args.logit_normalize,
+        seed=args.seed,
+        device=args.device,
+        progress=args.progress,
+    )
+    error = result["error_sharpness"]
+    print(
+        f"{args.run_dir} ({result['method']}, epoch {result['epoch']}): {result['kind']}-case "
+        f"{'adaptive ' if result['adaptive'] else ''}{result['norm']} sharpness {result['sharpness']:.4f}"
+        f" (error {'n/a' if error is None else f'{error:.4f}'}; rho {result['rho']:g}, {result['steps']} steps, "
+        f"m={result['m']}, {result['examples']} examples, scope {result['scope']}) -> "
+        f"{args.run_dir.rstrip('/')}/{SHARPNESS_FILE}"
+    )
+    return 0
+
+
+def _add_sharpness(sub) -> None:
+    p = sub.add_parser(
+        "sharpness",
+        help="adaptive worst-case sharpness of a run's checkpoint (writes sharpness.json)",
+        description="Measure the sharpness of a run folder's model (SPEC §3) and record it in sharpness.json; "
+        "a measurement with the same settings replaces the older one.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `normsam train`")
+    p.add_argument("--rho", type=float, default=0.003, help="radius of the perturbation set (default 0.003)")
+    p.add_argument("--steps", type=int, default=20, help="APGD steps or Gaussian samples (default 20)")
+    p.add_argument("--m", type=int, default=128, help="examples per batch, the m of m-sharpness (default 128)")
+    p.add_argument("--n", type=int, default=1024, help="training examples in all (default 1024)")
+    p.add_argument("--kind", choices=("worst", "average"), default="worst")
+    p.add_argument("--norm", choices=("linf", "l2"), default="linf")
+    p.add_argument("--scope", choices=("all", "norm", "no-norm"), default="all", help="which weights are perturbed")
+    p.add_argument("--no-adaptive", action="store_true", help="a fixed set instead of one scaled by |w|")
+    p.add_argument("--logit-normalize", action="store_true", help="centre and ℓ2-normalize the logits")
+    p.add_argument("--seed", type=int, default=0, help="chooses the examples and seeds the measurement")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--progress", action="store_true", help="a progress bar over the batches")
+    p.set_defaults(func=_sharpness)
+
+
+# --- sweep -----------------------------------------------------------------------------------------------
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from normsam.analysis.sweep import load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep_file)
+    if args.dry_run:
+        for run in sweep.runs:
+            print(f"{run.folder}  {' '.join(f'{k}={v}' for k, v in run.overrides.items())}")
+        print(f"{len(sweep.runs)} runs")
+        return 0
+    sweep = run_sweep(sweep, workers=args.workers)
+    return 1 if sweep.failed else 0
+
+
+def _add_sweep(sub) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="a grid of runs over seeds; restartable (finished runs are skipped, interrupted ones resumed)",
+        description="Train a grid of runs described by a YAML file (see configs/sweep-tiny.yaml). Exits with "
+        "status 1 when a run failed.",
+    )
+    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.add_argument("--workers", type=int, help="runs in parallel, one process each (default: the file's, or 1)")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their folders, train nothing")
+    p.set_defaults(func=_sweep)
+
+
+# --- report ----------------------------------------------------------------------------------------------
+
+
+def _report(args: argparse.Namespace) -> int:
+    from normsam.analysis.report import make_report
+
+    paths = make_report(args.run_dirs, out=args.out)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser(
+        "report",
+        help="tables and plots (mean ± std over seeds) from run folders",
+        description="Collect run folders (searched recursively) and write report.md, CSV tables and PNG plots.",
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or folders that contain them")
+    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.set_defaults(func=_report)
+
+
+#: The functions that add one subcommand each, in the order of `normsam --help`.
+SUBCOMMANDS: list[Callable] = [_add_sharpness, _add_sweep, _add_report]
+
+
+def register(subparsers) -> None:
+    """Add the analysis subcommands to the ``normsam`` CLI's subparsers."""
+    for add in SUBCOMMANDS:
+        add(subparsers)
