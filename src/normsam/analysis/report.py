@@ -43,7 +43,7 @@ from normsam.analysis.sweep import SWEEP_FILE
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys
 
-__all__ = ["RunRecord", "Group", "find_runs", "group_runs", "make_report"]
+__all__ = ["RunRecord", "Group", "load_run", "find_runs", "grouping_keys", "group_runs", "mean_std", "make_report"]
 
 #: The columns that define a method; further columns appear when other settings differ between runs.
 METHOD_KEYS = ("optimizer", "scope", "perturbation", "rho")
@@ -194,8 +194,8 @@ class Group:
 
 
 def grouping_keys(runs: Sequence[RunRecord]) -> list[str]:
-    """The columns of the table: settings that differ between the runs, then :data:`METHOD_KEYS`."""
-    settings = [_settings(r.config) for r in runs]
+    """The columns of the table: settings that differ between the (finished) runs, then :data:`METHOD_KEYS`."""
+    settings = [_settings(r.config) for r in ([r for r in runs if r.finished] or runs)]
     varying = [
         key for key in config_keys()
         if key not in METHOD_KEYS and len({json.dumps(s[key]) for s in settings if key in s}) > 1

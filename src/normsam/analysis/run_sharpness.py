@@ -29,9 +29,8 @@ from torch import nn
 from normsam.sharpness import measure_sharpness
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file
-from normsam.train.data import DataSplits, load_data, make_augment
-from normsam.train.loop import _resolve_device
-from normsam.train.models import build_model
+from normsam.train.data import DataSplits, make_augment
+from normsam.train.loop import build_run_model, load_run_data, resolve_device
 
 __all__ = ["SHARPNESS_FILE", "SETTINGS", "measure_run_sharpness", "read_measurements", "latest_measurement"]
 
@@ -49,31 +48,12 @@ def _run_config(run_dir: Path) -> TrainConfig:
     return config_from_file(run_dir / ckpt.CONFIG)
 
 
-def _run_data(cfg: TrainConfig) -> DataSplits:
-    """The data of a run, loaded exactly as the runner loads it (same subset and split for the same seed)."""
-    return load_data(
-        cfg.data,
-        data_dir=cfg.data_dir,
-        download=cfg.download,
-        subset=cfg.subset,
-        val_split=cfg.val_split,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-    )
-
-
 def _model_from_checkpoint(
     run_dir: Path, cfg: TrainConfig, data: DataSplits, device: torch.device
 ) -> tuple[nn.Module, int]:
     """The run's model with the checkpoint's weights, and the number of epochs the checkpoint holds."""
     state = ckpt.load_checkpoint(run_dir / ckpt.CHECKPOINT, map_location=device)
-    model = build_model(
-        cfg.model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        image_size=data.image_size,
-        norm=cfg.norm,
-    )
+    model = build_run_model(cfg, data)
     model.load_state_dict(state["model"])
     return model.to(device), int(state["epoch"])
 
@@ -162,9 +142,9 @@ def measure_run_sharpness(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (e.g. m=128, n=1024), got {value!r}.")
     if data is None:
-        data = _run_data(cfg)
+        data = load_run_data(cfg)
     if model is None:
-        target = _resolve_device(str(device or "auto"))
+        target = resolve_device(str(device or "auto"))
         model, epoch = _model_from_checkpoint(run_dir, cfg, data, target)
     else:
         first = next(model.parameters(), None)

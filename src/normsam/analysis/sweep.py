@@ -61,7 +61,7 @@ from typing import Any, TextIO
 import yaml
 
 from normsam.train import checkpoint as ckpt
-from normsam.train.config import TrainConfig, _unknown_key, config_from_file, config_keys, load_config
+from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
 
 __all__ = ["SWEEP_KEYS", "SWEEP_FILE", "Sweep", "SweepRun", "load_sweep", "run_sweep", "point_name"]
 
@@ -79,6 +79,8 @@ _RESERVED = {
 
 #: Settings that may differ between a run folder and the sweep without changing the run (as for --resume).
 _RUN_INDEPENDENT = ("out", "progress", "threads", "tensorboard", "device")
+
+_STOPPED = "Sweep stopped; run the same `normsam sweep` command again to resume it."
 
 _SAFE_TEXT = re.compile(r"[A-Za-z0-9._+-]+")
 _MAX_VALUE_CHARS = 40
@@ -194,7 +196,7 @@ def _check_config_keys(keys: Any, where: str) -> None:
         if key in _RESERVED:
             raise ValueError(f"{where} sets {key!r}, which the sweep sets for every run: {_RESERVED[key]}.")
         if key not in valid:
-            raise _unknown_key(key, where)
+            raise unknown_key_error(key, where)
 
 
 def _grids(raw: Any, base: Mapping[str, Any]) -> list[dict[str, list[Any]]]:
@@ -314,7 +316,10 @@ def _conflict(run: SweepRun) -> str | None:
     """Why the run's folder cannot be reused for this run (it holds other settings), or None."""
     if not (run.folder / ckpt.CONFIG).is_file():
         return None
-    saved = config_from_file(run.folder / ckpt.CONFIG).to_dict()
+    try:
+        saved = config_from_file(run.folder / ckpt.CONFIG).to_dict()
+    except ValueError as err:
+        return f"{run.folder} holds a config that cannot be read ({err}); delete the folder to train it anew."
     wanted = run.config.to_dict()
     diffs = [f"{key}: {saved[key]!r} in the folder, {wanted[key]!r} in the sweep"
              for key in wanted if key not in _RUN_INDEPENDENT and saved.get(key) != wanted[key]]
@@ -383,6 +388,7 @@ def _run_here(sweep: Sweep, todo: list[SweepRun]) -> None:
         except KeyboardInterrupt:
             run.status = "interrupted"
             sweep.write()
+            print(_STOPPED, flush=True)
             raise
         except Exception as err:  # noqa: BLE001 - one failing run must not stop the sweep
             run.status, run.error = "failed", _describe(err)
@@ -412,6 +418,7 @@ def _run_parallel(sweep: Sweep, todo: list[SweepRun], workers: int) -> None:
                 if run.status == "pending":
                     run.status = "interrupted"
             sweep.write()
+            print(_STOPPED, flush=True)
             raise
 
 
@@ -431,8 +438,7 @@ def run_sweep(source: str | Path | Mapping[str, Any] | Sweep, *, workers: int | 
     workers = _workers(sweep.workers if workers is None else workers)
     sweep.out.mkdir(parents=True, exist_ok=True)
     for run in sweep.runs:
-        if run.status != "pending":
-            continue
+        run.status, run.error, run.resumed = "pending", None, False
         conflict = _conflict(run)
         if conflict:
             run.status, run.error = "failed", conflict

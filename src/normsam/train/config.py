@@ -23,7 +23,15 @@ from normsam.optim.perturbations import PERTURBATIONS
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, SCOPES
 
-__all__ = ["TrainConfig", "PRESETS", "OPTIMIZERS", "load_config", "parse_overrides", "config_keys"]
+__all__ = [
+    "TrainConfig",
+    "PRESETS",
+    "OPTIMIZERS",
+    "load_config",
+    "parse_overrides",
+    "config_keys",
+    "unknown_key_error",
+]
 
 OPTIMIZERS = ("sgd", "adamw", "lion")
 AMP_MODES = ("off", "bf16", "fp16")
@@ -187,7 +195,8 @@ def _coerce(key: str, value: Any) -> Any:
     raise ValueError(f"Wrong type for {key}: {value!r} ({type(value).__name__}); expected {names}.")
 
 
-def _unknown_key(key: str, where: str) -> ValueError:
+def unknown_key_error(key: str, where: str) -> ValueError:
+    """The error for an unknown config key: a close match and the list of valid keys."""
     close = difflib.get_close_matches(key, config_keys(), n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ValueError(f"Unknown config key {key!r} in {where}.{hint} Valid keys: {', '.join(config_keys())}.")
@@ -242,7 +251,7 @@ def load_config(
     for data, where in layers:
         for key, value in data.items():
             if key not in valid:
-                raise _unknown_key(key, where)
+                raise unknown_key_error(key, where)
             values[key] = _coerce(key, value)
     return TrainConfig(**values).validate()
 

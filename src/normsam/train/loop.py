@@ -42,7 +42,18 @@ from normsam.train.config import TrainConfig, config_from_file, load_config, sav
 from normsam.train.data import BatchLoader, DataSplits, load_data, make_augment
 from normsam.train.models import build_model
 
-__all__ = ["Trainer", "train", "resume", "run_or_resume", "RunExistsError", "seed_everything", "derive_seed"]
+__all__ = [
+    "Trainer",
+    "train",
+    "resume",
+    "run_or_resume",
+    "RunExistsError",
+    "load_run_data",
+    "build_run_model",
+    "resolve_device",
+    "seed_everything",
+    "derive_seed",
+]
 
 
 class RunExistsError(ValueError):
@@ -67,7 +78,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → CUDA when available, else the CPU; ``cuda`` without CUDA is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -91,6 +103,30 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def load_run_data(cfg: TrainConfig) -> DataSplits:
+    """The data of a run: the same subset and split for the same config (and seed)."""
+    return load_data(
+        cfg.data,
+        data_dir=cfg.data_dir,
+        download=cfg.download,
+        subset=cfg.subset,
+        val_split=cfg.val_split,
+        seed=cfg.seed,
+        image_size=cfg.image_size,
+    )
+
+
+def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
+    """A fresh model of a run, its input channels and classes following the data."""
+    return build_model(
+        cfg.model,
+        num_classes=data.num_classes,
+        in_channels=data.in_channels,
+        image_size=data.image_size,
+        norm=cfg.norm,
+    )
 
 
 class _Distributed:
@@ -138,21 +174,15 @@ class Trainer:
         self._check_run_dir(resume)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = _resolve_device(cfg.device)
+        self.device = resolve_device(cfg.device)
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.dist.init(self.device)
         seed_everything(cfg.seed)
 
-        self.data = self._load_data()
-        self.model = build_model(
-            cfg.model,
-            num_classes=self.data.num_classes,
-            in_channels=self.data.in_channels,
-            image_size=self.data.image_size,
-            norm=cfg.norm,
-        ).to(self.device)
+        self.data = load_run_data(cfg)
+        self.model = build_run_model(cfg, self.data).to(self.device)
         self.forward_model = self._wrap_model(self.model)
         self.train_loader, self.eval_loaders = self._make_loaders()
         self.steps_per_epoch = len(self.train_loader)
@@ -191,18 +221,6 @@ class Trainer:
                 f"{self.run_dir} already holds a run; resume it with `normsam train --resume {self.run_dir}` "
                 "or choose another out=."
             )
-
-    def _load_data(self) -> DataSplits:
-        cfg = self.cfg
-        return load_data(
-            cfg.data,
-            data_dir=cfg.data_dir,
-            download=cfg.download,
-            subset=cfg.subset,
-            val_split=cfg.val_split,
-            seed=cfg.seed,
-            image_size=cfg.image_size,
-        )
 
     def _make_loaders(self) -> tuple[BatchLoader, dict[str, BatchLoader]]:
         cfg, data = self.cfg, self.data
@@ -582,8 +600,9 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     return Trainer(cfg, run_dir, resume=True).run()
 
 
-def run_or_resume(run_dir: Path, cfg_overrides: dict[str, Any], preset: str | None = "quick") -> dict[str, Any]:
-    """Train into ``run_dir``; skip it when finished, resume it when interrupted. Returns its summary."""
+def run_or_resume(run_dir: Path, cfg_overrides: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
+    """Train into ``run_dir`` (config: ``preset`` or YAML file, then ``cfg_overrides``); skip it when
+    finished, resume it when interrupted. Returns its summary."""
     run_dir = Path(run_dir)
     if (run_dir / ckpt.SUMMARY).exists():
         return json.loads((run_dir / ckpt.SUMMARY).read_text())
