@@ -35,3 +35,15 @@ def test_compiled_model_trains_without_recompiling(scope):
     # the perturbed tensors were restored exactly: uncompiled and compiled forward agree
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_runner_with_compile_true(tmp_path):
+    from normsam.train.config import load_config
+    from normsam.train.loop import Trainer
+
+    torch._dynamo.reset()
+    cfg = load_config(None, dict(data="synthetic", image_size=8, subset=64, batch_size=32, eval_batch_size=256,
+                                 epochs=2, threads=1, progress=False, compile=True, scope="norm",
+                                 out=str(tmp_path / "run")))
+    summary = Trainer(cfg).run()
+    assert summary["epochs"] == 2 and summary["final_train_loss"] == summary["final_train_loss"]  # not NaN

@@ -237,3 +237,39 @@ def test_compare_writes_table_and_plot(tmp_path):
         assert img.size[0] > 300
     again = compare(tmp_path / "cmp", overrides={**TINY, "epochs": 1})  # finished runs are reused
     assert again["table"] == result["table"]
+
+
+def test_tensorboard_without_the_package_names_the_extra(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"pip install 'normsam\[tensorboard\]'"):
+            Trainer(_cfg(tmp_path, tensorboard=True))
+    else:
+        Trainer(_cfg(tmp_path, tensorboard=True, epochs=1)).run()
+        assert any((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def test_atomic_writes_leave_no_partial_file_and_usual_permissions(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "metrics.jsonl"
+    ckpt.atomic_write_text(target, "old\n")
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~_current_umask())
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.atomic_write_text(target, "new\n")
+    assert target.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # the temporary file is gone
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

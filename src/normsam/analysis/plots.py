@@ -28,6 +28,7 @@ def plot_curves(
         ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # epochs are whole numbers
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)

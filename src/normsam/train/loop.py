@@ -248,14 +248,16 @@ class Trainer:
         return train, evals
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
+        """DDP first, then torch.compile (PyTorch's recommended order); SAM keeps the plain module."""
         wrapped = model
-        if self.cfg.compile:
-            wrapped = torch.compile(wrapped)
+        self.ddp = None
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            wrapped = DistributedDataParallel(wrapped, device_ids=ids)
+            wrapped = self.ddp = DistributedDataParallel(wrapped, device_ids=ids)
+        if self.cfg.compile:
+            wrapped = torch.compile(wrapped)
         return wrapped
 
     def _make_sam(self, base_cls: type, base_kwargs: dict[str, Any]) -> SAM:
@@ -322,8 +324,8 @@ class Trainer:
             yield i == len(xs) - 1, xi, yi
 
     def _no_sync(self, skip_sync: bool):
-        if skip_sync and self.dist.enabled:
-            return self.forward_model.no_sync()
+        if skip_sync and self.ddp is not None:
+            return self.ddp.no_sync()
         return contextlib.nullcontext()
 
     def _descent(self, x: Tensor, y: Tensor) -> tuple[float, Tensor | None]:
