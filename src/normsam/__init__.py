@@ -17,6 +17,7 @@ from normsam.optim import (
     is_norm_layer,
     param_groups,
 )
+from normsam.sharpness import SharpnessResult, measure_sharpness
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,8 @@ __all__ = [
     "describe_scope",
     "is_norm_layer",
     "frozen_running_stats",
+    "measure_sharpness",
+    "SharpnessResult",
     "ParamInfo",
     "ScopeReport",
     "PERTURBATIONS",
