@@ -25,10 +25,9 @@ from torch import Tensor, nn
 
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import select
+from normsam.train.config import autocast
 
-__all__ = ["Variant", "BenchResult", "default_variants", "run_benchmark", "AMP_MODES"]
-
-AMP_MODES = ("off", "bf16", "fp16")
+__all__ = ["Variant", "BenchResult", "default_variants", "run_benchmark"]
 StepFn = Callable[[Tensor, Tensor], None]
 
 
@@ -54,10 +53,7 @@ class StepContext:
     device_type: str = "cpu"
 
     def autocast(self):
-        if self.amp == "off":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device_type, dtype=dtype)
+        return autocast(self.amp, self.device_type)
 
     def scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler(self.device_type) if self.amp == "fp16" else None

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normsam.optim import masks as masklib
-from normsam.optim.perturbations import get_perturbation, perturbation
+from normsam.optim.perturbations import _grouped, get_perturbation, perturbation
 from normsam.optim.running_stats import BN_POLICIES, RunningStatsSnapshot, running_stat_modules
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups
 
@@ -352,7 +352,7 @@ class SAM(torch.optim.Optimizer):
             return True
         device = grads[0].device
         norms = [
-            torch.stack(torch._foreach_norm([grads[i] for i in idx])).float().to(device) for idx in _by_device(grads)
+            torch.stack(torch._foreach_norm([grads[i] for i in idx])).float().to(device) for idx in _grouped(grads).values()
         ]
         return bool(torch.isfinite(torch.cat(norms)).all())
 
@@ -521,19 +521,12 @@ class SAM(torch.optim.Optimizer):
         )
 
 
-def _by_device(tensors: list[Tensor]) -> list[list[int]]:
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, t in enumerate(tensors):
-        groups.setdefault((t.device, t.dtype), []).append(i)
-    return list(groups.values())
-
-
 def _add_(params: list[Tensor], eps: list[Tensor], foreach: bool) -> None:
     if not foreach:
         for p, e in zip(params, eps):
             p.add_(e)
         return
-    for idx in _by_device(params):
+    for idx in _grouped(params).values():
         torch._foreach_add_([params[i] for i in idx], [eps[i] for i in idx])
 
 
@@ -542,5 +535,5 @@ def _copy_(params: list[Tensor], saved: list[Tensor], foreach: bool) -> None:
         for p, s in zip(params, saved):
             p.copy_(s)
         return
-    for idx in _by_device(params):
+    for idx in _grouped(params).values():
         torch._foreach_copy_([params[i] for i in idx], [saved[i] for i in idx])

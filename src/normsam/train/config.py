@@ -31,6 +31,8 @@ __all__ = [
     "parse_overrides",
     "config_keys",
     "unknown_key_error",
+    "AMP_MODES",
+    "autocast",
 ]
 
 OPTIMIZERS = ("sgd", "adamw", "lion")
@@ -149,6 +151,18 @@ class TrainConfig:
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 (or null to disable), got {self.clip_grad_norm}.")
         return self
+
+
+def autocast(amp: str, device_type: str):
+    """The autocast context of an ``amp`` mode: nothing for ``off``, bf16 or fp16 autocast otherwise."""
+    import contextlib
+
+    import torch
+
+    _one_of("amp", amp, AMP_MODES)
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _one_of(key: str, value: Any, valid: tuple) -> None:

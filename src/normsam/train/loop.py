@@ -38,7 +38,7 @@ from normsam.analysis.norm_stats import norm_parameter_stats
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
-from normsam.train.config import TrainConfig, config_from_file, load_config, save_config
+from normsam.train.config import TrainConfig, autocast, config_from_file, load_config, save_config
 from normsam.train.data import BatchLoader, DataSplits, load_data, make_augment
 from normsam.train.models import build_model
 
@@ -297,10 +297,7 @@ class Trainer:
     # --- one step ----------------------------------------------------------------------------------
 
     def _autocast(self):
-        if self.cfg.amp == "off":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.cfg.amp == "bf16" else torch.float16
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.cfg.amp, self.device.type)
 
     def _loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         with self._autocast():
@@ -328,25 +325,17 @@ class Trainer:
             return self.ddp.no_sync()
         return contextlib.nullcontext()
 
-    def _descent(self, x: Tensor, y: Tensor) -> tuple[float, Tensor | None]:
-        """Backward of the loss over the micro-batches, all parameters; DDP syncs on the last one."""
+    def _accumulate(self, x: Tensor, y: Tensor, *, ascent: bool) -> tuple[float, Tensor]:
+        """Backward of the batch's mean loss over the micro-batches; returns (loss, logits).
+
+        Ascent (first pass): only the perturbed tensors' gradients with the cheap ascent, never synced by DDP
+        (``sync_ascent`` averages them inside SAM instead). Descent: every gradient, DDP syncs on the last
+        micro-batch.
+        """
+        inputs = self.sam.perturbed_parameters() if ascent and self.cfg.cheap_ascent else None
         total, logits_all = 0.0, []
         for last, xi, yi in self._micro_batches(x, y):
-            with self._no_sync(not last):
-                loss, logits = self._loss(xi, yi)
-                self._backward(loss, xi.shape[0] / x.shape[0])
-            total += loss.item() * xi.shape[0]
-            logits_all.append(logits.detach())
-        return total / x.shape[0], torch.cat(logits_all)
-
-    def _ascent(self, x: Tensor, y: Tensor) -> tuple[float, Tensor]:
-        """First pass: gradients of the perturbed tensors only (cheap ascent), never synced by DDP
-        (``sync_ascent`` averages them inside SAM instead)."""
-        assert self.sam is not None
-        inputs = self.sam.perturbed_parameters() if self.cfg.cheap_ascent else None
-        total, logits_all = 0.0, []
-        for _, xi, yi in self._micro_batches(x, y):
-            with self._no_sync(True):
+            with self._no_sync(ascent or not last):
                 loss, logits = self._loss(xi, yi)
                 self._backward(loss, xi.shape[0] / x.shape[0], inputs)
             total += loss.item() * xi.shape[0]
@@ -372,13 +361,13 @@ class Trainer:
     def train_step(self, x: Tensor, y: Tensor, use_sam: bool) -> dict[str, float]:
         """One optimizer step on the batch ``(x, y)``; returns loss, accuracy and the loss at w + ε."""
         if not use_sam:
-            loss, logits = self._descent(x, y)
+            loss, logits = self._accumulate(x, y, ascent=False)
             self._base_step()
             return {"loss": loss, "correct": float((logits.argmax(1) == y).sum()), "loss_perturbed": math.nan}
         assert self.sam is not None
-        loss, logits = self._ascent(x, y)
+        loss, logits = self._accumulate(x, y, ascent=True)
         self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
-        loss_perturbed, _ = self._descent(x, y)
+        loss_perturbed, _ = self._accumulate(x, y, ascent=False)
         self.sam.restore()
         self._base_step()
         return {"loss": loss, "correct": float((logits.argmax(1) == y).sum()), "loss_perturbed": loss_perturbed}
