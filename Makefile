@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 DATA_DIR ?= data
 FMNIST_DEB := /usr/share/datasets/fashion-mnist
+# An explicit --data-dir is the only place normsam looks, so the demo names Debian's copy when `make data`
+# used it (and DATA_DIR was not set by hand).
+DEMO_DATA_DIR = $(if $(and $(filter file,$(origin DATA_DIR)),$(wildcard $(FMNIST_DEB)/train-images-idx3-ubyte.gz)),$(FMNIST_DEB),$(DATA_DIR))
 
 .PHONY: demo test test-slow test-all install data bench clean
 
@@ -31,7 +34,7 @@ data: install
 
 # The main job: SGD vs SAM-all vs SAM-ON on Fashion-MNIST (a few minutes on 2 cores).
 demo: data
-	$(BIN)/normsam compare --data-dir $(DATA_DIR) --out runs/compare
+	$(BIN)/normsam compare --data-dir $(DEMO_DATA_DIR) --out runs/compare
 
 test: install
 	$(BIN)/python -m pytest -m "not slow" -q

@@ -1,32 +1,50 @@
 #!/usr/bin/env bash
-# The GPU checks of normsam, prepared for one run on a borrowed H100/H200 (see docs/benchmarks.md).
-# Run from the repository root; needs python3 with torch, torchvision and timm (the lent machines have
-# them) and no install: the package is used from src/. Figures and logs go to $OUT (default gpu-out/).
+# The GPU checks and the GPU step-time table of normsam, for one run on a borrowed H100/H200
+# (see docs/benchmarks.md). Run from the repository root. Needs python3 with torch and timm (the lent
+# machines have them) and no network: normsam is used from src/, and the yardstick pytorch_optimizer is
+# installed from .carry/wheels/ when that folder travels with the tree (without it the peer's column
+# says "not installed"). Prepare it once, on a machine with network access:
 #
-#   bash benchmarks/gpu.sh            # about 6-8 minutes on an H100 (not yet timed: first run pending)
+#   pip download pytorch_optimizer --no-deps -d .carry/wheels      # .carry/ is git-ignored
+#
+# Then, on the GPU machine (it must carry .carry):
+#
+#   bash benchmarks/gpu.sh                     # budget: under 4 minutes on an H100 (checks + table)
+#   NORMSAM_GPU_SMOKE=1 bash benchmarks/gpu.sh # the same steps on the CPU with tiny settings (seconds)
+#
+# Logs and JSON go to $OUT (default gpu-out/). Exit status 1 if a check or a step fails.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
+SMOKE=${NORMSAM_GPU_SMOKE:-0}
+smoke_flag=()
+[ "$SMOKE" = 1 ] && smoke_flag=(--smoke)
 status=0
+begin=$SECONDS
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-$PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
+# The yardstick, from the carried wheel, into a folder of the tree (no site-packages needed).
+if ! $PY -c "import pytorch_optimizer" 2>/dev/null && compgen -G ".carry/wheels/pytorch_optimizer-*.whl" >/dev/null; then
+  $PY -m pip install --quiet --no-index --no-deps --find-links .carry/wheels --target .carry/site pytorch_optimizer \
+    && export PYTHONPATH="$PYTHONPATH:$PWD/.carry/site" \
+    || echo "could not install pytorch_optimizer from .carry/wheels; the peer's column will say why"
+fi
 
-# 1. correctness on CUDA: cheap ascent, bf16, fp16 + GradScaler, torch.compile, the runner
-$PY benchmarks/gpu_checks.py 2>&1 | tee "$OUT/checks.txt" || status=1
+{
+  if [ "$SMOKE" = 1 ]; then echo "SMOKE MODE: CPU, tiny settings"; else
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; fi
+  $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)"
+  $PY -c "import pytorch_optimizer as p; print('pytorch_optimizer', p.__version__)" 2>/dev/null \
+    || echo "pytorch_optimizer: not installed"
+} | tee "$OUT/gpu.txt"
 
-# 2. timing (CUDA events) and peak memory of SGD / SAM-all / SAM-ON, interleaved rounds
-bench() {  # name, then normsam bench arguments
-  local name=$1; shift
-  echo "== $name" | tee -a "$OUT/bench.md"
-  $PY -m normsam bench --device cuda "$@" --json "$OUT/bench-$name.json" 2>/dev/null | tee -a "$OUT/bench.md" || status=1
-}
-bench resnet20-fp32      --model resnet20  --batch-size 128 --rounds 20 --steps-per-round 10
-bench resnet20-bf16      --model resnet20  --batch-size 128 --rounds 20 --steps-per-round 10 --amp bf16
-bench wrn16-8-bf16       --model wrn16-8   --batch-size 128 --rounds 10 --steps-per-round 5  --amp bf16
-bench vit-small-bf16     --model vit-small --batch-size 128 --rounds 10 --steps-per-round 5  --amp bf16
-bench resnet20-bf16-compile --model resnet20 --batch-size 128 --rounds 10 --steps-per-round 10 --amp bf16 \
-      --compile --no-handwritten --warmup 3
+# 1. correctness on CUDA: no host sync in SAM's steps, cheap = classic, bf16, fp16 + GradScaler, compile, runner
+$PY benchmarks/gpu_checks.py "${smoke_flag[@]}" 2>&1 | tee "$OUT/checks.txt" || status=1
+echo "checks done after $((SECONDS - begin)) s" | tee -a "$OUT/checks.txt"
+
+# 2. one table: WRN-28-10, ResNet-56, ViT-S/32, ResNet-50; bf16, batch 128; SGD, peer, SAM-all, SAM-ON,
+#    SAM-ON with ascent_interval=4, the hand-written floor; CUDA-event timings, ratios, extra peak memory
+$PY benchmarks/step_time.py --mode gpu "${smoke_flag[@]}" --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench.md" || status=1
+echo "gpu.sh done after $((SECONDS - begin)) s (status $status)" | tee -a "$OUT/bench.md"
 exit $status

@@ -180,28 +180,47 @@ def test_search_order_data_dir_then_env_then_system(tmp_path, monkeypatch, isola
     assert len(splits.train) == 10 and splits.source == str(system)
 
 
-def test_data_dir_without_the_files_falls_through_to_later_roots(tmp_path, isolated_search_path):
+@pytest.mark.parametrize("given", ["empty", "does/not/exist"])
+def test_explicit_data_dir_without_the_files_is_an_error_not_a_substitute(tmp_path, monkeypatch,
+                                                                           isolated_search_path, given):
+    """Data in $NORMSAM_DATA or the system path must not stand in for an explicit data_dir (it used to)."""
     write_fashion_mnist(isolated_search_path)
+    write_fashion_mnist(tmp_path / "env")
+    monkeypatch.setenv(D.DATA_ENV_VAR, str(tmp_path / "env"))
     (tmp_path / "empty").mkdir()
-    assert load_data("fashion-mnist", data_dir=tmp_path / "empty").source == str(isolated_search_path)
+    with pytest.raises(DatasetNotFoundError, match="explicit data_dir is the only place searched") as info:
+        load_data("fashion-mnist", data_dir=tmp_path / given)
+    message = str(info.value)
+    assert f"{tmp_path / given}  (data_dir" in message
+    assert f"{tmp_path / given / 'FashionMNIST' / 'raw'}  (data_dir" in message
+    assert str(isolated_search_path) not in message and str(tmp_path / "env") not in message
+    assert f"{tmp_path / given}  (data_dir{')' if given == 'empty' else ', does not exist)'}" in message
+    assert "leave data_dir unset" in message
+    assert load_data("fashion-mnist").source == str(tmp_path / "env")  # without data_dir the search goes on
 
 
 def test_missing_fashion_mnist_error_lists_places_and_remedies(tmp_path, monkeypatch, isolated_search_path):
     monkeypatch.setenv(D.DATA_ENV_VAR, str(tmp_path / "envroot"))
     with pytest.raises(DatasetNotFoundError, match="apt-get install dataset-fashion-mnist") as info:
-        load_data("fashion-mnist", data_dir=tmp_path / "nowhere")
+        load_data("fashion-mnist")
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
     assert "download=true" in message
     for place in (
-        tmp_path / "nowhere",
-        tmp_path / "nowhere" / "fashion-mnist",
-        tmp_path / "nowhere" / "FashionMNIST" / "raw",
         tmp_path / "envroot",
+        tmp_path / "envroot" / "fashion-mnist",
         tmp_path / "envroot" / "FashionMNIST" / "raw",
         isolated_search_path,
     ):
         assert f"{place}  (" in message
+
+
+def test_explicit_cifar_data_dir_is_the_only_place_searched(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path / "env")
+    monkeypatch.setenv(D.DATA_ENV_VAR, str(tmp_path / "env"))
+    with pytest.raises(DatasetNotFoundError, match="not found") as info:
+        load_data("cifar10", data_dir=tmp_path / "given")
+    assert str(tmp_path / "env") not in str(info.value)
 
 
 def test_missing_mnist_error_says_no_debian_path(tmp_path):

@@ -210,3 +210,76 @@ def test_epsilon_lies_on_the_boundary_of_its_ball(pert, rho, eta, seed):
     else:
         for e, t in zip(eps, T):
             torch.testing.assert_close(e.abs(), rho * t, atol=1e-12, rtol=1e-12)
+
+
+# --- the official SAM-ON conventions, as options -------------------------------------------------------------
+
+
+class _TokenNet(torch.nn.Module):
+    """Tensors whose names the two rules treat differently: pos_embed and a layer-scale gamma."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)  # the head's initialization
+        g = torch.Generator().manual_seed(5)
+        self.pos_embed = torch.nn.Parameter(torch.randn(4, generator=g, dtype=torch.float64))
+        self.norm = torch.nn.LayerNorm(4, dtype=torch.float64)
+        self.gamma = torch.nn.Parameter(torch.rand(4, generator=g, dtype=torch.float64) + 0.5)
+        self.head = torch.nn.Linear(4, 2, dtype=torch.float64)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5, generator=g)
+            self.norm.bias.uniform_(-0.5, 0.5, generator=g)
+
+    def forward(self, x):
+        return self.head(self.norm(x + self.pos_embed) * self.gamma)
+
+
+def _token_eps(**kw):
+    model = _TokenNet()
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1, 0, 1, 1, 0])).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    normsam.SAM(model, torch.optim.SGD, lr=0.1, rho=0.3, scope="all", eta=0.1, **kw).first_step()
+    return {n: p.detach() - before[n] for n, p in model.named_parameters()}, before, grads
+
+
+def _l2_eps(T, grads, rho=0.3):
+    denom = torch.linalg.vector_norm(torch.cat([(T[n] * grads[n]).reshape(-1) for n in grads]))
+    return {n: rho * T[n] ** 2 * grads[n] / denom for n in grads}
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_official_layerwise_scaling_is_norm_times_one_plus_eta(foreach):
+    eps, w, g = _token_eps(perturbation="layerwise", layerwise_scaling="official", foreach=foreach)
+    T = {n: torch.ones_like(p) if n.endswith("bias") else torch.full_like(p, float(p.norm()) * 1.1) for n, p in w.items()}
+    for name, expected in _l2_eps(T, g).items():
+        torch.testing.assert_close(eps[name], expected, atol=1e-12, rtol=0, msg=name)
+    default, _, _ = _token_eps(perturbation="layerwise", foreach=foreach)  # ‖p‖ + η: another ε
+    T = {n: torch.ones_like(p) if n.endswith("bias") else torch.full_like(p, float(p.norm()) + 0.1) for n, p in w.items()}
+    for name, expected in _l2_eps(T, g).items():
+        torch.testing.assert_close(default[name], expected, atol=1e-12, rtol=0, msg=name)
+    assert not torch.allclose(default["norm.weight"], eps["norm.weight"])
+
+
+@pytest.mark.parametrize("pert", ["asam", "linf"])
+def test_scaled_tensors_name_contains_weight_gives_T_one_elsewhere(pert):
+    eps, w, g = _token_eps(perturbation=pert, scaled_tensors="name-contains-weight")
+    default, _, _ = _token_eps(perturbation=pert)
+    official_T = {n: (w[n].abs() + 0.1) if "weight" in n else torch.ones_like(w[n]) for n in w}
+    default_T = {n: torch.ones_like(w[n]) if n.endswith("bias") else w[n].abs() + 0.1 for n in w}
+    for got, T in ((eps, official_T), (default, default_T)):
+        expected = {n: 0.3 * T[n] * torch.sign(g[n]) for n in g} if pert == "linf" else _l2_eps(T, g)
+        for name in g:
+            torch.testing.assert_close(got[name], expected[name], atol=1e-12, rtol=0, msg=name)
+    assert not torch.allclose(eps["pos_embed"], default["pos_embed"])  # the two rules differ there
+
+
+def test_official_options_errors_name_the_fix():
+    model = make_cnn()
+    with pytest.raises(ValueError, match=r"layerwise_scaling='official' only changes perturbation='layerwise'"):
+        normsam.SAM(model, torch.optim.SGD, lr=0.1, perturbation="asam", layerwise_scaling="official")
+    with pytest.raises(ValueError, match=r"Invalid layerwise_scaling: 'times'; use 'additive'"):
+        normsam.SAM(model, torch.optim.SGD, lr=0.1, perturbation="layerwise", layerwise_scaling="times")
+    with pytest.raises(ValueError, match=r"Invalid scaled_tensors: 'weights'; use 'not-bias'"):
+        normsam.SAM(model, torch.optim.SGD, lr=0.1, scaled_tensors="weights")

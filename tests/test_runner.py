@@ -223,19 +223,24 @@ def test_cli_inspect_prints_the_scope_table(capsys):
     assert cli.main(["inspect", "resnet20", "--norm", "none"]) == 2
 
 
-def test_compare_writes_table_and_plot(tmp_path):
+def test_compare_writes_table_and_plot(tmp_path, monkeypatch):
     from PIL import Image
 
+    from normsam.analysis import plots
     from normsam.train.compare import compare
 
-    result = compare(tmp_path / "cmp", overrides={**TINY, "epochs": 1})
+    titles = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, path: titles.append(fig.axes[0].get_title()) or real_save(fig, path))
+    result = compare(tmp_path / "cmp", overrides={**TINY, "epochs": 1}, bench_rounds=0)
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    for label in ("SGD", "SAM-all (asam)", "SAM-ON (asam)"):
+    for label in ("SGD", "SAM-all (asam, ρ=0.5)", "SAM-ON (asam, ρ=1)"):
         assert f"| {label} |" in table
-    assert "step time / SGD" in table and "1.00×" in table
+    assert "step time" not in table  # not measured: no column (the runs' own times measure load, not cost)
     with Image.open(tmp_path / "cmp" / "compare.png") as img:
         assert img.size[0] > 300
-    again = compare(tmp_path / "cmp", overrides={**TINY, "epochs": 1})  # finished runs are reused
+    assert titles == ["Fashion-MNIST, ResNet-20 (1 epoch)"]
+    again = compare(tmp_path / "cmp", overrides={**TINY, "epochs": 1}, bench_rounds=0)  # finished runs are reused
     assert again["table"] == result["table"]
 
 

@@ -44,8 +44,7 @@ def test_inf_in_the_ascent_gradient_skips_the_perturbation_and_counts_it():
     before = _params(model)
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     model.conv1.weight.grad[0, 0, 0, 0] = float("inf")  # an fp16 overflow in the first pass
-    with pytest.warns(RuntimeWarning, match="not finite"):
-        sam.first_step(zero_grad=True, grad_scaler=scaler)
+    sam.first_step(zero_grad=True, grad_scaler=scaler)  # no warning: no host sync (the runner warns per epoch)
     assert sam.counters["nonfinite_ascent_steps"] == 1
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))  # no perturbation
     scaler.scale(F.cross_entropy(model(x), y)).backward()

@@ -170,3 +170,27 @@ def test_scope_errors():
     frozen = nn.Linear(2, 2).requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable parameters"):
         normsam.param_groups(frozen, "all")
+
+
+def test_frozen_norm_layers_are_called_frozen_not_missing():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
+    model[1].requires_grad_(False)
+    frozen = r"their affine parameters are frozen \(requires_grad=False: 1\.weight, 1\.bias\).*requires_grad_\(True\)"
+    with pytest.raises(ValueError, match=frozen) as info:
+        normsam.SAM(model, torch.optim.SGD, lr=0.1)
+    assert "has no normalization layer" not in str(info.value)
+    many = nn.Sequential(*[nn.LayerNorm(2) for _ in range(3)], nn.Linear(2, 2))
+    for layer in many[:3]:
+        layer.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"0\.weight, 0\.bias, 1\.weight, 1\.bias and 2 more"):
+        normsam.param_groups(many, "norm")
+
+
+@pytest.mark.parametrize("max_rows", [0, 1])
+def test_describe_scope_table_with_few_rows(max_rows):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    lines = normsam.describe_scope(model, "norm").table(max_rows=max_rows).splitlines()
+    assert lines[0].split() == ["module", "class", "parameter", "numel", "share"]
+    assert len(lines) == 2 + max_rows + 2  # header, rule, rows, "... more rows", totals
+    assert lines[-2] == f"... {2 - max_rows} more rows"
+    assert lines[-1].startswith("'norm': 8 of 120 parameters")

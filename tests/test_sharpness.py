@@ -1,5 +1,6 @@
-"""normsam.sharpness.measure_sharpness: exact values on losses linear in the weights, the APGD schedule,
-the perturbation sets, restoration of the model, scopes, logit normalization and argument errors."""
+"""normsam.sharpness.measure_sharpness: exact values on losses linear in the weights, the APGD schedule and
+its two conventions, the perturbation sets, restoration of the model, scopes, logit normalization and argument
+errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.func import functional_call
 
-from normsam.sharpness import SharpnessResult, apgd_checkpoints, measure_sharpness
+from normsam.sharpness import SharpnessResult, apgd_checkpoints, apgd_halves_step, measure_sharpness
+from normsam.sharpness.measure import _Eval, _Geometry, _worst_case
 from tests.conftest import make_batch, make_cnn
 
 
@@ -93,6 +95,99 @@ def test_checkpoints_are_increasing_and_inside_the_run(steps):
         assert points[0] == math.ceil(0.22 * steps - 1e-9)
 
 
+def test_reference_checkpoints_by_hand():
+    # The reference code checks at 0-based loop index ⌈20 p⌉ in float arithmetic (0.7 · 20 → 14.000000000000002
+    # → 15), i.e. after update index + 1, and stops its list at the first value >= 20.
+    assert apgd_checkpoints(20, convention="reference") == [6, 10, 13, 16, 17, 19, 20]
+    # ⌈10 p⌉ = 3, 5, 6, 8, 8: the list stops at the repeated 8.
+    assert apgd_checkpoints(10, convention="reference") == [4, 6, 7, 9]
+    assert apgd_checkpoints(1, convention="reference") == []
+    with pytest.raises(ValueError, match=r"Unknown convention 'paper'; valid conventions are 'apgd', 'reference'"):
+        apgd_checkpoints(20, convention="paper")
+
+
+@pytest.mark.parametrize(
+    ("progress", "span", "reduced_last", "best", "best_at_check", "halve"),
+    [
+        (3, 4, True, 2.0, 2.0, False),  # halved last time, enough progress: no new best is no reason to halve
+        (3, 4, False, 2.0, 2.0, True),  # same step size as last time and no new best
+        (3, 4, False, 2.5, 2.0, False),  # a new best
+        (2, 4, True, 2.5, 2.0, True),  # fewer than 75% of the updates made progress
+        (3, 5, False, 2.5, 2.0, True),  # 3 < 0.75 · 5
+    ],
+)
+def test_checkpoint_rule(progress, span, reduced_last, best, best_at_check, halve):
+    decision = apgd_halves_step(
+        progress=progress, span=span, reduced_last=reduced_last, best_loss=best, best_at_last_check=best_at_check
+    )
+    assert decision is halve
+
+
+class ScriptedObjective:
+    """Stands in for the model: the k-th evaluation returns ``losses[k]`` (the first, at δ = None, is the
+    clean loss) and the gradient ``grads[k]`` of a single weight w = 1; records every δ it is asked about."""
+
+    def __init__(self, losses, grads=None):
+        self.origin = [torch.ones(1, dtype=torch.float64)]
+        self.losses = losses
+        self.grads = grads or [1.0] * len(losses)
+        self.deltas = []
+
+    def __call__(self, inputs, labels, delta, *, grad):
+        k = len(self.deltas)
+        self.deltas.append(None if delta is None else float(delta[0]))
+        g = [torch.full((1,), self.grads[k], dtype=torch.float64)] if grad else None
+        return _Eval(self.losses[k], 0.0, g)
+
+
+def run_scripted(objective, *, steps, checkpoints, eta0, convention="apgd"):
+    geometry = _Geometry(objective.origin, 1.0, "linf", adaptive=False)
+    return _worst_case(
+        objective, geometry, None, None, steps=steps, eta0=eta0, rand_init=False,
+        generator=torch.Generator(), checkpoints=checkpoints, convention=convention,
+    )
+
+
+def test_a_halving_with_enough_progress_after_it_is_not_repeated_for_lack_of_a_new_best():
+    # Updates 1–5 make one increase (stalled: halve at 5 and restart from the best, 2.0). Updates 6–9 rise
+    # 3 times in 4 (enough) without passing 2.0. The step size changed at the last checkpoint, so APGD's
+    # second condition ("neither η nor the best loss changed") does not hold: no second halving at 9.
+    losses = [1.0, 1.0, 2.0, 1.5, 1.4, 1.3, 1.2, 1.1, 1.2, 1.3, 1.4, 1.0]
+    out = run_scripted(ScriptedObjective(losses), steps=10, checkpoints=[5, 9], eta0=0.4)
+    assert out["restarts"] == 1
+    assert out["final_step_size"] == pytest.approx(0.2)
+    assert out["perturbed_loss"] == 2.0
+
+
+@pytest.mark.parametrize(("convention", "restarts"), [("apgd", 0), ("reference", 1)])
+def test_reference_counts_progress_on_the_best_loss(convention, restarts):
+    # After the best (2.0) the loss rises at every update but stays below it: progress for APGD (4 increases
+    # in 5 updates), none for the reference code (1 new best in its span of 4).
+    losses = [0.0, 0.0, 2.0, 1.0, 1.5, 1.8, 1.9, 1.0]
+    out = run_scripted(ScriptedObjective(losses), steps=6, checkpoints=[5], eta0=0.4, convention=convention)
+    assert out["restarts"] == restarts
+
+
+@pytest.mark.parametrize(
+    ("convention", "iterates", "best"),
+    [
+        # z = δ + η sign(g), clipped to |δ| ≤ 1. APGD: δ₁ = z₁, then δ + ¾(z − δ) + ¼(δ − δ_prev); the restart
+        # at 3 goes back to δ₁ = 0.5 with η = 0.25 and no momentum: 0.5 + ¾ · 0.25 = 0.6875.
+        ("apgd", [0.5, 1.0, 0.75, 0.6875], 0.5),
+        # Reference: ¾ z + ¼ δ_prev throughout, so δ₁ = 0.375. The restart at 3 only takes the best point's
+        # gradient (+1); δ₃ = 0.2109375 and δ₂ = 0.65625 carry on: ¾ (0.2109375 + 0.25) + ¼ · 0.65625.
+        ("reference", [0.375, 0.65625, 0.2109375, 0.509765625], 0.375),
+    ],
+)
+def test_momentum_first_iterate_and_restart_of_each_convention(convention, iterates, best):
+    objective = ScriptedObjective(losses=[0.0, 0.0, 1.0, 0.5, 0.4, 0.3], grads=[0, 1, 1, -1, -1, 1])
+    out = run_scripted(objective, steps=4, checkpoints=[3], eta0=0.5, convention=convention)
+    assert out["restarts"] == 1
+    assert objective.deltas[:2] == [None, 0.0]  # the clean pass, then the start δ = 0
+    assert objective.deltas[2:] == iterates
+    assert out["perturbed_loss"] == 1.0 and float(out["delta"][0]) == best
+
+
 # ------------------------------------------------------------------------------------------ exact values
 
 
@@ -116,6 +211,30 @@ def test_linear_loss_gives_the_exact_maximum(norm, adaptive, expected):
     assert result.sharpness == pytest.approx(exact, abs=1e-6)
     assert result.worst_loss - result.clean_loss == pytest.approx(exact, abs=1e-6)
     assert result.max_rel_perturbation == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.parametrize(("norm", "adaptive"), [("linf", True), ("linf", False), ("l2", True), ("l2", False)])
+def test_one_reference_step_is_taken_at_three_quarters_of_rho(norm, adaptive):
+    # On a linear loss the first step reaches the boundary (step 2ρ, clipped to ρ); the reference code's
+    # momentum then keeps ¾ of it, so its 1-step sharpness is exactly ¾ of the maximum APGD finds.
+    model, batches, _ = linear_setup()
+    kwargs = dict(rho=0.1, norm=norm, adaptive=adaptive, loss_fn=sum_loss, steps=1)
+    apgd = measure_sharpness(model, batches, **kwargs)
+    reference = measure_sharpness(model, batches, convention="reference", **kwargs)
+    assert apgd.max_rel_perturbation == pytest.approx(1.0, abs=1e-9)
+    assert reference.max_rel_perturbation == pytest.approx(0.75, abs=1e-9)
+    assert reference.sharpness == pytest.approx(0.75 * apgd.sharpness, rel=1e-9)
+    assert reference.convention == "reference" and reference.to_dict()["convention"] == "reference"
+    assert apgd.convention == "apgd"
+
+
+def test_conventions_differ_at_one_step_and_agree_at_twenty():
+    model, batch = make_cnn(), make_batch(n=16)
+    one = [measure_sharpness(model, [batch], rho=0.05, steps=1, convention=c) for c in ("apgd", "reference")]
+    assert one[0].sharpness > 1.2 * one[1].sharpness > 0
+    twenty = [measure_sharpness(model, [batch], rho=0.05, steps=20, convention=c) for c in ("apgd", "reference")]
+    assert twenty[1].sharpness == pytest.approx(twenty[0].sharpness, rel=0.01)
+    assert twenty[1].sharpness > one[1].sharpness
 
 
 def test_average_case_of_a_quadratic_loss_matches_its_expectation():
@@ -387,6 +506,7 @@ def test_generator_batches_device_argument_and_no_grad_context():
         ({"rho": 0.1, "kind": "best"}, r"Unknown kind 'best'; valid kinds are 'worst', 'average'"),
         ({"rho": 0.1, "norm": "l1"}, r"Unknown norm 'l1'; valid norms are 'linf', 'l2'"),
         ({"rho": 0.1, "step_size_multiplier": 0}, r"step_size_multiplier must be a finite number > 0"),
+        ({"rho": 0.1, "convention": "paper"}, r"Unknown convention 'paper'; valid conventions are 'apgd', "),
         ({"rho": 0.1, "kind": "average", "return_perturbations": True}, r"needs kind='worst'"),
         ({"rho": 0.1, "scope": "norms"}, r"Unknown scope 'norms'"),
     ],
@@ -409,3 +529,22 @@ def test_invalid_batches():
         measure_sharpness(model, [batch[0]], rho=0.1)
     with pytest.raises(ValueError, match=r"loss_fn must return a scalar tensor"):
         measure_sharpness(model, [batch], rho=0.1, loss_fn=lambda o, y: o)
+
+
+# ------------------------------------------------------------------------------- convention, end to end
+
+
+def test_convention_reaches_the_cli_the_runner_and_the_record(tmp_path):
+    from normsam.analysis.run_sharpness import SHARPNESS_FILE, read_measurements
+    from normsam.cli import build_parser
+    from normsam.train.config import load_config
+
+    args = build_parser().parse_args(["sharpness", "RUN", "--convention", "reference"])
+    assert args.convention == "reference"
+    assert build_parser().parse_args(["sharpness", "RUN"]).convention == "apgd"
+    assert load_config(None, {"sharpness_convention": "reference"}).sharpness_convention == "reference"
+    with pytest.raises(ValueError, match=r"Invalid sharpness_convention: 'paper'; valid values are apgd, reference"):
+        load_config(None, {"sharpness_convention": "paper"})
+    # A record written before the option existed was measured with the APGD convention.
+    (tmp_path / SHARPNESS_FILE).write_text(json.dumps({"measurements": [{"rho": 0.003, "sharpness": 0.1}]}))
+    assert read_measurements(tmp_path)[0]["convention"] == "apgd"

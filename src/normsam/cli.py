@@ -36,7 +36,9 @@ def _compare(args: argparse.Namespace) -> int:
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
-    compare(args.out, overrides=overrides)
+    if args.bench_rounds < 0:
+        raise ValueError(f"--bench-rounds must be >= 0 (0: no step-time column), got {args.bench_rounds}.")
+    compare(args.out, overrides=overrides, bench_rounds=args.bench_rounds)
     return 0
 
 
@@ -118,9 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
     p.add_argument("--data-dir", help="where Fashion-MNIST lies (default: $NORMSAM_DATA, then Debian's path)")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--subset", type=int, help="training images (stratified); default 8000")
+    p.add_argument("--subset", type=int, help="training images (stratified); default: the quick preset's 4000")
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
+    p.add_argument("--bench-rounds", type=int, default=5,
+                   help="interleaved rounds of the step-time measurement after training (default 5; 0: no column)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="further config overrides for every run")
     p.set_defaults(func=_compare)
 

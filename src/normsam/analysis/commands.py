@@ -31,6 +31,7 @@ def _sharpness(args: argparse.Namespace) -> int:
         adaptive=not args.no_adaptive,
         scope=args.scope,
         logit_normalize=args.logit_normalize,
+        convention=args.convention,
         seed=args.seed,
         device=args.device,
         progress=args.progress,
@@ -63,6 +64,9 @@ def _add_sharpness(sub) -> None:
     p.add_argument("--scope", choices=("all", "norm", "no-norm"), default="all", help="which weights are perturbed")
     p.add_argument("--no-adaptive", action="store_true", help="a fixed set instead of one scaled by |w|")
     p.add_argument("--logit-normalize", action="store_true", help="centre and ℓ2-normalize the logits")
+    p.add_argument("--convention", choices=("apgd", "reference"), default="apgd",
+                   help="apgd (default) or reference: the sharpness paper's code, whose 1-step value is taken "
+                   "at 0.75 rho (use it to compare with the paper's 1-step numbers)")
     p.add_argument("--seed", type=int, default=0, help="chooses the examples and seeds the measurement")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--progress", action="store_true", help="a progress bar over the batches")
@@ -74,8 +78,9 @@ def _add_sharpness(sub) -> None:
 
 def _sweep(args: argparse.Namespace) -> int:
     from normsam.analysis.sweep import load_sweep, run_sweep
+    from normsam.train.config import sweep_file
 
-    sweep = load_sweep(args.sweep_file)
+    sweep = load_sweep(sweep_file(args.sweep_file))  # a file, or the name of a packaged example
     if args.dry_run:
         for run in sweep.runs:
             print(f"{run.folder}  {' '.join(f'{k}={v}' for k, v in run.overrides.items())}")
@@ -92,10 +97,40 @@ def _add_sweep(sub) -> None:
         description="Train a grid of runs described by a YAML file (see configs/sweep-tiny.yaml). Exits with "
         "status 1 when a run failed.",
     )
-    p.add_argument("sweep_file", metavar="SWEEP.yaml")
+    p.add_argument("sweep_file", metavar="SWEEP.yaml",
+                   help="a sweep file, or an example shipped with normsam: sweep-tiny, sweep-fmnist-small, sweep-fmnist")
     p.add_argument("--workers", type=int, help="runs in parallel, one process each (default: the file's, or 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their folders, train nothing")
     p.set_defaults(func=_sweep)
+
+
+# --- study -----------------------------------------------------------------------------------------------
+
+
+def _study(args: argparse.Namespace) -> int:
+    from normsam.analysis.study import run_study
+    from normsam.train.config import parse_overrides
+
+    run_study(args.study_file, workers=args.workers, phases=args.phase, report=not args.no_report,
+              overrides=parse_overrides(args.overrides), out=args.out)
+    return 0
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser(
+        "study",
+        help="a ρ pilot on the validation split, then the reported sweeps and their report (restartable)",
+        description="Run a study file (see configs/study/noise.yaml): the pilot sweep, the choice of ρ per "
+        "scope by validation accuracy, each phase's sweep with the chosen ρ, then `normsam report`.",
+    )
+    p.add_argument("study_file", metavar="STUDY.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config keys laid over the study's base for every run (e.g. device=cuda)")
+    p.add_argument("--out", help="parent folder of the study (default: the file's out:)")
+    p.add_argument("--workers", type=int, help="runs in parallel, one process each (default: the file's)")
+    p.add_argument("--phase", action="append", help="run only this phase (repeatable; 'pilot' for the pilot)")
+    p.add_argument("--no-report", action="store_true", help="skip the report at the end")
+    p.set_defaults(func=_study)
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -122,7 +157,7 @@ def _add_report(sub) -> None:
 
 
 #: The functions that add one subcommand each, in the order of `normsam --help`.
-SUBCOMMANDS: list[Callable] = [_add_sharpness, _add_sweep, _add_report]
+SUBCOMMANDS: list[Callable] = [_add_sharpness, _add_sweep, _add_study, _add_report]
 
 
 def register(subparsers) -> None:

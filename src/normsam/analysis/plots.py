@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -11,21 +12,24 @@ matplotlib.use("Agg")  # no screen needed
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
-__all__ = ["plot_curves", "method_colors", "plot_series_panels", "plot_scatter", "plot_quantile_bands"]
+__all__ = ["plot_curves", "method_label", "method_colors", "plot_series_panels", "plot_scatter", "plot_quantile_bands",
+           "plot_estimates", "plot_estimate_scatter", "plot_interval_bands"]
 
 
 def plot_curves(
-    curves: Mapping[str, Sequence[float]],
+    curves: Mapping[str, Sequence[float | None]],
     path: str | Path,
     *,
     ylabel: str,
     title: str = "",
     xlabel: str = "epoch",
 ) -> Path:
-    """One line per label, x = 1, 2, …; saved as PNG."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    """One line per label, x = 1, 2, … (None: not measured that epoch, skipped); saved as PNG."""
+    fig, (ax,) = _panels(1, width=6.4)
     for label, values in curves.items():
-        ax.plot(range(1, len(values) + 1), values, marker="o", markersize=3, label=label)
+        points = [(x, v) for x, v in enumerate(values, start=1) if v is not None]
+        ax.plot([x for x, _ in points], [v for _, v in points], marker="o", markersize=3 if len(points) > 1 else 7,
+                label=method_label(label))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # epochs are whole numbers
@@ -33,11 +37,28 @@ def plot_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
+
+
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "lion": "Lion"}
+_SCOPE_NAMES = {"all": "SAM-all", "norm": "SAM-ON"}
+_METHOD = re.compile(r"^(?P<scope>no-norm|norm|all|random|ssam-f|ssam-d|patterns|\[.*?\])-(?P<perturbation>[a-z0-9_]+)"
+                     r"-rho(?P<rho>[0-9.eE+-]+?)(?P<rest>( \(.*\))?)$")
+
+
+def method_label(label: str) -> str:
+    """The name a figure shows for a method label (``TrainConfig.method``, optionally followed by
+    `` (settings)``), so that every figure names a method alike: ``norm-asam-rho1`` → ``SAM-ON (asam, ρ=1)``,
+    ``sgd`` → ``SGD``. Other labels are returned unchanged."""
+    match = _METHOD.match(label)
+    if match:
+        scope = _SCOPE_NAMES.get(match["scope"], match["scope"])
+        details = [match["perturbation"], f"ρ={match['rho']}"]
+        if match["rest"]:
+            details.append(match["rest"].strip()[1:-1])
+        return f"{scope} ({', '.join(details)})"
+    head, _, rest = label.partition(" ")
+    return f"{_OPTIMIZER_NAMES[head]} {rest}".rstrip() if head in _OPTIMIZER_NAMES else label
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -112,22 +133,25 @@ def plot_series_panels(
             color = (colors or {}).get(label)
             spread = [0.0 if s is None else s for s in std] if std is not None else None
             if style == "errorbar":
-                ax.errorbar(x, mean, yerr=spread, marker="o", markersize=5, capsize=3, label=label, color=color)
-            else:
-                (line,) = ax.plot(x, mean, label=label, color=color)
+                ax.errorbar(x, mean, yerr=spread, marker="o", markersize=5, capsize=3, label=method_label(label),
+                            color=color)
+            else:  # a line of one point is invisible without a marker
+                (line,) = ax.plot(x, mean, label=method_label(label), color=color, marker="o" if len(x) == 1 else None)
                 if spread is not None:
                     lo = [m - s for m, s in zip(mean, spread)]
                     hi = [m + s for m, s in zip(mean, spread)]
                     ax.fill_between(x, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
         for label, value in ((baselines or {}).get(title) or {}).items():
-            ax.axhline(value, linestyle="--", color=(colors or {}).get(label, "0.3"), label=label)
+            ax.axhline(value, linestyle="--", color=(colors or {}).get(label, "0.3"), label=method_label(label))
+        ticks = sorted({float(x) for s in lines.values() for x in s[0]})
         if log_x:  # ticks at the values used (a ρ grid), not at powers of ten
             ax.set_xscale("log")
-            ticks = sorted({float(x) for s in lines.values() for x in s[0]})
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
             ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         elif integer_x:
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        elif 0 < len(ticks) <= 6:  # a few values (one ρ, a short grid): ticks at them, not at 0.96 … 1.04
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel if isinstance(ylabel, str) else ylabel.get(title, ""))
         ax.set_title(title)
@@ -149,7 +173,8 @@ def plot_scatter(
     """One point per ``(x, y)``, coloured by label (e.g. sharpness vs test accuracy, a point per run)."""
     fig, (ax,) = _panels(1, width=6.4)
     for label, xy in points.items():
-        ax.scatter([p[0] for p in xy], [p[1] for p in xy], label=label, color=(colors or {}).get(label), s=36)
+        ax.scatter([p[0] for p in xy], [p[1] for p in xy], label=method_label(label), color=(colors or {}).get(label),
+                   s=36)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if title:
@@ -173,15 +198,125 @@ def plot_quantile_bands(
     "0.95": [...]}`` (the quantile keys of :data:`normsam.analysis.norm_stats.QUANTILES`).
     """
     fig, axes = _panels(max(1, len(panels)), width=6.0)
+    styles = ("-", "--", "-.", ":")
     for ax, (title, series) in zip(axes, panels.items()):
-        for label, q in series.items():
-            (line,) = ax.plot(q["x"], q["0.5"], label=label, color=(colors or {}).get(label))
-            ax.fill_between(q["x"], q["0.05"], q["0.95"], color=line.get_color(), alpha=0.12, linewidth=0)
-            ax.fill_between(q["x"], q["0.25"], q["0.75"], color=line.get_color(), alpha=0.28, linewidth=0)
+        # Medians often coincide (γ and β move little): each gets its own dash pattern and is drawn above
+        # every band, so that no method's line hides under another's band or line.
+        for i, (label, q) in enumerate(series.items()):
+            (line,) = ax.plot(q["x"], q["0.5"], label=method_label(label), color=(colors or {}).get(label),
+                              linestyle=styles[i % len(styles)], linewidth=1.8, zorder=3 + 0.01 * i,
+                              marker="o" if len(q["x"]) == 1 else None)
+            ax.fill_between(q["x"], q["0.05"], q["0.95"], color=line.get_color(), alpha=0.10, linewidth=0, zorder=1)
+            ax.fill_between(q["x"], q["0.25"], q["0.75"], color=line.get_color(), alpha=0.22, linewidth=0, zorder=1)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if series:
             ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Statistics figures of `normsam report`: means with 95% confidence intervals over seeds.
+
+#: A mean and its interval ``(mean, low, high)``; low/high are None where the interval is undefined (one seed).
+Estimate = tuple[float, float | None, float | None]
+
+
+def _error(estimate: Estimate) -> list[list[float]] | None:
+    """matplotlib's asymmetric error-bar lengths ``[[below], [above]]``, None without an interval (no caps)."""
+    mean, lo, hi = estimate
+    return None if lo is None or hi is None else [[mean - lo], [hi - mean]]
+
+
+def plot_estimates(
+    panels: Mapping[str, Mapping[str, Estimate]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    references: Mapping[str, Mapping[str, float]] | None = None,
+    colors: Mapping[str, str] | None = None,
+) -> Path:
+    """One row per label (top to bottom in the given order): its mean as a dot, its interval as an error bar.
+
+    Args:
+        panels: title → label → :data:`Estimate` (a panel per title, e.g. per data set).
+        references: title → name → value, drawn as vertical dashed lines (e.g. SGD's mean).
+        colors: label → colour (see :func:`method_colors`).
+    """
+    rows = max((len(p) for p in panels.values()), default=1)
+    fig, axes = _panels(max(1, len(panels)), width=7.5, height=1.4 + 0.38 * rows)
+    for ax, (title, estimates) in zip(axes, panels.items()):
+        labels = list(estimates)
+        for y, label in enumerate(labels):
+            mean, lo, hi = estimates[label]
+            ax.errorbar([mean], [y], xerr=_error(estimates[label]), fmt="o" if lo is not None else "x",
+                        markersize=6, capsize=4, color=(colors or {}).get(label, "C0"))
+        for i, (name, value) in enumerate(((references or {}).get(title) or {}).items()):
+            ax.axvline(value, linestyle="--", color=f"{0.3 + 0.2 * i:.1f}", label=name)
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylim(len(labels) - 0.5, -0.5)  # the first label on top
+        # proxies for the legend: what a dot with a bar and a cross mean
+        ax.errorbar([], [], xerr=[[], []], fmt="o", capsize=4, color="0.2", label="mean, 95% CI over seeds")
+        if any(lo is None for _, lo, _ in estimates.values()):
+            ax.plot([], [], "x", color="0.2", label="one seed (no interval)")
+        ax.set_xlabel(xlabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize="small", loc="best")
+    return _save(fig, path)
+
+
+def plot_estimate_scatter(
+    points: Mapping[str, tuple[Estimate, Estimate]],
+    path: str | Path,
+    *,
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    colors: Mapping[str, str] | None = None,
+) -> Path:
+    """One point per label at (mean x, mean y) with error bars in both directions (e.g. sharpness vs
+    accuracy per arm, each with its 95% CI over seeds)."""
+    fig, (ax,) = _panels(1, width=7.5, height=5.0)
+    for label, (x, y) in points.items():
+        ax.errorbar([x[0]], [y[0]], xerr=_error(x), yerr=_error(y), fmt="o", markersize=6, capsize=4,
+                    label=label, color=(colors or {}).get(label))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    if points:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def plot_interval_bands(
+    panels: Mapping[str, Mapping[str, tuple[Sequence[float], Sequence[float], Sequence[float | None],
+                                             Sequence[float | None]]]],
+    path: str | Path,
+    *,
+    xlabel: str = "epoch",
+    ylabel: str,
+    colors: Mapping[str, str] | None = None,
+) -> Path:
+    """Curves with their interval as a band: title → label → ``(x, mean, low, high)``; low/high may hold None
+    (no band there, e.g. one seed)."""
+    fig, axes = _panels(max(1, len(panels)), width=8.4, height=4.4)
+    for ax, (title, series) in zip(axes, panels.items()):
+        for label, (x, mean, lo, hi) in series.items():
+            (line,) = ax.plot(x, mean, label=label, color=(colors or {}).get(label))
+            known = [i for i in range(len(x)) if lo[i] is not None and hi[i] is not None]
+            if known:
+                ax.fill_between([x[i] for i in known], [lo[i] for i in known], [hi[i] for i in known],
+                                color=line.get_color(), alpha=0.18, linewidth=0)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if series:  # outside, on the right: many overlapping bands leave no free corner
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, path)

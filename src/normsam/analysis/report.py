@@ -5,11 +5,24 @@ to ``metrics.jsonl`` or ``environment.json``). Finished runs (with ``summary.jso
 (optimizer, scope, perturbation, ρ, plus every other setting that differs between the runs, such as the
 data or the model; seeds and purely technical settings like ``threads`` do not split groups, and the SAM
 settings of runs without SAM are ignored) and summarized as mean ± sample standard deviation over the seeds.
-Unfinished runs are listed but not counted.
+Such a group is an *arm*, named by :func:`arm_label` in every table and figure (``SGD``, ``SAM-ON (ρ=0.5)``,
+``random mask (ρ=0.5, sparsity 0.9995)``, ``SAM-ON (ρ=0.5, late from epoch 6)``). Unfinished runs are listed
+but not counted.
+
+Statistics and claims (:mod:`normsam.analysis.stats`): per arm the mean, standard deviation and 95% t-interval
+over seeds; differences paired by seed against the SGD and SAM-all arms; and the paper's claims C1–C5, each
+*supported*, *contradicted*, *inconclusive* or *not tested*. Arms are compared only with arms of the same
+context (the settings other than SAM's that differ between runs: data, model, base optimizer, …). Each role
+of the claims (sgd, sam-all, sam-on, no-norm, random, ssam-f) is played by one arm per context: the one named
+in a ``claims.yaml`` in a folder given to the report (see :func:`load_claims_selection`; it also sets the
+margin δ), else the arm of the role's scope with SAM over the whole training, the highest sparsity for the
+mask scopes, and the best mean validation accuracy (the best mean test accuracy, said so in the report,
+when the runs have no validation split).
 
 Written into ``--out``:
 
-* ``report.md``: the table, the figures, the list of runs and the commands that reproduce them;
+* ``report.md``: the table, the figures, the statistics, the claims, the list of runs and the commands that
+  reproduce them;
 * ``table.csv``: one row per method group; ``runs.csv``: one row per run;
 * ``accuracy_vs_rho.png``: final test accuracy vs ρ, one panel per perturbation model, one line per scope
   (SAM-all, SAM-ON, no-norm, …) with error bars over seeds, and the mean of the runs without SAM as a
@@ -18,7 +31,13 @@ Written into ``--out``:
   ``sharpness.json``), coloured by method;
 * ``norm_params.png``: the pooled γ and β of the normalization layers over the epochs (median, 25–75% and
   5–95% bands; quantiles averaged over seeds), a line per method;
-* ``training_curves.png``: train loss and test accuracy per epoch, mean ± std over seeds, a line per method.
+* ``training_curves.png``: train loss and test accuracy per epoch, mean ± std over seeds, a line per method;
+* ``arms.csv`` (per arm: mean, std, 95% CI of test and validation accuracy and sharpness; the roles it plays),
+  ``paired.csv`` (arm − SGD and arm − SAM-all, paired by seed), ``claims.csv`` (each part of each claim: the
+  arms, the paired difference with its interval, the rule and the verdict);
+* ``arm_accuracy.png`` (final test accuracy per arm with its 95% CI), ``arm_sharpness_vs_accuracy.png``
+  (mean sharpness vs mean accuracy per arm, both with 95% CIs), ``arm_test_curves.png`` (test accuracy per
+  epoch, mean and 95% CI band per arm).
 
 A figure without data (no SAM runs, no sharpness, no norm layers) is left out.
 """
@@ -31,19 +50,25 @@ import json
 import os
 import shlex
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from normsam.analysis import plots
+import yaml
+
+from normsam.analysis import plots, stats
 from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
 from normsam.analysis.run_sharpness import latest_measurement
 from normsam.analysis.sweep import SWEEP_FILE
+from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys
 
-__all__ = ["RunRecord", "Group", "load_run", "find_runs", "grouping_keys", "group_runs", "mean_std", "make_report"]
+__all__ = [
+    "RunRecord", "Group", "load_run", "find_runs", "grouping_keys", "group_runs", "arm_label", "mean_std", "run_value",
+    "CLAIMS_FILE", "DEFAULT_MARGIN", "make_report",
+]
 
 #: The columns that define a method; further columns appear when other settings differ between runs.
 METHOD_KEYS = ("optimizer", "scope", "perturbation", "rho")
@@ -52,16 +77,19 @@ METHOD_KEYS = ("optimizer", "scope", "perturbation", "rho")
 _NOT_GROUPED = frozenset({
     "seed", "out", "progress", "threads", "device", "tensorboard", "data_dir", "download", "eval_batch_size",
     "compile", "norm_stats", "sharpness_at_end", "sharpness_rho", "sharpness_steps",
+    "sharpness_convention",
 })
 
 #: Settings that mean nothing for a run without SAM (scope none); ignored for those runs.
 _SAM_KEYS = frozenset({
     "perturbation", "rho", "eta", "normalize_bias", "norm_over", "sparsity", "mask_interval", "fisher_samples",
-    "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent",
+    "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
 })
 
-#: Legend names of the scopes in the accuracy-vs-ρ figure.
-SCOPE_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm"}
+#: The names of the scopes in every table and figure (see :func:`arm_label`).
+SCOPE_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm", "random": "random mask",
+               "ssam-f": "SSAM-F", "ssam-d": "SSAM-D"}
+_OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "lion": "Lion"}
 _SCOPE_ORDER = ("none", "all", "norm", "no-norm", "random", "ssam-f", "ssam-d")
 
 _QUANTILES = ("0.05", "0.25", "0.5", "0.75", "0.95")
@@ -168,29 +196,55 @@ def _text(value: Any) -> str:
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
     """(mean, sample standard deviation, count) of the values that are not None; None where undefined."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return None, None, 0
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else None), len(vals)
+    described = stats.describe(values)
+    return described.mean, described.std, described.n
+
+
+def run_value(run: RunRecord, key: str) -> float | None:
+    """A summary key of a finished run, or ``"sharpness"``: its latest measurement in sharpness.json, else the
+    ``sharpness`` that ``sharpness_at_end`` put in summary.json (the same number unless measured again since)."""
+    summary = run.summary or {}
+    if key == "sharpness":
+        return run.sharpness["sharpness"] if run.sharpness else summary.get("sharpness")
+    return summary.get(key)
 
 
 @dataclass
 class Group:
-    """The finished runs of one method (they differ only in the seed and in technical settings)."""
+    """The finished runs of one method, an *arm* (they differ only in the seed and in technical settings)."""
 
     label: str
     columns: dict[str, Any]
     runs: list[RunRecord] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)  # of its first run; equal in all but technical keys
 
     def stat(self, key: str) -> tuple[float | None, float | None, int]:
         """mean, std and count over the runs of a summary key, or of ``"sharpness"``."""
-        if key == "sharpness":
-            return mean_std(r.sharpness["sharpness"] if r.sharpness else None for r in self.runs)
-        return mean_std(r.summary.get(key) for r in self.runs if r.summary)
+        return mean_std(run_value(r, key) for r in self.runs)
+
+    def interval(self, key: str) -> stats.Interval:
+        """mean, std and 95% t-interval over the runs (see :func:`stats.describe`)."""
+        return stats.describe(run_value(r, key) for r in self.runs)
+
+    def per_seed(self, key: str) -> dict[int, float]:
+        """seed → value, for pairing by seed; runs of the same seed (from two folders) are averaged."""
+        values: dict[int, list[float]] = {}
+        for r in self.runs:
+            value = run_value(r, key)
+            if value is not None:
+                values.setdefault(r.config.seed, []).append(value)
+        return {seed: statistics.fmean(v) for seed, v in sorted(values.items())}
 
     @property
     def seeds(self) -> list[int]:
         return sorted(r.config.seed for r in self.runs)
+
+    @property
+    def point(self) -> str | None:
+        """The sweep's grid-point folder of the runs (``scope=norm,rho=0.5`` for ``…/scope=norm,rho=0.5/seed=0``),
+        or None when the runs do not share one."""
+        names = {Path(r.folder).parent.name for r in self.runs if Path(r.folder).name.startswith("seed=")}
+        return names.pop() if len(names) == 1 and len({Path(r.folder).parent for r in self.runs}) == 1 else None
 
 
 def grouping_keys(runs: Sequence[RunRecord]) -> list[str]:
@@ -212,8 +266,52 @@ def _order(columns: dict[str, Any]) -> tuple:
             -1.0 if rho is None else rho)
 
 
+def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: bool = True) -> str:
+    """The name of an arm in every table and figure of the report: ``SGD``, ``SAM-ON (ρ=0.5)``,
+    ``SAM-all (asam, ρ=1)``, ``random mask (ρ=0.5, sparsity 0.9995)``, ``SAM-ON (ρ=0.5, late from epoch 6)``.
+
+    The scope's name (:data:`SCOPE_NAMES`; the base optimizer's name for runs without SAM), preceded by the base
+    optimizer when it is not SGD; then, in parentheses (the style of :func:`plots.method_label`, so that a figure
+    names a method alike whichever label it gets): the perturbation model when it is not ``sam``, ρ (unless
+    ``rho=False``), what sets the arm apart (the sparsity of a mask scope, a SAM window that starts late or ends
+    early, in epochs counted from 1 as in metrics.jsonl and the training log, an ascent every k steps), and
+    ``key=value`` for the other ``keys`` (the settings that differ between the runs) that are set.
+    """
+    scope = settings.get("scope")
+    optimizer = settings.get("optimizer") or "sgd"
+    optimizer_name = _OPTIMIZER_NAMES.get(optimizer, optimizer)
+    details: list[str] = []
+    shown = set(METHOD_KEYS)
+    if scope == "none":
+        name = optimizer_name
+    else:
+        name = SCOPE_NAMES.get(scope, scope) if isinstance(scope, str) else f"[{_text(scope)}]"
+        if optimizer != "sgd":
+            name = f"{optimizer_name} {name}"
+        if settings.get("perturbation") not in (None, "sam"):
+            details.append(settings["perturbation"])
+        if rho and settings.get("rho") is not None:
+            details.append(f"ρ={_text(settings['rho'])}")
+        shown |= {"sparsity", "sam_start", "sam_end", "ascent_interval"}
+        if scope in MASK_SCOPES and settings.get("sparsity") is not None:
+            details.append(f"sparsity {_text(settings['sparsity'])}")
+        start, end = settings.get("sam_start") or 0, settings.get("sam_end")
+        if start and end is None:
+            details.append(f"late from epoch {start + 1}")
+        elif end is not None:
+            details.append(f"early until epoch {end}" if not start else f"SAM in epochs {start + 1}–{end}")
+        every = settings.get("ascent_interval")
+        if every is not None and every > 1:
+            details.append(f"ascent every {every}")
+    details += [f"{k}={_text(settings[k])}" for k in keys if k not in shown and settings.get(k) is not None]
+    return name + (f" ({', '.join(details)})" if details else "")
+
+
 def group_runs(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[Group]:
-    """The finished runs grouped by the values of ``keys``, in a stable order (SGD first, then by scope, ρ)."""
+    """The finished runs grouped by the values of ``keys``, in a stable order (SGD first, then by scope, ρ).
+
+    Each group is labelled by :func:`arm_label`; two groups that it would name alike get their columns added.
+    """
     groups: dict[str, Group] = {}
     for run in runs:
         if not run.finished:
@@ -222,13 +320,12 @@ def group_runs(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[Group]:
         columns = {key: settings.get(key) for key in keys}
         ident = json.dumps(columns, sort_keys=True)
         if ident not in groups:
-            extras = ", ".join(f"{k}={_text(v)}" for k, v in columns.items() if k not in METHOD_KEYS and v is not None)
-            method = run.config.method
-            if isinstance(run.config.scope, list):  # "patterns-…" would not tell pattern lists apart
-                method = method.replace("patterns", f"[{_text(run.config.scope)}]", 1)
-            label = method + (f" ({extras})" if extras else "")
-            groups[ident] = Group(label, columns)
+            groups[ident] = Group(arm_label(settings, keys), columns, settings=settings)
         groups[ident].runs.append(run)
+    labels = [g.label for g in groups.values()]
+    for g in groups.values():
+        if labels.count(g.label) > 1:
+            g.label += " [" + ", ".join(f"{k}={_text(v)}" for k, v in g.columns.items() if v is not None) + "]"
     return sorted(groups.values(), key=lambda g: _order(g.columns))
 
 
@@ -346,9 +443,8 @@ def _accuracy_vs_rho(groups: Sequence[Group], keys: Sequence[str], path: Path) -
             continue
         title = ", ".join(filter(None, [f"perturbation {g.columns['perturbation']}", context(g)]))
         contexts[title] = context(g)
-        line = SCOPE_NAMES.get(scope, scope) if isinstance(scope, str) else f"[{_text(scope)}]"
-        if several_optimizers:
-            line = f"{g.columns['optimizer']} {line}"
+        line = arm_label({"scope": scope, "optimizer": g.columns["optimizer"] if several_optimizers else None},
+                         rho=False)
         panels.setdefault(title, {}).setdefault(line, []).append((g.columns["rho"], mean, std))
     if not panels:
         return None
@@ -358,7 +454,7 @@ def _accuracy_vs_rho(groups: Sequence[Group], keys: Sequence[str], path: Path) -
         if g.columns["scope"] == "none" and mean is not None:
             for title, ctx in contexts.items():
                 if ctx == context(g):
-                    baselines.setdefault(title, {})[f"{g.columns['optimizer']} (no SAM)"] = mean
+                    baselines.setdefault(title, {})[f"{arm_label(g.columns)} (no SAM)"] = mean
     series = {
         title: {label: tuple(map(list, zip(*sorted(pts, key=lambda p: p[0])))) for label, pts in lines.items()}
         for title, lines in panels.items()
@@ -425,19 +521,25 @@ def _norm_params(groups: Sequence[Group], path: Path, colors: dict[str, str]) ->
     return plots.plot_quantile_bands(panels, path, colors=colors)
 
 
+def _per_epoch(g: Group, key: str) -> tuple[list[int], list[dict[int, float]]]:
+    """The epochs at which every run of the group (that logged ``key`` at all) logged it, and each such run's
+    values by epoch (from metrics.jsonl)."""
+    per_run = [{row["epoch"]: row[key] for row in r.metrics if row.get(key) is not None} for r in g.runs]
+    per_run = [v for v in per_run if v]
+    return (sorted(set.intersection(*(set(v) for v in per_run))) if per_run else []), per_run
+
+
 def _training_curves(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
     """Train loss and test accuracy per epoch, mean ± std over the seeds of each group."""
     curves = {"train loss": "train_loss", "test accuracy (%)": "test_acc"}
     panels: dict[str, dict[str, plots.Series]] = {title: {} for title in curves}
     for g in groups:
         for title, key in curves.items():
-            per_run = [{row["epoch"]: row[key] for row in r.metrics if row.get(key) is not None} for r in g.runs]
-            per_run = [v for v in per_run if v]
-            if not per_run:
+            epochs, per_run = _per_epoch(g, key)
+            if not epochs:
                 continue
-            epochs = sorted(set.intersection(*(set(v) for v in per_run)))
-            stats = [mean_std(v[e] for v in per_run) for e in epochs]
-            panels[title][g.label] = (epochs, [s[0] for s in stats], [s[1] for s in stats])
+            spread = [mean_std(v[e] for v in per_run) for e in epochs]
+            panels[title][g.label] = (epochs, [s[0] for s in spread], [s[1] for s in spread])
     panels = {title: series for title, series in panels.items() if series}
     if not panels:
         return None
@@ -448,7 +550,413 @@ def _training_curves(groups: Sequence[Group], path: Path, colors: dict[str, str]
 
 
 # --------------------------------------------------------------------------------------------------------
+# statistics over seeds and the paper's claims
+
+#: A file in a folder given to the report that chooses the arms of the claims and the margin δ (see make_report).
+CLAIMS_FILE = "claims.yaml"
+
+#: δ, in test-accuracy points, of the claims "at least as good", "no better" and "about as good".
+DEFAULT_MARGIN = 0.2
+
+#: The scope of the arms that can play each role of the claims.
+ROLE_SCOPES = {"sgd": "none", "sam-all": "all", "sam-on": "norm", "no-norm": "no-norm", "random": "random",
+               "ssam-f": "ssam-f"}
+
+#: Settings that make runs incomparable in the claims (data, model, optimizer, …): everything but the SAM ones.
+_ARM_KEYS = frozenset({"scope", "perturbation", "rho"}) | _SAM_KEYS
+
+_ACC = "final_test_acc"
+_STAT_METRICS = (("final_test_acc", "test acc. (%)", 2), ("final_val_acc", "val. acc. (%)", 2),
+                 ("sharpness", "sharpness", 4))
+
+
+@dataclass
+class ClaimsSelection:
+    """The arms named for the roles (role → point names or arm labels, one per context) and the margin δ."""
+
+    arms: dict[str, list[str]] = field(default_factory=dict)
+    margin: float = DEFAULT_MARGIN
+    source: str | None = None
+
+
+def load_claims_selection(source: str | Path | Mapping[str, Any] | None) -> ClaimsSelection:
+    """Read a claims selection: a YAML file or its content as a mapping::
+
+        arms:                          # role -> the arm that plays it (default: chosen as make_report says)
+          sam-on: scope=norm,rho=0.5   # a sweep point (the folder above seed=…) or an arm label from arms.csv
+          sam-all: [scope=all,rho=0.1, scope=all,rho=0.1,data=cifar10]   # a list: one per context
+        margin: 0.2                    # δ in test-accuracy points
+
+    Roles: sgd, sam-all, sam-on, no-norm, random, ssam-f.
+    """
+    if source is None:
+        return ClaimsSelection()
+    described = None
+    if not isinstance(source, Mapping):
+        described = str(source)
+        try:
+            source = yaml.safe_load(Path(source).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{described} is not valid YAML: {err}") from None
+    where = described or "the claims selection"
+    if not isinstance(source, Mapping):
+        raise ValueError(f"{where} must be a mapping with the keys arms and margin, got {type(source).__name__}.")
+    unknown = [key for key in source if key not in ("arms", "margin")]
+    if unknown:
+        raise ValueError(f"Unknown key {unknown[0]!r} in {where}; valid keys are arms and margin.")
+    arms = source.get("arms") or {}
+    if not isinstance(arms, Mapping):
+        raise ValueError(f"arms in {where} must map roles to arms, e.g. arms: {{sam-on: scope=norm,rho=0.5}}.")
+    selection = ClaimsSelection(margin=source.get("margin", DEFAULT_MARGIN), source=described)
+    for role, names in arms.items():
+        if role not in ROLE_SCOPES:
+            raise ValueError(f"Unknown role {role!r} in {where}; valid roles are {', '.join(ROLE_SCOPES)}.")
+        selection.arms[role] = [str(n) for n in (names if isinstance(names, list) else [names])]
+    margin = selection.margin
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+        raise ValueError(f"margin in {where} must be a number >= 0 (test-accuracy points), got {margin!r}.")
+    selection.margin = float(margin)
+    return selection
+
+
+def _find_claims_file(paths: Sequence[str | Path]) -> Path | None:
+    for path in paths:
+        if (Path(path) / CLAIMS_FILE).is_file():
+            return Path(path) / CLAIMS_FILE
+    return None
+
+
+@dataclass
+class RoleChoice:
+    """The arm that plays a role in one context (None: none does), and how it was chosen (or why none)."""
+
+    role: str
+    group: Group | None
+    how: str
+
+
+@dataclass
+class Context:
+    """Arms that can be compared (same data, model, base optimizer, …), the arm of each role, the claims."""
+
+    title: str
+    groups: list[Group]
+    roles: dict[str, RoleChoice] = field(default_factory=dict)
+    claims: list[tuple[stats.Claim, str, list[stats.PartResult]]] = field(default_factory=list)
+
+    def roles_of(self, group: Group) -> list[str]:
+        return [role for role, choice in self.roles.items() if choice.group is group]
+
+    def heading(self) -> str:
+        return self.title or "all runs"
+
+
+def _contexts(groups: Sequence[Group], keys: Sequence[str]) -> list[Context]:
+    """The groups split by the settings other than the SAM ones; titled by those that differ."""
+    context_keys = [k for k in keys if k not in _ARM_KEYS]
+    split: dict[str, list[Group]] = {}
+    for g in groups:
+        split.setdefault(json.dumps([g.columns.get(k) for k in context_keys]), []).append(g)
+    def value(members: list[Group], key: str) -> str:
+        return _text(members[0].columns.get(key))
+
+    varying = [k for k in context_keys if len({value(members, k) for members in split.values()}) > 1]
+    return [Context(", ".join(f"{k}={value(members, k)}" for k in varying), members) for members in split.values()]
+
+
+def _plain(g: Group) -> bool:
+    """An arm without a late/early SAM window or an ascent every k steps (those are variants of a role)."""
+    s = g.settings
+    return not s.get("sam_start") and s.get("sam_end") is None and (s.get("ascent_interval") or 1) <= 1
+
+
+def _choose(role: str, groups: Sequence[Group], named: Sequence[str], source: str) -> RoleChoice:
+    """The arm of ``role`` among ``groups`` (one context): the one named, else the documented automatic pick."""
+    scope = ROLE_SCOPES[role]
+    chosen = [g for g in groups if g.point in named or g.label in named]
+    if len(chosen) > 1:
+        raise ValueError(f"{source} names several {role} arms of one context ({', '.join(g.label for g in chosen)}); "
+                         "name one per context.")
+    if chosen:
+        return RoleChoice(role, chosen[0], f"named in {source}")
+    of_scope = [g for g in groups if g.columns.get("scope") == scope]
+    candidates = [g for g in of_scope if _plain(g)]
+    if not candidates:
+        if of_scope:
+            return RoleChoice(role, None, f"only variants ({', '.join(g.label for g in of_scope)}); name one under "
+                                          f"arms: in {CLAIMS_FILE}")
+        return RoleChoice(role, None, f"no arm with scope {scope}")
+    notes = []
+    if scope in MASK_SCOPES:  # the claims are about a mask as sparse as SAM-ON's, so the sparsest one
+        top = max(g.settings.get("sparsity") or 0.0 for g in candidates)
+        if any((g.settings.get("sparsity") or 0.0) != top for g in candidates):
+            notes.append(f"highest sparsity ({top:g}), the closest to SAM-ON's")
+        candidates = [g for g in candidates if (g.settings.get("sparsity") or 0.0) == top]
+    if len(candidates) == 1:
+        notes.append("the only candidate")
+        return RoleChoice(role, candidates[0], "; ".join(notes))
+    val = [g.stat("final_val_acc")[0] for g in candidates]
+    if all(v is not None for v in val):
+        best = max(range(len(candidates)), key=lambda i: val[i])  # the first of equals
+        notes.append(f"best mean validation accuracy ({val[best]:.2f}) of {len(candidates)} arms")
+    else:
+        test = [g.stat(_ACC)[0] for g in candidates]
+        best = max(range(len(candidates)), key=lambda i: test[i])
+        notes.append(f"best mean TEST accuracy of {len(candidates)} arms, because some have no validation accuracy "
+                     f"(val_split=0): an optimistic choice; name the arm under arms: in {CLAIMS_FILE}")
+    return RoleChoice(role, candidates[best], "; ".join(notes))
+
+
+def _claim_arm(g: Group | None, sharpness_missing: str | None) -> stats.Arm | None:
+    if g is None:
+        return None
+    missing = {"sharpness": sharpness_missing} if sharpness_missing else {}
+    if not sharpness_missing and not g.per_seed("sharpness"):
+        missing["sharpness"] = f"no sharpness for {g.label} (`normsam sharpness RUN_DIR` or sharpness_at_end=true)"
+    return stats.Arm(g.label, {_ACC: g.per_seed(_ACC), "sharpness": g.per_seed("sharpness")}, missing)
+
+
+def _sharpness_mismatch(a: Group | None, b: Group | None) -> str | None:
+    """Why the sharpness of two arms cannot be compared (measured with other settings), or None."""
+    measured = [r.sharpness for g in (a, b) if g for r in g.runs if r.sharpness]
+    settings = {json.dumps({k: m.get(k) for k in SHARPNESS_SETTINGS}, sort_keys=True) for m in measured}
+    if len(settings) > 1:
+        return (f"the sharpness of {a.label} and {b.label} was measured with different settings (see runs.csv); "
+                "measure both alike")
+    return None
+
+
+def analyse(groups: Sequence[Group], keys: Sequence[str], selection: ClaimsSelection) -> list[Context]:
+    """The contexts with the arm of each role and the verdicts of the claims.
+
+    Raises:
+        ValueError: the selection names an arm that is not among the groups, or one of another scope.
+    """
+    source = selection.source or "the claims selection"
+    for role, names in selection.arms.items():
+        for name in names:
+            matches = [g for g in groups if name in (g.point, g.label)]
+            if not matches:
+                known = sorted({g.point for g in groups if g.point} | {g.label for g in groups})
+                raise ValueError(f"{source}: no arm {name!r} for {role}; use a sweep point or an arm label: "
+                                 f"{', '.join(known)}.")
+            for g in matches:
+                if g.columns.get("scope") != ROLE_SCOPES[role]:
+                    raise ValueError(f"{source}: {name!r} ({g.label}) cannot be {role}, whose scope is "
+                                     f"{ROLE_SCOPES[role]}; name an arm with that scope.")
+    contexts = _contexts(groups, keys)
+    for ctx in contexts:
+        ctx.roles = {role: _choose(role, ctx.groups, selection.arms.get(role, []), source) for role in ROLE_SCOPES}
+        chosen = {role: choice.group for role, choice in ctx.roles.items()}
+        mismatch = _sharpness_mismatch(chosen["sam-on"], chosen["sam-all"])
+        arms = {role: _claim_arm(g, mismatch) for role, g in chosen.items()}
+        ctx.claims = stats.evaluate_claims(arms, selection.margin)
+    return contexts
+
+
+def _interval_row(prefix: str, interval: stats.Interval) -> dict[str, Any]:
+    return {f"{prefix}_n": interval.n, f"{prefix}_mean": interval.mean, f"{prefix}_std": interval.std,
+            f"{prefix}_ci_low": interval.lo, f"{prefix}_ci_high": interval.hi}
+
+
+def arm_rows(contexts: Sequence[Context], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per arm for ``arms.csv``: its settings, the roles it plays, mean/std/95% CI of each metric."""
+    rows = []
+    for ctx in contexts:
+        for g in ctx.groups:
+            roles = ctx.roles_of(g)
+            row = {"context": ctx.title, "arm": g.label, "point": g.point, **{k: _text(g.columns[k]) for k in keys},
+                   "roles": " ".join(roles), "chosen_by": " | ".join(ctx.roles[r].how for r in roles),
+                   "seeds": " ".join(map(str, g.seeds))}
+            for key, _, _ in _STAT_METRICS:
+                row.update(_interval_row(key, g.interval(key)))
+            rows.append(row)
+    return rows
+
+
+def _paired_with(ctx: Context) -> list[tuple[Group, str, Group, str, stats.Paired]]:
+    """(arm, reference role, reference arm, metric, paired differences) against the SGD and SAM-all arms."""
+    out = []
+    for ref_role in ("sgd", "sam-all"):
+        ref = ctx.roles[ref_role].group
+        if ref is None:
+            continue
+        for g in ctx.groups:
+            if g is ref:
+                continue
+            for metric in (_ACC, "sharpness"):
+                pairs = stats.paired(g.per_seed(metric), ref.per_seed(metric))
+                if pairs.seeds:
+                    out.append((g, ref_role, ref, metric, pairs))
+    return out
+
+
+def paired_rows(contexts: Sequence[Context]) -> list[dict[str, Any]]:
+    """One row per (arm, reference, metric) for ``paired.csv``: arm − reference over the seeds both have."""
+    rows = []
+    for ctx in contexts:
+        for g, ref_role, ref, metric, pairs in _paired_with(ctx):
+            rows.append({"context": ctx.title, "arm": g.label, "reference_role": ref_role, "reference": ref.label,
+                         "metric": metric, "seeds": " ".join(map(str, pairs.seeds)),
+                         **_interval_row("diff", pairs.interval)})
+    return rows
+
+
+def claim_rows(contexts: Sequence[Context]) -> list[dict[str, Any]]:
+    """One row per part of each claim for ``claims.csv``."""
+    rows = []
+    for ctx in contexts:
+        for claim, outcome, parts in ctx.claims:
+            for p in parts:
+                interval = p.paired.interval if p.paired else stats.describe([])
+                rows.append({
+                    "context": ctx.title, "claim": claim.name, "statement": claim.statement, "claim_verdict": outcome,
+                    "test": p.test, "arm_a": p.arm_a, "arm_b": p.arm_b, "metric": p.part.metric,
+                    "relation": p.part.relation, "margin": p.margin,
+                    "seeds": " ".join(map(str, p.paired.seeds)) if p.paired else "",
+                    **_interval_row("diff", interval), "verdict": p.verdict, "note": p.note,
+                })
+    return rows
+
+
+def _statistics_markdown(contexts: Sequence[Context], margin: float,
+                         figures: Sequence[tuple[str, Path, str]], selection_source: str | None) -> str:
+    lines = ["## Statistics", "",
+             "Per arm (a method with its settings, over its seeds): mean, sample standard deviation and the 95% "
+             "t-interval of the mean (mean ± t₀.₉₇₅,ₙ₋₁ · s/√n); n/a with one seed. Paired differences are taken "
+             "seed by seed over the seeds both arms have; the interval is the t-interval of those differences. "
+             "Tables: [arms.csv](arms.csv), [paired.csv](paired.csv).", ""]
+    for ctx in contexts:
+        if len(contexts) > 1:
+            lines += [f"### {_md(ctx.heading())}", ""]
+        rows = []
+        for g in ctx.groups:
+            acc = g.interval(_ACC)
+            rows.append([_md(g.label), ", ".join(stats.ROLE_NAMES[r] for r in ctx.roles_of(g)), str(acc.n),
+                         _pm(acc.mean, acc.std, 2), acc.ci_text(2),
+                         g.interval("final_val_acc").text(2), g.interval("sharpness").text(4)])
+        lines += [_markdown_table(["arm", "role", "n", "test acc. mean ± std (%)", "test acc. 95% CI",
+                                   "val. acc. mean [95% CI]", "sharpness mean [95% CI]"], rows, numeric_from=2), ""]
+        refs = [(role, ctx.roles[role].group) for role in ("sgd", "sam-all") if ctx.roles[role].group]
+        if refs:
+            diffs = {(id(g), role): pairs for g, role, _, metric, pairs in _paired_with(ctx) if metric == _ACC}
+            header = ["arm"] + [f"− {_md(ref.label)}: mean [95% CI]" for _, ref in refs]
+            rows = []
+            for g in ctx.groups:
+                cells = [_md(g.label)]
+                for role, ref in refs:
+                    pairs = diffs.get((id(g), role))
+                    cells.append(f"{pairs.interval.text(2, signed=True)} (n={pairs.interval.n})" if pairs
+                                 else "–" if g is ref else "no common seed")
+                rows.append(cells)
+            lines += ["Paired differences in test accuracy (points), arm − reference:", "",
+                      _markdown_table(header, rows, numeric_from=1), ""]
+    for title, path, caption in figures:
+        lines += [f"### {title}", "", f"![{title}]({path.name})", "", caption, ""]
+
+    lines += ["## Claims", "",
+              f"Each claim compares the arms that play its roles, by paired differences a − b over common seeds and "
+              f"their 95% t-interval [lo, hi]; δ = {margin:g} test-accuracy points"
+              + (f" (from {_md(selection_source)})" if selection_source else
+                 f" (default; set `margin:` in a {CLAIMS_FILE})") + ". Table: [claims.csv](claims.csv).", ""]
+    for ctx in contexts:
+        if len(contexts) > 1:
+            lines += [f"### {_md(ctx.heading())}", ""]
+        rows = [[stats.ROLE_NAMES[role], _md(c.group.label) if c.group else "–", _md(c.how)]
+                for role, c in ctx.roles.items()]
+        lines += ["Arms of the roles:", "", _markdown_table(["role", "arm", "chosen by"], rows, numeric_from=3), ""]
+        rows = []
+        for claim, outcome, parts in ctx.claims:
+            for i, p in enumerate(parts):
+                interval = p.paired.interval if p.paired else None
+                rule = stats.RULES[p.part.relation][1].replace("δ", f"{p.margin:g}")
+                rows.append([
+                    f"**{claim.name}**" if i == 0 else "", _md(claim.statement) if i == 0 else "",
+                    f"**{outcome}**" if i == 0 else "", _md(p.test),
+                    _md(f"{p.arm_a or '–'} − {p.arm_b or '–'}"),
+                    interval.text(4 if p.part.metric == "sharpness" else 2, signed=True) if interval else "",
+                    str(interval.n) if interval else "", _md(rule), p.verdict, _md(p.note),
+                ])
+        header = ["claim", "statement", "verdict", "test", "a − b", "mean [95% CI]", "n", "rule", "part verdict",
+                  "note"]
+        lines += [_markdown_table(header, rows, numeric_from=len(header)), ""]
+    lines += ["Rules (lo, hi: the 95% interval of a − b): "
+              + "; ".join(f"“{sign}” ({what}): {rule}" for sign, (what, rule) in stats.RULES.items())
+              + ". δ applies to accuracy only; sharpness is compared strictly. A claim is contradicted if a part is, "
+              "not tested if a part is (an arm missing), supported if every part is, else inconclusive (an interval "
+              "across the bounds, or n/a with one common seed).",
+              "",
+              "Arms of the roles, unless named under `arms:` in a " + CLAIMS_FILE + " in a folder given to the report: "
+              "SGD = the runs without SAM, SAM-all/SAM-ON/no-norm/random mask/SSAM-F = the arms of that scope with SAM "
+              "over the whole training and an ascent every step; among several, random mask and SSAM-F keep the "
+              "highest sparsity, then the arm with the best mean validation accuracy is taken (the best mean test "
+              "accuracy, marked as such, when there is no validation split).", ""]
+    return "\n".join(lines)
+
+
+def _arm_accuracy(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
+    panels: dict[str, dict[str, plots.Estimate]] = {}
+    references: dict[str, dict[str, float]] = {}
+    for ctx in contexts:
+        title = f"final test accuracy per arm{f' — {ctx.title}' if ctx.title else ''}"
+        for g in ctx.groups:
+            acc = g.interval(_ACC)
+            if acc.mean is not None:
+                panels.setdefault(title, {})[g.label] = (acc.mean, acc.lo, acc.hi)
+        sgd = ctx.roles["sgd"].group
+        if sgd is not None and sgd.stat(_ACC)[0] is not None:
+            references[title] = {f"{sgd.label} mean": sgd.stat(_ACC)[0]}
+    if not panels:
+        return None
+    return plots.plot_estimates(panels, path, xlabel="final test accuracy (%)", references=references, colors=colors)
+
+
+def _arm_sharpness_vs_accuracy(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
+    points = {}
+    for g in groups:
+        sharp, acc = g.interval("sharpness"), g.interval(_ACC)
+        if sharp.mean is not None and acc.mean is not None:
+            points[g.label] = ((sharp.mean, sharp.lo, sharp.hi), (acc.mean, acc.lo, acc.hi))
+    if not points:
+        return None
+    measured = [r.sharpness for g in groups for r in g.runs if r.sharpness]
+    title = _sharpness_description(measured) if measured else "sharpness (summary.json)"
+    return plots.plot_estimate_scatter(points, path, xlabel="sharpness (worst loss − clean loss)",
+                                       ylabel="final test accuracy (%)", title=title, colors=colors)
+
+
+def _arm_test_curves(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
+    panels: dict[str, dict[str, tuple[list, list, list, list]]] = {}
+    for ctx in contexts:
+        title = f"test accuracy, mean and 95% CI{f' — {ctx.title}' if ctx.title else ''}"
+        for g in ctx.groups:
+            epochs, per_run = _per_epoch(g, "test_acc")
+            if not epochs:
+                continue
+            cis = [stats.describe(v[e] for v in per_run) for e in epochs]
+            panels.setdefault(title, {})[g.label] = (epochs, [c.mean for c in cis], [c.lo for c in cis],
+                                                     [c.hi for c in cis])
+    if not panels:
+        return None
+    return plots.plot_interval_bands(panels, path, ylabel="test accuracy (%)", colors=colors)
+
+
+# --------------------------------------------------------------------------------------------------------
 # report.md
+
+
+def _unfinished_hint(unfinished: Sequence[RunRecord]) -> list[str]:
+    """How to finish the unfinished runs: resume those with a checkpoint, start the others again."""
+    from normsam.train.run_folder import RunFolder
+
+    resumable = [r for r in unfinished if RunFolder(r.folder).has_checkpoint()]
+    lines = ["Unfinished runs are not in the tables and figures; finish them by running their sweep again, or"]
+    if resumable:
+        lines.append("- with a checkpoint: `normsam train --resume RUN_DIR`")
+    if len(resumable) < len(unfinished):
+        lines.append("- without a checkpoint (no epoch finished): start again with "
+                     "`normsam train --config RUN_DIR/config.yaml out=RUN_DIR`")
+    return [*lines, ""]
 
 
 def _sharpness_command(m: dict[str, Any]) -> str:
@@ -459,6 +967,8 @@ def _sharpness_command(m: dict[str, Any]) -> str:
         parts.append("--no-adaptive")
     if m["logit_normalize"]:
         parts.append("--logit-normalize")
+    if m.get("convention", "apgd") != "apgd":
+        parts.append(f"--convention {m['convention']}")
     return " ".join(parts)
 
 
@@ -489,6 +999,7 @@ def _markdown(
     figures: Sequence[tuple[str, Path, str]],
     out: Path,
     args: Sequence[str],
+    analysis: str = "",
 ) -> str:
     finished = [r for r in runs if r.finished]
     lines = ["# normsam report", ""]
@@ -509,6 +1020,8 @@ def _markdown(
     lines += ["Tables: [table.csv](table.csv) (per method), [runs.csv](runs.csv) (per run).", ""]
     for title, path, caption in figures:
         lines += [f"### {title}", "", f"![{title}]({path.name})", "", caption, ""]
+    if analysis:
+        lines += [analysis]
 
     lines += ["## Runs", ""]
     rows = []
@@ -520,8 +1033,7 @@ def _markdown(
                      f"{r.sharpness['sharpness']:.4f}" if r.sharpness else ""])
     lines += [_markdown_table(["run", "method", "seed", "status", "final test acc. (%)", "sharpness"], rows, 4), ""]
     if len(finished) < len(runs):
-        lines += ["Unfinished runs are not in the tables and figures; finish them with "
-                  "`normsam train --resume RUN_DIR` (or by running their sweep again).", ""]
+        lines += _unfinished_hint([r for r in runs if not r.finished])
 
     lines += ["## Reproduce", "", "```sh"]
     for source in _sweep_sources(runs):
@@ -535,18 +1047,37 @@ def _markdown(
     return "\n".join(lines)
 
 
-def make_report(paths: Sequence[str | Path], out: str | Path = "report") -> list[Path]:
-    """Write report.md, table.csv, runs.csv and the figures for the runs in ``paths``; returns the paths.
+def make_report(
+    paths: Sequence[str | Path],
+    out: str | Path = "report",
+    *,
+    claims: str | Path | Mapping[str, Any] | None = None,
+) -> list[Path]:
+    """Write report.md, the CSV tables and the figures for the runs in ``paths``; returns the paths.
+
+    Besides the per-method table, report.md has a *Statistics* section (per arm: mean, std and 95% t-interval
+    over seeds; paired differences against the SGD and SAM-all arms) and a *Claims* section (C1–C5 of
+    :data:`stats.CLAIMS`, each supported, contradicted, inconclusive or not tested, with the numbers that decide
+    it); they are also written as arms.csv, paired.csv and claims.csv, with three figures (arm_accuracy.png,
+    arm_sharpness_vs_accuracy.png, arm_test_curves.png; error bars and bands = 95% CI).
+
+    Args:
+        claims: which arm plays each role of the claims, and the margin δ: a YAML file or a mapping (see
+            :func:`load_claims_selection`). Default: ``claims.yaml`` in the first folder of ``paths`` that has
+            one; without it, each role takes the arm of its scope with the best mean validation accuracy.
 
     Raises:
         FileNotFoundError: a path does not exist, or no run folder was found.
-        ValueError: a run folder's config cannot be read.
+        ValueError: a run folder's config cannot be read, or the claims selection is invalid or names an arm
+            that is not in the runs.
     """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     runs = find_runs(paths)
     keys = grouping_keys(runs)
     groups = group_runs(runs, keys)
+    selection = load_claims_selection(_find_claims_file(paths) if claims is None else claims)
+    contexts = analyse(groups, keys, selection)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -570,6 +1101,26 @@ def make_report(paths: Sequence[str | Path], out: str | Path = "report") -> list
     ]
     figures = [(title, path, caption) for title, path, caption in candidates if path is not None]
     written += [path for _, path, _ in figures]
+
+    tables = {"arms.csv": arm_rows(contexts, keys), "paired.csv": paired_rows(contexts),
+              "claims.csv": claim_rows(contexts)}
+    for name, rows in tables.items():
+        ckpt.atomic_write_text(out / name, _csv(rows))
+        written.append(out / name)
+    candidates = [
+        ("Test accuracy per arm", _arm_accuracy(contexts, out / "arm_accuracy.png", colors),
+         "Final test accuracy per arm: mean (dot) and 95% t-interval over the seeds (bar; a cross: one seed, no "
+         "interval). Dashed: the mean of the SGD arm."),
+        ("Sharpness vs test accuracy per arm",
+         _arm_sharpness_vs_accuracy(groups, out / "arm_sharpness_vs_accuracy.png", colors),
+         "Per arm with a sharpness measurement: mean sharpness (over the runs measured) against mean final test "
+         "accuracy (over all its runs), each with its 95% t-interval over seeds."),
+        ("Test accuracy curves per arm", _arm_test_curves(contexts, out / "arm_test_curves.png", colors),
+         "Test accuracy per epoch: mean over the seeds (line) and 95% t-interval (band; none with one seed)."),
+    ]
+    stat_figures = [(title, path, caption) for title, path, caption in candidates if path is not None]
+    written += [path for _, path, _ in stat_figures]
+    analysis = _statistics_markdown(contexts, selection.margin, stat_figures, selection.source) if groups else ""
     report = out / "report.md"
-    ckpt.atomic_write_text(report, _markdown(runs, groups, keys, figures, out, [str(p) for p in paths]))
+    ckpt.atomic_write_text(report, _markdown(runs, groups, keys, figures, out, [str(p) for p in paths], analysis))
     return [report, *written]

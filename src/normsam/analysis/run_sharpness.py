@@ -9,7 +9,7 @@ Every measurement is recorded in the run folder's ``sharpness.json``::
 
     {"measurements": [{"rho": 0.003, "steps": 20, "m": 128, "n": 1024, "kind": "worst", "norm": "linf",
                        "adaptive": true, "scope": "all", "logit_normalize": false, "seed": 0,
-                       "sharpness": ..., "error_sharpness": ..., "max_rel_perturbation": ...,
+                       "convention": "apgd", "sharpness": ..., "error_sharpness": ..., "max_rel_perturbation": ...,
                        "clean_loss": ..., "worst_loss": ..., "epoch": 10, "examples": 1024, ...}, ...]}
 
 The file is rewritten atomically. A new measurement with the same settings (:data:`SETTINGS`) replaces the
@@ -28,34 +28,15 @@ from torch import nn
 
 from normsam.sharpness import measure_sharpness
 from normsam.train import checkpoint as ckpt
-from normsam.train.config import TrainConfig, config_from_file
 from normsam.train.data import DataSplits, make_augment
-from normsam.train.loop import build_run_model, load_run_data, resolve_device
+from normsam.train.run_folder import RunFolder, resolve_device
 
 __all__ = ["SHARPNESS_FILE", "SETTINGS", "measure_run_sharpness", "read_measurements", "latest_measurement"]
 
 SHARPNESS_FILE = "sharpness.json"
 
 #: The keys that identify a measurement: a new one with equal values replaces the old one.
-SETTINGS = ("rho", "steps", "m", "n", "kind", "norm", "adaptive", "scope", "logit_normalize", "seed")
-
-
-def _run_config(run_dir: Path) -> TrainConfig:
-    if not (run_dir / ckpt.CONFIG).is_file():
-        raise FileNotFoundError(
-            f"{run_dir} is not a run folder: it has no {ckpt.CONFIG}; pass a folder written by `normsam train`."
-        )
-    return config_from_file(run_dir / ckpt.CONFIG)
-
-
-def _model_from_checkpoint(
-    run_dir: Path, cfg: TrainConfig, data: DataSplits, device: torch.device
-) -> tuple[nn.Module, int]:
-    """The run's model with the checkpoint's weights, and the number of epochs the checkpoint holds."""
-    state = ckpt.load_checkpoint(run_dir / ckpt.CHECKPOINT, map_location=device)
-    model = build_run_model(cfg, data)
-    model.load_state_dict(state["model"])
-    return model.to(device), int(state["epoch"])
+SETTINGS = ("rho", "steps", "m", "n", "kind", "norm", "adaptive", "scope", "logit_normalize", "seed", "convention")
 
 
 def _batches(data: DataSplits, *, n: int, m: int, seed: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
@@ -80,7 +61,8 @@ def read_measurements(run_dir: str | Path) -> list[dict[str, Any]]:
         raise ValueError(
             f"{path} is not a sharpness file ({err}); delete it and measure again with `normsam sharpness`."
         ) from None
-    return list(measurements)
+    # Measurements written before the convention option were made with the APGD convention.
+    return [{"convention": "apgd", **m} for m in measurements]
 
 
 def latest_measurement(run_dir: str | Path) -> dict[str, Any] | None:
@@ -108,6 +90,7 @@ def measure_run_sharpness(
     adaptive: bool = True,
     scope: str = "all",
     logit_normalize: bool = False,
+    convention: str = "apgd",
     seed: int = 0,
     model: nn.Module | None = None,
     data: DataSplits | None = None,
@@ -118,7 +101,7 @@ def measure_run_sharpness(
 
     Args:
         run_dir: a run folder (``config.yaml``; ``checkpoint.pt`` unless ``model`` is given).
-        rho, steps, kind, norm, adaptive, scope, logit_normalize: as in
+        rho, steps, kind, norm, adaptive, scope, logit_normalize, convention: as in
             :func:`normsam.sharpness.measure_sharpness` (defaults: adaptive worst-case ℓ∞, ρ = 0.003,
             20 APGD steps, all parameters).
         m: examples per batch (the m of m-sharpness).
@@ -137,19 +120,20 @@ def measure_run_sharpness(
         checkpoint's ``epoch``, ``examples``, ``method`` and ``seconds``.
     """
     run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
+    folder = RunFolder(run_dir)
+    cfg = folder.config()
     for name, value in (("m", m), ("n", n)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (e.g. m=128, n=1024), got {value!r}.")
     if data is None:
-        data = load_run_data(cfg)
+        data = folder.data(cfg)
     if model is None:
         target = resolve_device(str(device or "auto"))
-        model, epoch = _model_from_checkpoint(run_dir, cfg, data, target)
+        model, epoch = folder.model(target, cfg=cfg, data=data)
     else:
         first = next(model.parameters(), None)
         target = first.device if first is not None else torch.device("cpu")
-        epoch = len(ckpt.read_jsonl(run_dir / ckpt.METRICS_JSONL))  # epochs finished (one row each)
+        epoch = len(folder.metrics())  # epochs finished (one row each)
     batches = _batches(data, n=n, m=m, seed=seed, device=target)
 
     started = time.perf_counter()
@@ -163,13 +147,15 @@ def measure_run_sharpness(
         steps=steps,
         scope=scope,
         logit_normalize=logit_normalize,
+        convention=convention,
         seed=seed,
         device=target,
         progress=progress,
     )
     measured = result.to_dict()
     measurement = {
-        **{key: measured[key] for key in ("rho", "steps", "kind", "norm", "adaptive", "scope", "logit_normalize")},
+        **{key: measured[key] for key in ("rho", "steps", "kind", "norm", "adaptive", "scope", "logit_normalize",
+                                          "convention")},
         "m": m,
         "n": n,
         "seed": seed,

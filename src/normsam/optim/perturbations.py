@@ -23,6 +23,13 @@ name           T (element i of tensor p)               default η
 Weight-dependent scalings (asam, layerwise, linf) apply to bias tensors only with ``normalize_bias=True``;
 otherwise a bias gets T = 1, as in ASAM. Fisher's T depends only on g and applies to every tensor.
 
+The official SAM-ON code differs in two conventions; both are options (SPEC §1), normsam's are the defaults:
+
+- ``layerwise_scaling="official"``: T = ‖p‖₂·(1 + η) instead of ``"additive"`` ‖p‖₂ + η (equal at η = 0);
+- ``scaled_tensors="name-contains-weight"``: the weight-dependent T applies only to tensors whose *name
+  contains* ``weight`` (so ``pos_embed``, ``cls_token`` or a layer-scale ``gamma`` get T = 1), instead of
+  ``"not-bias"``: every tensor except those whose name ends in ``bias``.
+
 This module is the functional core of :class:`normsam.SAM`: :func:`perturbation` dispatches to a plain
 per-tensor loop (the reference) or a ``torch._foreach_*`` version grouped by device and dtype.
 """
@@ -31,12 +38,22 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-__all__ = ["PerturbationModel", "PERTURBATIONS", "get_perturbation", "perturbation"]
+__all__ = [
+    "PerturbationModel",
+    "PERTURBATIONS",
+    "LAYERWISE_SCALINGS",
+    "SCALED_TENSORS",
+    "get_perturbation",
+    "perturbation",
+]
+
+LAYERWISE_SCALINGS = ("additive", "official")
+SCALED_TENSORS = ("not-bias", "name-contains-weight")
 
 
 # --- The scalings T, one short function each (a per-tensor reference and its foreach twin). ------------
@@ -59,6 +76,16 @@ def _layerwise_scale(w: Tensor, g: Tensor, eta: float) -> Tensor:
 def _layerwise_scale_foreach(ws: list[Tensor], gs: list[Tensor], eta: float) -> list[Tensor]:
     scale = list(torch._foreach_norm(ws))
     torch._foreach_add_(scale, eta)
+    return scale
+
+
+def _layerwise_official_scale(w: Tensor, g: Tensor, eta: float) -> Tensor:
+    return torch.linalg.vector_norm(w) * (1.0 + eta)
+
+
+def _layerwise_official_scale_foreach(ws: list[Tensor], gs: list[Tensor], eta: float) -> list[Tensor]:
+    scale = list(torch._foreach_norm(ws))
+    torch._foreach_mul_(scale, 1.0 + eta)
     return scale
 
 
@@ -90,10 +117,28 @@ class PerturbationModel:
     scale_foreach: ScaleForeachFn | None
 
     def scales(self, is_bias: bool, normalize_bias: bool) -> bool:
-        """Whether T applies to a tensor (otherwise T = 1)."""
+        """Whether T applies to a tensor (otherwise T = 1), by normsam's bias rule."""
         if self.scale is None:
             return False
         return not (self.weight_dependent and is_bias and not normalize_bias)
+
+    def applies_to(self, name: str | None, *, normalize_bias: bool, scaled_tensors: str = "not-bias") -> bool:
+        """Whether T applies to the tensor called ``name`` (``None``: a bare tensor, treated as a weight).
+
+        ``scaled_tensors="not-bias"``: every tensor but those whose name ends in ``bias``;
+        ``"name-contains-weight"`` (the official SAM-ON code): only names that contain ``weight``. With
+        ``normalize_bias`` a bias is scaled under either rule.
+        """
+        if self.scale is None:
+            return False
+        if not self.weight_dependent or name is None:
+            return True
+        is_bias = name.endswith("bias")
+        if is_bias and normalize_bias:
+            return True
+        if scaled_tensors == "name-contains-weight":
+            return "weight" in name
+        return not is_bias
 
 
 PERTURBATIONS: dict[str, PerturbationModel] = {
@@ -108,13 +153,27 @@ PERTURBATIONS: dict[str, PerturbationModel] = {
 }
 
 
-def get_perturbation(name: str) -> PerturbationModel:
+def get_perturbation(name: str, *, layerwise_scaling: str = "additive") -> PerturbationModel:
+    """The model called ``name``; ``layerwise_scaling="official"`` gives layerwise's T = ‖p‖₂·(1 + η)."""
     try:
-        return PERTURBATIONS[name]
+        model = PERTURBATIONS[name]
     except (KeyError, TypeError):
         raise ValueError(
             f"Unknown perturbation {name!r}; valid ones are {', '.join(map(repr, PERTURBATIONS))}."
         ) from None
+    if layerwise_scaling not in LAYERWISE_SCALINGS:
+        raise ValueError(
+            f"Invalid layerwise_scaling: {layerwise_scaling!r}; use 'additive' (T = ||p|| + eta, the default) "
+            "or 'official' (T = ||p|| * (1 + eta), the official SAM-ON code)."
+        )
+    if layerwise_scaling == "official":
+        if name != "layerwise":
+            raise ValueError(
+                f"layerwise_scaling='official' only changes perturbation='layerwise', not {name!r}: "
+                "drop the option or use perturbation='layerwise'."
+            )
+        model = replace(model, scale=_layerwise_official_scale, scale_foreach=_layerwise_official_scale_foreach)
+    return model
 
 
 # --- ε from (g, w): the reference loop and the foreach path. --------------------------------------------
@@ -150,8 +209,11 @@ def perturbation(
         raise ValueError("perturbation(): grads, weights, rhos and scaled must have the same length.")
     if not (len(extra_grads) == len(extra_weights) == len(extra_scaled)):
         raise ValueError("perturbation(): extra_grads, extra_weights and extra_scaled must have the same length.")
-    impl = _perturbation_foreach if foreach else _perturbation_loop
-    return impl(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled)
+    if not foreach:
+        return _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled)
+    return _perturbation_foreach(
+        grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled
+    )[0]
 
 
 def _safe_inverse(norm: Tensor) -> Tensor:
@@ -192,52 +254,83 @@ def _grouped(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype]
     return groups
 
 
-def _scales_foreach(ws, gs, scaled, model, eta) -> list[Tensor | None]:
-    """T for every tensor where it applies, ``None`` (T = 1) elsewhere; foreach per (device, dtype)."""
+def _scales_foreach(ws, gs, scaled, model, eta, groups) -> list[Tensor | None]:
+    """T for every tensor where it applies, ``None`` (T = 1) elsewhere; one foreach call per group."""
     scales: list[Tensor | None] = [None] * len(ws)
-    idx = [i for i, s in enumerate(scaled) if s]
-    for _, sub in _grouped([ws[i] for i in idx]).items():
-        pick = [idx[j] for j in sub]
-        for i, t in zip(pick, model.scale_foreach([ws[i] for i in pick], [gs[i] for i in pick], eta)):
-            scales[i] = t
+    for idx in groups:
+        pick = [i for i in idx if scaled[i]]
+        if pick:
+            for i, t in zip(pick, model.scale_foreach([ws[i] for i in pick], [gs[i] for i in pick], eta)):
+                scales[i] = t
     return scales
 
 
-def _times_scales(xs: list[Tensor], scales: list[Tensor | None]) -> list[Tensor]:
+def _times_scales(xs: list[Tensor], scales: list[Tensor | None], groups) -> list[Tensor]:
     """T ⊙ x as new tensors where T applies; x itself (not a copy) where T = 1."""
     out = list(xs)
-    idx = [i for i, t in enumerate(scales) if t is not None]
-    for _, sub in _grouped([xs[i] for i in idx]).items():
-        pick = [idx[j] for j in sub]
-        for i, y in zip(pick, torch._foreach_mul([xs[i] for i in pick], [scales[i] for i in pick])):
-            out[i] = y
+    for idx in groups:
+        pick = [i for i in idx if scales[i] is not None]
+        if pick:
+            for i, y in zip(pick, torch._foreach_mul([xs[i] for i in pick], [scales[i] for i in pick])):
+                out[i] = y
     return out
 
 
-def _perturbation_foreach(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled):
-    grads, weights = list(grads), list(weights)
-    scales = _scales_foreach(weights, grads, scaled, model, eta)
+def _by_rho(idx: list[int], rhos: Sequence[float]) -> dict[float, list[int]]:
+    by: dict[float, list[int]] = defaultdict(list)
+    for i in idx:
+        by[float(rhos[i])].append(i)
+    return by
+
+
+def _perturbation_foreach(
+    grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, groups=None, extra_groups=None
+) -> tuple[list[Tensor], list[Tensor]]:
+    """ε as new tensors (never the caller's gradients), and the per-tensor norms ‖T⊙g‖ stacked per group
+    (ℓ2 models; the caller may reuse them). ``groups``: indices per (device, dtype), when known already.
+
+    Passes over the gradients (SAM-all with ``sam``: one norm pass and one multiply): the coefficient
+    ρ / ‖T⊙g‖ is a 0-d device tensor per (group, ρ), so ε = coefficient · T²⊙g is one foreach multiply for
+    T = 1 tensors and two for scaled ones.
+    """
+    grads, weights, extra = list(grads), list(weights), list(extra_grads)
+    groups = list(_grouped(grads).values()) if groups is None else groups
+    extra_groups = list(_grouped(extra).values()) if extra_groups is None else extra_groups
+    scales = _scales_foreach(weights, grads, scaled, model, eta, groups)
+    eps: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
     if model.geometry == "linf":
-        return _times_rho(_times_scales(list(torch._foreach_sign(grads)), scales), rhos)
+        for idx in groups:
+            signs = list(torch._foreach_sign([grads[i] for i in idx]))
+            pick = [j for j, i in enumerate(idx) if scales[i] is not None]
+            if pick:
+                torch._foreach_mul_([signs[j] for j in pick], [scales[idx[j]] for j in pick])
+            torch._foreach_mul_(signs, [float(rhos[i]) for i in idx])
+            for i, e in zip(idx, signs):
+                eps[i] = e
+        return eps, []
     # ℓ2: u = T⊙g, ε = ρ·T⊙u / ‖u‖ (the norm also over the extra gradients for norm_over="all")
-    u = _times_scales(grads, scales)
-    extra = list(extra_grads)
-    u_extra = _times_scales(extra, _scales_foreach(list(extra_weights), extra, extra_scaled, model, eta))
+    u = _times_scales(grads, scales, groups)
+    u_extra = _times_scales(extra, _scales_foreach(list(extra_weights), extra, extra_scaled, model, eta, extra_groups), extra_groups)
     device = _norm_device(grads)
     squares = [torch.zeros((), dtype=torch.float64, device=device)]
-    for tensors in (u, u_extra):
-        for _, sub in _grouped(tensors).items():
-            norms = torch._foreach_norm([tensors[i] for i in sub])
-            squares.append(torch.stack(norms).double().square().sum().to(device))
+    norms = []
+    for tensors, grps in ((u, groups), (u_extra, extra_groups)):
+        for idx in grps:
+            norms.append(torch.stack(torch._foreach_norm([tensors[i] for i in idx])))
+            squares.append(norms[-1].double().square().sum().to(device))
     inv = _safe_inverse(torch.sqrt(torch.stack(squares).sum()))
-    eps = _times_scales(u, scales)
-    eps = [e.clone() if e is g else e for e, g in zip(eps, grads)]  # never scale the caller's gradient
-    for (dev, dtype), sub in _grouped(eps).items():
-        torch._foreach_mul_([eps[i] for i in sub], inv.to(device=dev, dtype=dtype))
-    return _times_rho(eps, rhos)
-
-
-def _times_rho(eps: list[Tensor], rhos: Sequence[float]) -> list[Tensor]:
-    for _, sub in _grouped(eps).items():
-        torch._foreach_mul_([eps[i] for i in sub], [float(rhos[i]) for i in sub])
-    return eps
+    for idx in groups:
+        dev, dtype = grads[idx[0]].device, grads[idx[0]].dtype
+        for rho, sub in _by_rho(idx, rhos).items():
+            coef = (inv * rho).to(device=dev, dtype=dtype)
+            plain = [i for i in sub if scales[i] is None]
+            if plain:
+                for i, e in zip(plain, torch._foreach_mul([u[i] for i in plain], coef)):
+                    eps[i] = e
+            pick = [i for i in sub if scales[i] is not None]
+            if pick:
+                out = list(torch._foreach_mul([u[i] for i in pick], [scales[i] for i in pick]))
+                torch._foreach_mul_(out, coef)
+                for i, e in zip(pick, out):
+                    eps[i] = e
+    return eps, norms

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, MutableMapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,9 +25,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normsam.optim import masks as masklib
-from normsam.optim.perturbations import _grouped, get_perturbation, perturbation
-from normsam.optim.running_stats import BN_POLICIES, RunningStatsSnapshot, running_stat_modules
-from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups
+from normsam.optim.perturbations import (
+    SCALED_TENSORS,
+    _grouped,
+    _perturbation_foreach,
+    get_perturbation,
+    perturbation,
+)
+from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, running_stat_modules
+from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
 
 __all__ = ["SAM"]
 
@@ -51,8 +58,11 @@ class SAM(torch.optim.Optimizer):
 
     Args:
         params: an ``nn.Module`` (then ``scope`` picks what is perturbed and names are kept), an iterable of
-            tensors (all perturbed, treated as weights by the bias rule), or of param-group dicts as built by
-            :func:`normsam.param_groups` (a group may carry ``perturb: bool`` and its own ``rho``).
+            tensors, or of param-group dicts (timm's or the HF Trainer's weight-decay groups,
+            :func:`normsam.param_groups` …; a group may carry ``perturb: bool`` and its own ``rho``). With
+            ``model=`` given, tensors and groups without ``perturb`` are split by ``scope`` (matched to the
+            model's parameters by identity): SAM-ON by default. Without a model every tensor is perturbed
+            (SAM on all, as in other SAM libraries; ``repr`` says so) and the bias rule sees no names.
         base_optimizer: the base optimizer class (``torch.optim.SGD``, ``AdamW``, timm's ``Lion`` …),
             built on the same ``param_groups`` with ``**base_kwargs``.
         rho: the perturbation radius ρ (a group default). SAM-ON needs a larger ρ than SAM-all.
@@ -63,8 +73,9 @@ class SAM(torch.optim.Optimizer):
             the full gradient; the cheap ascent then computes every gradient).
         scope: with a module, ``"norm"`` (default, SAM-ON), ``"all"``, ``"no-norm"``, a predicate over
             :class:`normsam.ParamInfo`, glob patterns, or an element-mask scope ``"random"``, ``"ssam-f"``,
-            ``"ssam-d"``; with tensors or groups only ``"all"`` or a mask scope (masks over perturbed tensors).
-        include, exclude: patterns or predicates that add to / remove from a module's scope.
+            ``"ssam-d"``. Tensors or groups with ``model=`` take the same scopes; without a model only
+            ``"all"`` or a mask scope (masks over the perturbed tensors).
+        include, exclude: patterns or predicates that add to / remove from the scope (need the model).
         sparsity: share of candidate elements *not* perturbed by a mask scope, in (0, 1).
         mask_interval: ``ssam-d``: SAM steps between mask updates.
         mask_total_steps: ``ssam-d``: length (in SAM steps) of the cosine drop-rate schedule.
@@ -72,7 +83,7 @@ class SAM(torch.optim.Optimizer):
         mask_seed: seed of the random masks and of SSAM-D's regrowth.
         bn_policy: running statistics in the second pass: ``"freeze"`` (default when the model is known) or
             ``"update"``. Needs the model: pass it as ``params`` or ``model=``.
-        model: the model, when ``params`` are tensors or groups (for ``bn_policy`` and ``ssam-f``).
+        model: the model, when ``params`` are tensors or groups: for ``scope``, ``bn_policy`` and ``ssam-f``.
         foreach: use the ``torch._foreach_*`` path (default) or the per-tensor reference loop.
         sync_ascent: under ``torch.distributed``, average the ascent gradient over workers (only the perturbed
             tensors are communicated). Default: each worker uses its own, as in the original SAM.
@@ -105,13 +116,26 @@ class SAM(torch.optim.Optimizer):
         model: nn.Module | None = None,
         foreach: bool = True,
         sync_ascent: bool = False,
+        ascent_interval: int = 1,
+        layerwise_scaling: str = "additive",
+        scaled_tensors: str = "not-bias",
         **base_kwargs: Any,
     ):
         rho = _check_rho(rho)
-        self.perturbation_model = get_perturbation(perturbation)
+        self.perturbation_model = get_perturbation(perturbation, layerwise_scaling=layerwise_scaling)
         self.eta = self.perturbation_model.default_eta if eta is None else eta
         if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0):
             raise ValueError(f"Invalid eta: {eta!r}; eta must be a finite number >= 0.")
+        if scaled_tensors not in SCALED_TENSORS:
+            raise ValueError(
+                f"Invalid scaled_tensors: {scaled_tensors!r}; use 'not-bias' (T = 1 for names ending in 'bias', "
+                "the default) or 'name-contains-weight' (T only for names containing 'weight', the official code)."
+            )
+        if isinstance(ascent_interval, bool) or not isinstance(ascent_interval, int) or ascent_interval < 1:
+            raise ValueError(
+                f"Invalid ascent_interval: {ascent_interval!r}; it must be an int >= 1 (1: a fresh ascent every "
+                "step; k: every k-th step, the steps between reuse the last perturbation)."
+            )
         if norm_over not in NORM_OVER:
             raise ValueError(f"Invalid norm_over: {norm_over!r}; use one of {', '.join(map(repr, NORM_OVER))}.")
         if bn_policy is not None and bn_policy not in BN_POLICIES:
@@ -133,9 +157,9 @@ class SAM(torch.optim.Optimizer):
                 model, "all" if scope in MASK_SCOPES else scope, include=include, exclude=exclude
             )
         else:
-            groups = self._groups_from_params(params, scope, include, exclude)
+            groups, scope = self._groups_from_params(params, scope, include, exclude, model)
         self.model = model
-        self.scope = scope if scope is not None else "groups"
+        self.scope = scope
         self.mask_scope = scope if isinstance(scope, str) and scope in MASK_SCOPES else None
         self._check_mask_options(sparsity, mask_interval, mask_total_steps, drop_rate)
         self.sparsity = sparsity
@@ -152,26 +176,34 @@ class SAM(torch.optim.Optimizer):
             )
         self.bn_policy = bn_policy
         self._running_stats = (
-            RunningStatsSnapshot(running_stat_modules(model)) if bn_policy == "freeze" else None
+            RunningStatsFreezer(running_stat_modules(model)) if bn_policy == "freeze" else None
         )
 
         self.normalize_bias = normalize_bias
         self.norm_over = norm_over
         self.foreach = foreach
         self.sync_ascent = sync_ascent
+        self.ascent_interval = ascent_interval
+        self.layerwise_scaling = layerwise_scaling
+        self.scaled_tensors = scaled_tensors
 
         for group in groups:
             group.setdefault("rho", rho)
             group.setdefault("perturb", True)
             _check_rho(group["rho"], "rho of a param group")
         self.base_optimizer = base_optimizer(groups, **base_kwargs)
-        super().__init__(self.base_optimizer.param_groups, {"rho": rho, "perturb": True})
+        # the base's defaults too: schedulers such as OneCycleLR(cycle_momentum=True) look for betas/momentum there
+        super().__init__(self.base_optimizer.param_groups, {**self.base_optimizer.defaults, "rho": rho, "perturb": True})
         self.param_groups = self.base_optimizer.param_groups  # shared: schedulers work on either object
         if not any(g["perturb"] and g["params"] for g in self.param_groups):
             raise ValueError("No parameter group has perturb=True: SAM would perturb nothing.")
 
-        self.counters = {"sam_steps": 0, "nonfinite_ascent_steps": 0, "mask_updates": 0}
-        self._backup: list[tuple[Tensor, Tensor]] | None = None
+        self.counters = _Counters()
+        self._plan: _Plan | None = None
+        self._perturbed = False
+        self._live_groups: list[list[int]] = []  # the plan's groups that this step perturbed
+        self._eps: list[Tensor | None] | None = None  # the last fresh ε, kept for ascent_interval > 1
+        self._eps_params: list[Tensor] | None = None
         self._mask_generator = torch.Generator().manual_seed(mask_seed)
         if self.mask_scope in ("random", "ssam-d"):
             self._set_masks(masklib.random_masks(self._targets(), self._keep(), self._mask_generator))
@@ -179,20 +211,57 @@ class SAM(torch.optim.Optimizer):
     # --- construction helpers -----------------------------------------------------------------------------
 
     @staticmethod
-    def _groups_from_params(params, scope, include, exclude) -> list[dict[str, Any]]:
+    def _groups_from_params(params, scope, include, exclude, model) -> tuple[list[dict[str, Any]], ScopeSpec]:
+        """Param groups from tensors or group dicts, and the scope label ``repr`` shows.
+
+        With ``model``, each group without an explicit ``perturb`` is split by ``scope`` (default ``"norm"``),
+        its tensors matched to the model's parameters by identity, so that any grouping (timm's or the
+        Trainer's weight-decay groups) keeps SAM-ON. Without a model, every tensor is perturbed.
+        """
         items = list(params)
         if not items:
             raise ValueError("SAM got an empty parameter list: pass model.parameters(), the model or groups.")
-        if scope not in (None, "all", *MASK_SCOPES) or include is not None or exclude is not None:
-            raise ValueError(
-                f"scope={scope!r} (or include/exclude) needs the model to find its layers: pass the model itself, "
-                "SAM(model, ...), or groups from normsam.param_groups(model, scope) with scope=None."
-            )
         if all(isinstance(item, dict) for item in items):
-            return [dict(group) for group in items]
-        if any(isinstance(item, dict) for item in items):
+            groups = [dict(group) for group in items]
+        elif any(isinstance(item, dict) for item in items):
             raise ValueError("SAM got a mix of tensors and param-group dicts; pass one kind.")
-        return [{"params": items}]
+        else:
+            groups = [{"params": items}]
+        for group in groups:
+            group["params"] = [group["params"]] if isinstance(group["params"], Tensor) else list(group["params"])
+        explicit = all("perturb" in group for group in groups)
+
+        if model is None:
+            if scope not in (None, "all", *MASK_SCOPES) or include is not None or exclude is not None:
+                raise ValueError(
+                    f"scope={scope!r} (or include/exclude) needs the model to find its layers: pass the model "
+                    "itself, SAM(model, ...), or the model as model= next to the tensors or groups."
+                )
+            return groups, scope if scope is not None else ("groups" if explicit else "all")
+        if scope is None and explicit and include is None and exclude is None:
+            return groups, "groups"  # e.g. normsam.param_groups(model, ...): already split by a scope
+
+        scope = "norm" if scope is None else scope
+        selected, _ = select(model, "all" if scope in MASK_SCOPES else scope, include=include, exclude=exclude)
+        in_scope = {id(info.param) for info in selected}
+        names = {id(p): name for name, p in model.named_parameters()}
+        out = []
+        for group in groups:
+            foreign = sum(id(p) not in names for p in group["params"])
+            if foreign:
+                raise ValueError(
+                    f"{foreign} tensor(s) passed to SAM are not parameters of model= ({type(model).__name__}): "
+                    "pass the module these parameters belong to, or leave model= out for SAM on every tensor."
+                )
+            if "perturb" in group or not group["params"]:
+                group.setdefault("param_names", [names[id(p)] for p in group["params"]])
+                out.append(group)
+                continue
+            for perturb in (True, False):
+                part = [p for p in group["params"] if (id(p) in in_scope) == perturb]
+                if part:
+                    out.append({**group, "params": part, "param_names": [names[id(p)] for p in part], "perturb": perturb})
+        return out, scope
 
     def _check_mask_options(self, sparsity, mask_interval, mask_total_steps, drop_rate) -> None:
         if self.mask_scope is None:
@@ -233,8 +302,48 @@ class SAM(torch.optim.Optimizer):
             out += [(p, group, n) for p, n in zip(group["params"], names) if p.requires_grad]
         return out
 
+    def _plan_key(self) -> tuple:
+        return tuple(
+            (id(g), id(g["params"]), bool(g["perturb"]), tuple(p.requires_grad for p in g["params"]))
+            for g in self.param_groups
+        )
+
+    def _get_plan(self) -> _Plan:
+        """The step's bookkeeping, rebuilt only when the groups, their ``perturb`` or a ``requires_grad``
+        changed (or the model moved to another device or dtype); ``add_param_group`` and
+        ``load_state_dict`` drop it."""
+        key = self._plan_key()
+        plan = self._plan
+        if plan is not None and plan.key == key:
+            first, saved = plan.params[0], plan.backup[0]
+            if first.device == saved.device and first.dtype == saved.dtype:
+                return plan
+        entries = self._entries(True)
+        others = self._entries(False) if self.norm_over == "all" else []
+        params = [p for p, _, _ in entries]
+        scaled, others_scaled = self._scaled(entries), self._scaled(others)
+        self._plan = _Plan(
+            key=key,
+            params=params,
+            groups_of=[g for _, g, _ in entries],
+            scaled=scaled,
+            others=[p for p, _, _ in others],
+            others_scaled=others_scaled,
+            groups=list(_grouped(params).values()),
+            others_groups=list(_grouped([p for p, _, _ in others]).values()),
+            backup=[torch.empty_like(p, memory_format=torch.preserve_format) for p in params],
+            plain_norms=(
+                self.foreach
+                and self.mask_scope is None
+                and self.perturbation_model.geometry == "l2"
+                and not any(scaled)
+                and not any(others_scaled)
+            ),
+        )
+        return self._plan
+
     def _targets(self) -> list[Tensor]:
-        return [p for p, _, _ in self._entries(True)]
+        return list(self._get_plan().params)
 
     def perturbed_parameters(self) -> list[Tensor]:
         """The tensors SAM perturbs (the candidates, for a mask scope). ``loss.backward(inputs=...)`` with
@@ -242,8 +351,8 @@ class SAM(torch.optim.Optimizer):
         return self._targets()
 
     def _scaled(self, entries) -> list[bool]:
-        model, nb = self.perturbation_model, self.normalize_bias
-        return [model.scales(name is not None and name.endswith("bias"), nb) for _, _, name in entries]
+        model, nb, rule = self.perturbation_model, self.normalize_bias, self.scaled_tensors
+        return [model.applies_to(name, normalize_bias=nb, scaled_tensors=rule) for _, _, name in entries]
 
     def _keep(self) -> int:
         return masklib.keep_count(sum(p.numel() for p in self._targets()), self.sparsity)
@@ -260,101 +369,167 @@ class SAM(torch.optim.Optimizer):
 
     # --- the two passes ----------------------------------------------------------------------------------
 
+    @property
+    def needs_ascent(self) -> bool:
+        """Whether the next :meth:`first_step` computes a fresh ε (always, unless ``ascent_interval > 1``).
+
+        On the other steps ``first_step()`` applies the stored ε and ignores any loss or gradient, so a
+        training loop can skip the first forward-backward pass: ``if sam.needs_ascent: ... first_step(loss)``
+        ``else: first_step()``."""
+        return (
+            self.ascent_interval == 1
+            or self._eps is None
+            or self.counters["sam_steps"] % self.ascent_interval == 0
+        )
+
     @torch.no_grad()
     def first_step(self, loss: Tensor | None = None, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
         """Perturb the scope: ``w_S ← w_S + ε``.
 
+        No host synchronization (except SSAM-D's mask updates): a non-finite ascent gradient is detected on
+        the device, and that step's ε is zeroed there (no perturbation) and counted in
+        ``counters["nonfinite_ascent_steps"]``, which syncs only when read.
+
         Args:
             loss: ``None`` to use the ``.grad`` the caller computed (classic API), or the loss tensor of the
                 first forward pass: then only the gradients of the perturbed tensors are computed (the cheap
-                ascent) and no ``.grad`` is written.
+                ascent) and no ``.grad`` is written. It may be the loss of a sub-batch (``ascent_fraction``).
+                Ignored, like ``.grad``, on a step that reuses ε (see :attr:`needs_ascent`).
             zero_grad: zero every gradient afterwards, ready for the second backward pass.
             grad_scaler: a ``torch.amp.GradScaler`` (or a number) whose scale the ascent gradient carries;
-                it is divided out before use.
+                it is divided out before use, on the device.
         """
-        if self._backup is not None:
+        self._warn_if_eval_mode()
+        if self._perturbed:
             raise ValueError(
                 "first_step() called twice: call second_step() (or restore()) to undo the perturbation "
                 "before the next first_step()."
             )
-        entries = self._entries(True)
-        if self.mask_scope == "ssam-f" and any("mask" not in self.state[p] for p, _, _ in entries):
+        plan = self._get_plan()
+        if self.mask_scope == "ssam-f" and any("mask" not in self.state[p] for p in plan.params):
             raise ValueError(
                 "scope='ssam-f' has no Fisher mask yet: call sam.refresh_masks(batches) with a few batches of "
                 "training data before the first step (and again on your refresh schedule)."
             )
-        others = self._entries(False) if self.norm_over == "all" else []
-        grads, extra_grads = self._ascent_gradients(loss, entries, others)
-        if grad_scaler is not None:
-            scale = grad_scaler.get_scale() if hasattr(grad_scaler, "get_scale") else float(grad_scaler)
-            grads = [g / scale if g is not None else None for g in grads]
-            extra_grads = [g / scale if g is not None else None for g in extra_grads]
-        if self.sync_ascent:
-            grads = self._all_reduce_mean(grads, [p for p, _, _ in entries])
-
-        self.counters["sam_steps"] += 1
-        extra = [(e, g) for e, g in zip(others, extra_grads) if g is not None]
-        finite = self._all_finite([g for g in grads if g is not None] + [g for _, g in extra])
-        if finite and self.mask_scope is not None:
-            masked = self._apply_masks(entries, grads)
-            if self.norm_over == "all":  # the full gradient's norm includes the masked-out elements
-                extra += [(e, g - m) for e, g, m in zip(entries, grads, masked) if g is not None]
-            grads = masked
-        self._backup = []
+        if self.needs_ascent:
+            eps = self._fresh_epsilon(plan, loss, grad_scaler)
+            self._eps, self._eps_params = (eps, plan.params) if self.ascent_interval > 1 else (None, None)
+        else:
+            self.counters["sam_steps"] += 1
+            eps = self._stored_epsilon(plan)
         if self._running_stats is not None:
             self._running_stats.save()
-        keep = [i for i, g in enumerate(grads) if g is not None]
-        entries, grads = [entries[i] for i in keep], [grads[i] for i in keep]
-        if not finite:
-            self.counters["nonfinite_ascent_steps"] += 1
-            warnings.warn(
-                "SAM: the ascent gradient is not finite; this step uses no perturbation "
-                f"(counters['nonfinite_ascent_steps'] = {self.counters['nonfinite_ascent_steps']}).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        elif entries:
-            params = [p for p, _, _ in entries]
-            eps = perturbation(
-                grads,
-                params,
-                model=self.perturbation_model,
-                rhos=[group["rho"] for _, group, _ in entries],
-                eta=self.eta,
-                scaled=self._scaled(entries),
-                extra_grads=[g for _, g in extra],
-                extra_weights=[e[0] for e, _ in extra],
-                extra_scaled=self._scaled([e for e, _ in extra]),
-                foreach=self.foreach,
-            )
-            self._backup = [(p, p.detach().clone()) for p in params]
-            _add_(params, eps, self.foreach)
+        live = [i for i, e in enumerate(eps) if e is not None]
+        self._live_groups = plan.groups if len(live) == len(eps) else [
+            [i for i in idx if eps[i] is not None] for idx in plan.groups
+        ]
+        for idx in self._live_groups:
+            if idx:
+                params = [plan.params[i] for i in idx]
+                _copy_([plan.backup[i] for i in idx], params, self.foreach)
+                _add_(params, [eps[i] for i in idx], self.foreach)
+        self._perturbed = True
         if zero_grad:
             self.zero_grad()
 
-    def _ascent_gradients(self, loss, entries, others) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    def _fresh_epsilon(self, plan: _Plan, loss, grad_scaler) -> list[Tensor | None]:
+        """ε from this step's ascent gradient, aligned with ``plan.params`` (None where there is no gradient)."""
+        grads, extra_grads = self._ascent_gradients(loss, plan)
+        if grad_scaler is not None:
+            grads, extra_grads = _unscale(grads, grad_scaler), _unscale(extra_grads, grad_scaler)
+        if self.sync_ascent:
+            grads = self._all_reduce_mean(grads, plan.params)
+        self.counters["sam_steps"] += 1
+        self.counters["ascent_steps"] += 1
+
+        live = [i for i, g in enumerate(grads) if g is not None]
+        extra_live = [j for j, g in enumerate(extra_grads) if g is not None]
+        raw = [grads[i] for i in live] + [extra_grads[j] for j in extra_live]
+        finite = None if plan.plain_norms else self._finite_flag(raw)
+        extra = [(plan.others[j], plan.others_scaled[j], extra_grads[j]) for j in extra_live]
+        extra_groups = plan.others_groups if len(extra_live) == len(plan.others) else None
+        if self.mask_scope is not None:
+            masked = self._apply_masks(plan, grads, finite)
+            if self.norm_over == "all":  # the full gradient's norm includes the masked-out elements
+                extra += [(plan.params[i], plan.scaled[i], grads[i] - masked[i]) for i in live]
+                extra_groups = None
+            grads = masked
+        eps: list[Tensor | None] = [None] * len(plan.params)
+        if not live:
+            finite = self._finite_flag(raw) if finite is None else finite
+            if finite is not None:
+                self.counters.count_nonfinite(finite)
+            return eps
+        same = len(live) == len(plan.params)
+        g_live, w_live = [grads[i] for i in live], [plan.params[i] for i in live]
+        rhos, scaled = [plan.groups_of[i]["rho"] for i in live], [plan.scaled[i] for i in live]
+        extra_g, extra_w, extra_s = [g for _, _, g in extra], [w for w, _, _ in extra], [s for _, s, _ in extra]
+        if self.foreach:
+            live_eps, norms = _perturbation_foreach(
+                g_live, w_live, self.perturbation_model, rhos, self.eta, scaled, extra_g, extra_w, extra_s,
+                groups=plan.groups if same else None, extra_groups=extra_groups,
+            )
+        else:
+            live_eps = perturbation(
+                g_live, w_live, model=self.perturbation_model, rhos=rhos, eta=self.eta, scaled=scaled,
+                extra_grads=extra_g, extra_weights=extra_w, extra_scaled=extra_s, foreach=False,
+            )
+            norms = []
+        if finite is None:  # plain_norms: ‖T⊙g‖ with T = 1 and no mask are the gradients' own norms
+            finite = _all_true([torch.isfinite(n).all() for n in norms], g_live[0].device)
+        _zero_unless(live_eps, finite, plan.groups if same else list(_grouped(live_eps).values()), self.foreach)
+        self.counters.count_nonfinite(finite)
+        for i, e in zip(live, live_eps):
+            eps[i] = e
+        return eps
+
+    def _stored_epsilon(self, plan: _Plan) -> list[Tensor | None]:
+        """The last fresh ε, realigned if the plan was rebuilt since (a changed ``requires_grad``)."""
+        if self._eps_params is plan.params:
+            return self._eps
+        by_id = {id(p): e for p, e in zip(self._eps_params, self._eps)}
+        return [by_id.get(id(p)) for p in plan.params]
+
+    _eval_mode_checked = False  # set on the instance after the first check: the check costs a module walk
+
+    def _warn_if_eval_mode(self) -> None:
+        """Warn once when the model trains in eval() mode: BatchNorm then never updates its running statistics
+        and dropout is off. Reads Python flags only, so it never waits for the device."""
+        if self._eval_mode_checked or self.model is None or self.model.training:
+            return
+        self._eval_mode_checked = True
+        dropout = nn.modules.dropout._DropoutNd
+        if running_stat_modules(self.model) or any(isinstance(m, dropout) for m in self.model.modules()):
+            warnings.warn(
+                f"SAM.first_step: the model ({type(self.model).__name__}) is in eval() mode, so its BatchNorm "
+                "running statistics never move and dropout is off while it trains. Call model.train() before "
+                "training steps (model.eval() is for evaluation). Warned once.",
+                UserWarning,
+                stacklevel=4,  # past first_step and its no_grad wrapper: the caller's line
+            )
+
+    def _ascent_gradients(self, loss, plan: _Plan) -> tuple[list[Tensor | None], list[Tensor | None]]:
         if loss is None:
-            return [p.grad for p, _, _ in entries], [p.grad for p, _, _ in others]
+            return [p.grad for p in plan.params], [p.grad for p in plan.others]
         if not isinstance(loss, Tensor) or not loss.requires_grad:
             raise ValueError(
                 "first_step(loss) needs the loss tensor of the first forward pass, computed with gradients "
                 "enabled; call first_step() without a loss to use the .grad from your own backward()."
             )
-        inputs = [p for p, _, _ in entries + others]
+        inputs = plan.params + plan.others
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, inputs, allow_unused=True)
-        return list(grads[: len(entries)]), list(grads[len(entries) :])
+        return list(grads[: len(plan.params)]), list(grads[len(plan.params) :])
 
     @staticmethod
-    def _all_finite(grads: list[Tensor]) -> bool:
-        """One host sync: are all gradients finite? (A norm that overflows counts as not finite.)"""
+    def _finite_flag(grads: list[Tensor]) -> Tensor | None:
+        """A 0-d bool tensor on the device, no host sync: are all gradients finite? (A norm that overflows
+        counts as not finite.) ``None`` without gradients."""
         if not grads:
-            return True
-        device = grads[0].device
-        norms = [
-            torch.stack(torch._foreach_norm([grads[i] for i in idx])).float().to(device) for idx in _grouped(grads).values()
-        ]
-        return bool(torch.isfinite(torch.cat(norms)).all())
+            return None
+        flags = [torch.isfinite(torch.stack(torch._foreach_norm([grads[i] for i in idx]))).all()
+                 for idx in _grouped(grads).values()]
+        return _all_true(flags, grads[0].device)
 
     @staticmethod
     def _all_reduce_mean(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
@@ -370,38 +545,43 @@ class SAM(torch.optim.Optimizer):
         flat /= dist.get_world_size()
         return [f.view_as(p) for f, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
-    def _apply_masks(self, entries, grads: list[Tensor | None]) -> list[Tensor | None]:
-        if self.mask_scope == "ssam-d" and self.counters["sam_steps"] % self.mask_interval == 0:
-            self._update_ssam_d(entries, grads)
+    def _apply_masks(self, plan: _Plan, grads: list[Tensor | None], finite: Tensor | None) -> list[Tensor | None]:
+        """The masked gradients. SSAM-D updates its mask every ``mask_interval`` fresh ascents, from a finite
+        gradient only; that update runs on the host, so those steps sync (the others do not)."""
+        if self.mask_scope == "ssam-d" and self.counters["ascent_steps"] % self.mask_interval == 0:
+            if finite is None or bool(finite):
+                self._update_ssam_d(plan, grads)
         return [
-            g.masked_fill(~self.state[p]["mask"], 0) if g is not None else None for (p, _, _), g in zip(entries, grads)
+            g.masked_fill(~self.state[p]["mask"], 0) if g is not None else None for p, g in zip(plan.params, grads)
         ]
 
-    def _update_ssam_d(self, entries, grads) -> None:
+    def _update_ssam_d(self, plan: _Plan, grads) -> None:
         rate = masklib.cosine_drop_rate(self.drop_rate, self.counters["sam_steps"], self.mask_total_steps)
         count = round(rate * self._keep())
-        dense = [g if g is not None else torch.zeros_like(p) for (p, _, _), g in zip(entries, grads)]
-        current = [self.state[p]["mask"] for p, _, _ in entries]
+        dense = [g if g is not None else torch.zeros_like(p) for p, g in zip(plan.params, grads)]
+        current = [self.state[p]["mask"] for p in plan.params]
         self._set_masks(masklib.drop_and_regrow(current, dense, count, self._mask_generator))
         self.counters["mask_updates"] += 1
 
     @torch.no_grad()
     def restore(self) -> None:
         """Undo the perturbation exactly (from the saved copies) and the second pass's running statistics."""
-        if self._backup is None:
+        if not self._perturbed:
             raise ValueError(
                 "second_step()/restore() called without first_step(): call first_step() first to perturb "
                 "the weights (or use step(closure))."
             )
-        if self._backup:
-            _copy_([p for p, _ in self._backup], [saved for _, saved in self._backup], self.foreach)
+        plan = self._plan
+        for idx in self._live_groups:
+            if idx:
+                _copy_([plan.params[i] for i in idx], [plan.backup[i] for i in idx], self.foreach)
         if self._running_stats is not None:
             self._running_stats.restore()
-        self._backup = None
+        self._perturbed = False
 
     @property
     def is_perturbed(self) -> bool:
-        return self._backup is not None
+        return self._perturbed
 
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the perturbed tensors exactly, then step the base optimizer with the current gradients."""
@@ -413,16 +593,40 @@ class SAM(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
         """One SAM step with a closure that zeroes nothing, computes the loss, calls ``backward()`` and
-        returns the loss; it is called twice. Returns the loss of the first call."""
+        returns the loss; it is called twice. Returns the loss of the first call. On a step that reuses ε
+        (``ascent_interval > 1``) it is called once, at ``w + ε``, and that loss is returned.
+
+        After the cheap ascent ``first_step(loss)`` (the integrations' route), the weights are perturbed and
+        ``step(closure)`` runs the closure once, as the second pass, then ``second_step()``; the closure may be
+        ``None`` when the second pass's gradients are already there."""
+        if self.is_perturbed:
+            return self._step_after_ascent(closure)
         if closure is None:
             raise ValueError(
                 "SAM.step() needs a closure that computes the loss and calls loss.backward(); or call "
                 "first_step() and second_step() yourself."
             )
         closure = torch.enable_grad()(closure)
+        if not self.needs_ascent:  # ascent_interval: reuse ε, one pass at w + ε
+            self.first_step()
+            loss = closure()
+            self.second_step()
+            return loss
         loss = closure()
         self.first_step(zero_grad=True)
         closure()
+        self.second_step()
+        return loss
+
+    def _step_after_ascent(self, closure: Callable[[], Tensor] | None) -> Tensor | None:
+        """The rest of a step that ``first_step(loss)`` began: an optional second-pass closure, then the update.
+
+        Frameworks that call ``optimizer.step()`` themselves (HF Trainer, Lightning) reach the base update this
+        way, so their step counting, LR-scheduler bookkeeping and precision plugins see an ordinary step."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         self.second_step()
         return loss
 
@@ -437,6 +641,7 @@ class SAM(torch.optim.Optimizer):
         param_group.setdefault("perturb", self.defaults["perturb"])
         _check_rho(param_group["rho"], "rho of a param group")
         self.base_optimizer.add_param_group(param_group)
+        self._plan = None
 
     # --- masks from data -------------------------------------------------------------------------------
 
@@ -449,7 +654,8 @@ class SAM(torch.optim.Optimizer):
         """SSAM-F: set the mask to the top-k elements of the empirical Fisher ``Σ g²`` over ``batches``.
 
         Each batch contributes the square of its mean-loss gradient; feed batches of size 1 for the
-        per-sample empirical Fisher. Running statistics are left as they were.
+        per-sample empirical Fisher. Running statistics are left as they were. Unlike a SAM step, this
+        waits for the device (the top-k runs on the host).
         """
         if self.mask_scope != "ssam-f":
             raise ValueError(
@@ -458,13 +664,13 @@ class SAM(torch.optim.Optimizer):
             )
         if self.model is None:
             raise ValueError("refresh_masks() needs the model: pass it to SAM as params or model=.")
-        if self._backup is not None:
+        if self._perturbed:
             raise ValueError("refresh_masks() during a SAM step: call it before first_step() or after second_step().")
         loss_fn = loss_fn or F.cross_entropy
         targets = self._targets()
         fisher = [torch.zeros_like(p, dtype=torch.float32) for p in targets]
         seen = 0
-        snapshot = RunningStatsSnapshot(running_stat_modules(self.model))
+        snapshot = RunningStatsFreezer(running_stat_modules(self.model))
         snapshot.save()
         try:
             for inputs, labels in batches:
@@ -485,8 +691,9 @@ class SAM(torch.optim.Optimizer):
     # --- state -----------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state dict plus SAM's masks, counters and mask generator under ``"sam"``."""
-        if self._backup is not None:
+        """The base optimizer's state dict plus SAM's masks, counters, mask generator and (with
+        ``ascent_interval > 1``) the stored ε under ``"sam"``. Reads the device-side counter: syncs."""
+        if self._perturbed:
             raise ValueError("state_dict() while the weights are perturbed: save after second_step().")
         state = self.base_optimizer.state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
@@ -494,6 +701,9 @@ class SAM(torch.optim.Optimizer):
             "masks": {index[id(p)]: s["mask"].clone() for p, s in self.state.items() if "mask" in s},
             "counters": dict(self.counters),
             "mask_generator": self._mask_generator.get_state(),
+            "epsilon": None if self._eps is None else {
+                index[id(p)]: e.clone() for p, e in zip(self._eps_params, self._eps) if e is not None
+            },
         }
         return state
 
@@ -503,13 +713,24 @@ class SAM(torch.optim.Optimizer):
         sam_state = state_dict.pop("sam", None)
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
+        self._plan, self._eps, self._eps_params = None, None, None
         if sam_state is None:
             return
         params = [p for g in self.param_groups for p in g["params"]]
         self.state.clear()
         for i, mask in sam_state["masks"].items():
             self.state[params[int(i)]]["mask"] = mask.to(device=params[int(i)].device, dtype=torch.bool)
-        self.counters.update(sam_state["counters"])
+        counters = dict(sam_state["counters"])
+        counters.setdefault("ascent_steps", counters["sam_steps"])  # checkpoints from before ascent_interval
+        self.counters.update(counters)
+        if sam_state.get("epsilon") is not None:
+            saved = {int(i): e for i, e in sam_state["epsilon"].items()}
+            self._eps_params = self._targets()
+            position = {id(p): i for i, p in enumerate(params)}
+            self._eps = [
+                saved[position[id(p)]].to(device=p.device, dtype=p.dtype) if position[id(p)] in saved else None
+                for p in self._eps_params
+            ]
         self._mask_generator.set_state(sam_state["mask_generator"])
 
     def __repr__(self) -> str:
@@ -518,7 +739,30 @@ class SAM(torch.optim.Optimizer):
         return (
             f"SAM(base={type(self.base_optimizer).__name__}, perturbation={self.perturbation_model.name!r}, "
             f"scope={self.scope!r}, rho={self.defaults['rho']}, eta={self.eta}, perturbed={perturbed:,}/{total:,})"
+            + self._no_model_note()
         )
+
+    def _no_model_note(self) -> str:
+        if self.model is not None or self.scope != "all":
+            return ""
+        return " [no model given: SAM on every tensor passed, not SAM-ON; pass model= to perturb by scope]"
+
+    def describe(self) -> str:
+        """What this SAM perturbs: scope, counts and the names of the perturbed tensors (when known)."""
+        entries = self._entries(True)
+        perturbed = sum(p.numel() for p, _, _ in entries)
+        total = sum(p.numel() for g in self.param_groups for p in g["params"] if p.requires_grad)
+        named = [name for _, _, name in entries if name is not None]
+        lines = [
+            f"scope={self.scope!r}: {perturbed:,} of {total:,} trainable parameters perturbed "
+            f"({100 * perturbed / max(total, 1):.4f}%) in {len(entries)} tensors{self._no_model_note()}"
+        ]
+        if named:
+            shown = named[:12]
+            lines += [f"  {name}" for name in shown]
+            if len(named) > len(shown):
+                lines.append(f"  ... {len(named) - len(shown)} more")
+        return "\n".join(lines)
 
 
 def _add_(params: list[Tensor], eps: list[Tensor], foreach: bool) -> None:
@@ -537,3 +781,116 @@ def _copy_(params: list[Tensor], saved: list[Tensor], foreach: bool) -> None:
         return
     for idx in _grouped(params).values():
         torch._foreach_copy_([params[i] for i in idx], [saved[i] for i in idx])
+
+
+@dataclass
+class _Plan:
+    """What a SAM step needs that changes only with the param groups: built once, reused every step."""
+
+    key: tuple
+    params: list[Tensor]  # the perturbed tensors (the candidates, for a mask scope)
+    groups_of: list[dict[str, Any]]  # each one's param group, for its current ρ (schedulable)
+    scaled: list[bool]  # whether T applies
+    others: list[Tensor]  # norm_over="all": the other trainable tensors, in the norm only
+    others_scaled: list[bool]
+    groups: list[list[int]]  # indices of params per (device, dtype), for the foreach kernels
+    others_groups: list[list[int]]
+    backup: list[Tensor]  # the persistent copy of params, refilled by _foreach_copy_ each step
+    plain_norms: bool  # T = 1 everywhere, no mask, foreach: ε's norms are the gradients' own
+
+
+class _Counters(MutableMapping):
+    """``SAM.counters``, a dict of step counts. ``nonfinite_ascent_steps`` is counted on the device, so that a
+    step never waits for it; reading it waits (syncs) once."""
+
+    _DEVICE_KEY = "nonfinite_ascent_steps"
+
+    def __init__(self) -> None:
+        self._host: dict[str, int] = {"sam_steps": 0, "ascent_steps": 0, "mask_updates": 0}
+        self._base = 0  # nonfinite steps already read back to the host
+        self._device: Tensor | None = None
+
+    def count_nonfinite(self, finite: Tensor) -> None:
+        if self._device is not None and self._device.device != finite.device:
+            self._base += int(self._device)  # the flag moved device (model.to): fold the old count in once
+            self._device = None
+        if self._device is None:
+            self._device = torch.zeros((), dtype=torch.int64, device=finite.device)
+        self._device.add_(finite.logical_not())
+
+    def __getitem__(self, key: str) -> int:
+        if key == self._DEVICE_KEY:
+            return self._base + (int(self._device) if self._device is not None else 0)
+        return self._host[key]
+
+    def __setitem__(self, key: str, value: int) -> None:
+        if key == self._DEVICE_KEY:
+            self._base, self._device = int(value), None
+        else:
+            self._host[key] = int(value)
+
+    def __delitem__(self, key: str) -> None:
+        raise TypeError("SAM.counters keeps all its keys; set a count to 0 instead.")
+
+    def __iter__(self) -> Iterator[str]:
+        yield from ("sam_steps", "ascent_steps", self._DEVICE_KEY, "mask_updates")
+        yield from (k for k in self._host if k not in ("sam_steps", "ascent_steps", "mask_updates"))
+
+    def __len__(self) -> int:
+        return len(self._host) + 1
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
+
+
+def _all_true(flags: list[Tensor], device: torch.device) -> Tensor:
+    if len(flags) == 1:
+        return flags[0]
+    return torch.stack([f.to(device) for f in flags]).all()
+
+
+def _unscale(grads: list[Tensor | None], grad_scaler: Any) -> list[Tensor | None]:
+    """``g / scale`` as new tensors. A ``GradScaler``'s scale is read as its device tensor: ``get_scale()``
+    would copy it to the host and wait for the device."""
+    if isinstance(grad_scaler, (int, float, Tensor)):
+        scale = grad_scaler
+    elif not grad_scaler.is_enabled():
+        return grads
+    else:
+        scale = grad_scaler._get_scale_async() if hasattr(grad_scaler, "_get_scale_async") else None
+        if scale is None:  # nothing scaled yet (get_scale() then returns the initial scale, no sync)
+            scale = float(grad_scaler.get_scale())
+    out = list(grads)
+    live = [i for i, g in enumerate(grads) if g is not None]
+    for idx in _grouped([grads[i] for i in live]).values():
+        pick = [live[j] for j in idx]
+        first = grads[pick[0]]
+        s = scale.to(device=first.device, dtype=first.dtype) if isinstance(scale, Tensor) else float(scale)
+        for i, g in zip(pick, torch._foreach_div([grads[i] for i in pick], s)):
+            out[i] = g
+    return out
+
+
+_SAME_WIDTH_INT = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16,
+                   torch.bfloat16: torch.int16}
+
+
+def _zero_unless(tensors: list[Tensor], flag: Tensor, groups: list[list[int]], foreach: bool) -> None:
+    """Set ``tensors`` (fresh, contiguous) to +0 where the 0-d device bool ``flag`` is False; no host sync.
+
+    Multiplying by the flag would not do: ε is non-finite exactly when the flag is False, and 0·inf = NaN.
+    So the bits are multiplied, read as integers of the same width: ×1 keeps every bit, ×0 gives +0.0."""
+    for idx in groups:
+        first = tensors[idx[0]]
+        int_dtype = _SAME_WIDTH_INT.get(first.dtype)
+        if int_dtype is None:  # no same-width integer type: a plain where, one kernel per tensor
+            for i in idx:
+                tensors[i].copy_(torch.where(flag.to(first.device), tensors[i], torch.zeros_like(tensors[i])))
+            continue
+        bits = [tensors[i].view(int_dtype) for i in idx]
+        keep = flag.to(device=first.device, dtype=int_dtype)
+        if foreach:
+            torch._foreach_mul_(bits, keep)
+        else:
+            for b in bits:
+                b.mul_(keep)

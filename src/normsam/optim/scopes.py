@@ -163,7 +163,15 @@ def select(
     for info in infos:
         (selected if (chosen(info) or added(info)) and not removed(info) else rest).append(info)
     if not selected:
-        if scope == "norm":
+        frozen = _frozen_norm_parameters(model) if scope == "norm" else []
+        if frozen:
+            shown = ", ".join(frozen[:4]) + (f" and {len(frozen) - 4} more" if len(frozen) > 4 else "")
+            hint = (
+                f"{type(model).__name__} has normalization layers, but their affine parameters are frozen "
+                f"(requires_grad=False: {shown}), and SAM perturbs trainable parameters only. Unfreeze them "
+                "(p.requires_grad_(True)) to train with SAM-ON, or choose another scope."
+            )
+        elif scope == "norm":
             hint = (
                 f"{type(model).__name__} has no normalization layer with affine parameters "
                 "(BatchNorm/LayerNorm/GroupNorm/RMSNorm, or a *Norm* module owning a 1-D weight/bias). "
@@ -175,25 +183,49 @@ def select(
     return selected, rest
 
 
+def _frozen_norm_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters that normalization layers own directly but that do not require gradients."""
+    return [
+        f"{module_name}.{local}" if module_name else local
+        for module_name, module in model.named_modules()
+        if is_norm_layer(module)
+        for local, param in module.named_parameters(recurse=False)
+        if not param.requires_grad
+    ]
+
+
 def param_groups(
     model: nn.Module,
     scope: ScopeSpec = "norm",
     *,
     include: ScopeSpec | None = None,
     exclude: ScopeSpec | None = None,
+    weight_decay: float | None = None,
     **group_options: Any,
 ) -> list[dict[str, Any]]:
     """Param-group dicts for :class:`normsam.SAM` (or any torch optimizer), split by scope.
 
-    Returns one group of perturbed parameters (``perturb=True``) and, if any remain, one of the others
-    (``perturb=False``); both carry ``param_names`` so the bias rule can see names. ``group_options``
-    (e.g. ``rho=0.5``) are set on the perturbed group only.
+    Returns the perturbed parameters (``perturb=True``) and, if any remain, the others (``perturb=False``);
+    every group carries ``param_names`` so the bias rule can see names. ``group_options`` (e.g. ``rho=0.5``)
+    are set on the perturbed groups only.
+
+    ``weight_decay`` follows the usual convention: it goes on the weights, and normalization-layer
+    parameters and biases get ``weight_decay=0.0``. Each of the two groups is then split in two (decay and
+    no decay), and empty groups are left out. Without ``weight_decay`` the groups carry none, so the
+    optimizer's own default applies to all of them.
     """
     selected, rest = select(model, scope, include=include, exclude=exclude)
-    groups = [_group(selected, perturb=True, **group_options)]
-    if rest:
-        groups.append(_group(rest, perturb=False))
-    return groups
+    parts = [(selected, dict(perturb=True, **group_options)), (rest, dict(perturb=False))]
+    groups = []
+    for infos, options in parts:
+        if weight_decay is None:
+            groups.append(_group(infos, **options))
+            continue
+        decay = [i for i in infos if not (i.is_norm or i.is_bias)]
+        no_decay = [i for i in infos if i.is_norm or i.is_bias]
+        groups.append(_group(decay, weight_decay=weight_decay, **options))
+        groups.append(_group(no_decay, weight_decay=0.0, **options))
+    return [g for g in groups if g["params"]]
 
 
 def _group(infos: list[ParamInfo], **options: Any) -> dict[str, Any]:
@@ -238,7 +270,7 @@ class ScopeReport:
         hidden = 0
         if max_rows is not None and len(body) > max_rows:
             hidden, body = len(body) - max_rows, body[:max_rows]
-        widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
+        widths = [max([len(h), *(len(row[i]) for row in body)]) for i, h in enumerate(header)]
         numeric = (False, False, False, True, True)
 
         def fmt(cells: Sequence[str]) -> str:

@@ -31,25 +31,53 @@ from torch import nn
 
 from normsam.optim.scopes import ScopeSpec, select
 
-__all__ = ["KINDS", "NORMS", "SharpnessResult", "apgd_checkpoints", "measure_sharpness"]
+__all__ = [
+    "CONVENTIONS",
+    "KINDS",
+    "NORMS",
+    "SharpnessResult",
+    "apgd_checkpoints",
+    "apgd_halves_step",
+    "measure_sharpness",
+]
 
 KINDS = ("worst", "average")
 NORMS = ("linf", "l2")
 
+#: How the worst-case ascent is run. ``"apgd"`` follows the APGD description (Croce & Hein 2020, SPEC §3):
+#: the first iterate is the full step ``z₁``, later ones ``δ + α(z − δ) + (1 − α)(δ − δ_prev)``; checkpoint j
+#: is after update ``⌈p_j·steps⌉`` (exact arithmetic); progress counts the updates that increased the loss;
+#: a restart continues from the best δ without momentum. ``"reference"`` follows the reference code of the
+#: sharpness paper: every iterate is ``α z + (1 − α) δ_prev`` (so the first one is ``0.75 z₁`` from δ = 0),
+#: the check runs after update ``⌈p_j·steps⌉ + 1`` (float arithmetic; the first span is one update short),
+#: progress counts the updates that raised the best loss, the best loss starts at the clean loss, and a
+#: restart only takes its next gradient at the best point while δ and momentum carry on.
+CONVENTIONS = ("apgd", "reference")
+
 _MOMENTUM = 0.75  # weight of the new step in APGD's momentum update
-_PROGRESS_SHARE = 0.75  # a checkpoint halves the step when fewer steps than this share increased the loss
+_PROGRESS_SHARE = 0.75  # a checkpoint halves the step when fewer updates than this share made progress
 
 
-def apgd_checkpoints(steps: int) -> list[int]:
-    """The iterations after which the APGD step-size rule is checked, for a run of ``steps`` updates.
+def apgd_checkpoints(steps: int, *, convention: str = "apgd") -> list[int]:
+    """The updates after which the APGD step-size rule is checked, for a run of ``steps`` updates.
 
     The fractions of the run are ``p₀ = 0``, ``p₁ = 0.22`` and ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03,
-    0.06)``; checkpoint ``j`` is after update ``⌈p_j · steps⌉``. Returned are the distinct checkpoints strictly
-    between 0 and ``steps`` (one at the very end could not change anything), in increasing order. Exact
-    rational arithmetic, so that e.g. ``0.70 · 20`` is 14 and not 15.
+    0.06)``. With ``convention="apgd"`` checkpoint ``j`` is after update ``⌈p_j · steps⌉``; returned are the
+    distinct checkpoints strictly between 0 and ``steps`` (one at the very end could not change anything), in
+    increasing order, computed in exact rational arithmetic so that e.g. ``0.70 · 20`` is 14 and not 15.
+
+    With ``convention="reference"`` the list is the reference code's: float arithmetic (``0.70 · 20`` gives
+    15), the list stops at the first repeated or final value, and its 0-based loop index ``⌈p_j · steps⌉``
+    means the check runs after update ``⌈p_j · steps⌉ + 1``, up to and including the last update.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}.")
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"Unknown convention {convention!r}; valid conventions are {', '.join(map(repr, CONVENTIONS))}."
+        )
+    if convention == "reference":
+        return _reference_checkpoints(steps)
     prev, cur = Fraction(0), Fraction(22, 100)
     points: list[int] = []
     while cur <= 1:
@@ -58,6 +86,30 @@ def apgd_checkpoints(steps: int) -> list[int]:
             points.append(it)
         prev, cur = cur, cur + max(cur - prev - Fraction(3, 100), Fraction(6, 100))
     return points
+
+
+def _reference_checkpoints(steps: int) -> list[int]:
+    fractions, indices = [0.0, 0.22], [0, math.ceil(0.22 * steps)]
+    while indices[-1] < steps and indices[-1] != indices[-2]:
+        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+        indices.append(math.ceil(fractions[-1] * steps))
+    # A 0-based loop index i is checked after update i + 1; indices >= steps are never reached.
+    return sorted({i + 1 for i in indices[1:] if i < steps})
+
+
+def apgd_halves_step(
+    *, progress: int, span: int, reduced_last: bool, best_loss: float, best_at_last_check: float
+) -> bool:
+    """The APGD rule at a checkpoint: True when the step size is halved (and the ascent restarts).
+
+    Halve when fewer than 75% of the ``span`` updates since the last checkpoint made ``progress``, or when the
+    step size was not halved at the last checkpoint (``reduced_last`` False; at the first checkpoint it is
+    False, the step size being unchanged since the start) and the best loss has not risen above its value
+    there (``best_at_last_check``, the loss at the start for the first checkpoint).
+    """
+    stalled = progress < _PROGRESS_SHARE * span
+    no_gain = not reduced_last and best_loss <= best_at_last_check
+    return stalled or no_gain
 
 
 @dataclass
@@ -86,6 +138,7 @@ class SharpnessResult:
     steps: int
     scope: Any
     logit_normalize: bool
+    convention: str = "apgd"
     perturbations: list[dict[str, torch.Tensor]] | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -104,6 +157,7 @@ class SharpnessResult:
             "steps": self.steps,
             "scope": self.scope,
             "logit_normalize": self.logit_normalize,
+            "convention": self.convention,
         }
 
 
@@ -115,7 +169,14 @@ def _json_float(value: Any) -> Any:
 # validation
 
 
-def _check_settings(rho: Any, kind: Any, norm: Any, steps: Any, step_size_multiplier: Any) -> float:
+def _check_settings(
+    rho: Any, kind: Any, norm: Any, steps: Any, step_size_multiplier: Any, convention: Any
+) -> float:
+    if convention not in CONVENTIONS:
+        raise ValueError(
+            f"Unknown convention {convention!r}; valid conventions are {', '.join(map(repr, CONVENTIONS))} "
+            "(convention='reference' reproduces the sharpness paper's code, e.g. for 1-step measurements)."
+        )
     if kind not in KINDS:
         raise ValueError(f"Unknown kind {kind!r}; valid kinds are {', '.join(map(repr, KINDS))}.")
     if norm not in NORMS:
@@ -362,29 +423,38 @@ def _worst_case(
     rand_init: bool,
     generator: torch.Generator,
     checkpoints: Sequence[int],
+    convention: str = "apgd",
 ) -> dict[str, Any]:
     """APGD ascent on one batch; returns losses, errors, the best δ and bookkeeping."""
+    reference = convention == "reference"
     clean = objective(inputs, labels, None, grad=False)
     if rand_init:
         delta = geometry.project(geometry.random_start(generator))
-        cur = objective(inputs, labels, delta, grad=True)
     else:
         delta = [torch.zeros_like(w) for w in objective.origin]
-        cur = objective(inputs, labels, delta, grad=True)
+    cur = objective(inputs, labels, delta, grad=True)
     max_share = geometry.budget_share(delta)
 
+    # best_grads is where a restart takes its next gradient; best_delta is what is reported.
     best_delta, best_grads, best_loss, best_error = delta, cur.grads, cur.loss, cur.error
+    if reference:
+        # The reference code's best loss starts at the clean loss (at w itself), also after a random start.
+        best_delta = [torch.zeros_like(w) for w in objective.origin]
+        best_loss, best_error = clean.loss, clean.error
     grads, loss = cur.grads, cur.loss
     prev_delta = delta
     eta = eta0
     checks = set(checkpoints)
-    last_check, increases = 0, 0
-    eta_at_check, best_at_check = eta, best_loss
+    # The reference code measures the first span from its 0-based index 0, i.e. from after update 1.
+    last_check = 1 if reference else 0
+    progress, reduced_last, best_at_check = 0, False, best_loss
     restarts = 0
 
     for it in range(1, steps + 1):
         z = geometry.project([d + s for d, s in zip(delta, geometry.step(grads, eta))])
-        if it == 1:
+        if reference:
+            new = geometry.project([_MOMENTUM * zz + (1 - _MOMENTUM) * dp for zz, dp in zip(z, prev_delta)])
+        elif it == 1:
             new = z
         else:
             new = geometry.project(
@@ -396,22 +466,30 @@ def _worst_case(
         need_grad = it < steps
         ev = objective(inputs, labels, new, grad=need_grad)
         max_share = max(max_share, geometry.budget_share(new))
-        if ev.loss > loss:
-            increases += 1
+        improved = ev.loss > best_loss
+        if improved if reference else ev.loss > loss:
+            progress += 1
         prev_delta, delta, loss, grads = delta, new, ev.loss, ev.grads
-        if ev.loss > best_loss:
+        if improved:
             best_delta, best_grads, best_loss, best_error = new, ev.grads, ev.loss, ev.error
 
         if it in checks:
-            stalled = increases < _PROGRESS_SHARE * (it - last_check)
-            unchanged = eta == eta_at_check and best_loss == best_at_check
-            if stalled or unchanged:
+            halve = apgd_halves_step(
+                progress=progress,
+                span=it - last_check,
+                reduced_last=reduced_last,
+                best_loss=best_loss,
+                best_at_last_check=best_at_check,
+            )
+            reduced_last, best_at_check, last_check, progress = halve, best_loss, it, 0
+            if halve:
                 eta /= 2
                 restarts += 1
-                # Restart from the best point, without momentum carried over from the abandoned path.
-                delta, prev_delta, loss, grads = best_delta, best_delta, best_loss, best_grads
-            last_check, increases = it, 0
-            eta_at_check, best_at_check = eta, best_loss
+                if reference:
+                    grads = best_grads  # δ and momentum carry on; only the next gradient is the best point's
+                else:
+                    # Restart from the best point, without momentum carried over from the abandoned path.
+                    delta, prev_delta, loss, grads = best_delta, best_delta, best_loss, best_grads
 
     return {
         "clean_loss": clean.loss,
@@ -471,6 +549,7 @@ def measure_sharpness(
     rand_init: bool = False,
     seed: int = 0,
     step_size_multiplier: float = 1.0,
+    convention: str = "apgd",
     device: torch.device | str | None = None,
     progress: bool = False,
     return_perturbations: bool = False,
@@ -498,13 +577,17 @@ def measure_sharpness(
         seed: seeds the random start and the Gaussian samples (a CPU generator, so results do not depend
             on the device).
         step_size_multiplier: the initial step size is ``2ρ · step_size_multiplier``.
+        convention: ``"apgd"`` (the APGD algorithm as described) or ``"reference"`` (the reference code of
+            the sharpness paper, whose first iterate is 0.75× the first step: use it to compare with the
+            paper's 1-step numbers); see :data:`CONVENTIONS`. At 20 steps the two agree closely. Recorded
+            but unused for ``kind="average"``.
         device: where inputs and labels are moved; default the device of the model's first parameter. The
             model itself is never moved.
         progress: show a tqdm progress bar over batches.
         return_perturbations: keep the best δ of every batch (``kind="worst"`` only) in
             ``result.perturbations``.
     """
-    rho_f = _check_settings(rho, kind, norm, steps, step_size_multiplier)
+    rho_f = _check_settings(rho, kind, norm, steps, step_size_multiplier, convention)
     if return_perturbations and kind != "worst":
         raise ValueError("return_perturbations=True needs kind='worst' (average-case δ are random samples).")
     if (
@@ -524,7 +607,7 @@ def measure_sharpness(
         device = first.device if first is not None else None
     device = torch.device(device) if device is not None else None
 
-    checkpoints = apgd_checkpoints(steps)
+    checkpoints = apgd_checkpoints(steps, convention=convention)
     generator = torch.Generator().manual_seed(int(seed))
     iterator: Iterable[Any] = batches
     if progress:
@@ -569,6 +652,7 @@ def measure_sharpness(
                     rand_init=rand_init,
                     generator=generator,
                     checkpoints=checkpoints,
+                    convention=convention,
                 )
             else:
                 out = _average_case(objective, geometry, inputs, labels, steps=steps, generator=generator)
@@ -615,5 +699,6 @@ def measure_sharpness(
         steps=steps,
         scope=_scope_label(scope),
         logit_normalize=bool(logit_normalize),
+        convention=convention,
         perturbations=perturbations,
     )

@@ -7,6 +7,7 @@ A run folder explains itself::
     metrics.jsonl      one JSON object per epoch (also metrics.csv)
     norm_stats.jsonl   per-epoch quantiles/histograms of the norm layers' γ and β
     checkpoint.pt      written atomically after every epoch (model, optimizer, schedule, history)
+    checkpoint.prev.pt the epoch before's checkpoint, kept so that a damaged checkpoint.pt costs one epoch
     summary.json       written when the run has finished
 """
 
@@ -16,10 +17,12 @@ import csv
 import io
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,8 @@ import torch
 
 __all__ = [
     "CHECKPOINT",
+    "PREVIOUS_CHECKPOINT",
+    "CorruptCheckpointError",
     "atomic_write_bytes",
     "atomic_write_text",
     "save_checkpoint",
@@ -37,17 +42,22 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"
 CONFIG = "config.yaml"
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
 NORM_STATS = "norm_stats.jsonl"
 SUMMARY = "summary.json"
 ENVIRONMENT = "environment.json"
+LABEL_NOISE = "label_noise.json"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half."""
-    path = Path(path)
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file exists but cannot be read (empty, truncated or damaged)."""
+
+
+def _write_temporary(path: Path, data: bytes) -> Path:
+    """``data`` in a fsynced temporary file next to ``path``, with the usual permissions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -56,9 +66,26 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, keep_previous: Path | None = None) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half.
+
+    With ``keep_previous``, the old file is moved there just before the new one takes its place: a crash
+    between the two renames leaves the old file under ``keep_previous`` and the new one in a temporary file.
+    """
+    path = Path(path)
+    tmp = _write_temporary(path, data)
+    try:
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -76,18 +103,36 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = True) -> None:
+    """Save ``state`` atomically; the checkpoint it replaces becomes ``checkpoint.prev.pt`` (same folder)."""
+    path = Path(path)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    previous = path.parent / PREVIOUS_CHECKPOINT if keep_previous else None
+    atomic_write_bytes(path, buffer.getvalue(), keep_previous=previous)
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs)."""
+    """Load a checkpoint with ``weights_only=True`` (no arbitrary code runs).
+
+    Raises FileNotFoundError when there is no file and :class:`CorruptCheckpointError` (a ``ValueError``)
+    with a one-line message when it cannot be read.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint at {path}: the run has not finished an epoch yet.")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (OSError, EOFError, RuntimeError, KeyError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        reason = str(err).split(". ")[0].strip() or type(err).__name__
+        raise CorruptCheckpointError(
+            f"{path} cannot be read ({type(err).__name__}: {reason}; {path.stat().st_size} bytes): it is empty, "
+            "truncated or damaged. Delete it to resume from the previous epoch's checkpoint if there is one, "
+            "or train the run again."
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CorruptCheckpointError(f"{path} is not a normsam checkpoint (no 'model' entry); train the run again.")
+    return state
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -112,8 +157,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions, device and threads, for ``environment.json``."""
+def environment(device: torch.device, *, world_size: int = 1) -> dict[str, Any]:
+    """Versions, device, threads and processes (``world_size``, 1 without torchrun), for ``environment.json``."""
     import numpy
     import timm
     import torchvision
@@ -132,6 +177,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
+        "world_size": world_size,
         "cuda_available": torch.cuda.is_available(),
         "command": sys.argv,
     }

@@ -19,7 +19,7 @@ from typing import Any, Union
 
 import yaml
 
-from normsam.optim.perturbations import PERTURBATIONS
+from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, SCOPES
 
@@ -33,12 +33,16 @@ __all__ = [
     "unknown_key_error",
     "AMP_MODES",
     "autocast",
+    "SWEEP_EXAMPLES",
+    "sweep_file",
 ]
 
 OPTIMIZERS = ("sgd", "adamw", "lion")
 AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PRESETS = ("quick", "paper-cifar100-wrn")
+#: Example sweep files shipped with the package (src/normsam/presets/sweeps/, copied in the repository's configs/).
+SWEEP_EXAMPLES = ("sweep-tiny", "sweep-fmnist-small", "sweep-fmnist")
 
 
 @dataclass
@@ -51,6 +55,7 @@ class TrainConfig:
     download: bool = False
     subset: Union[int, None] = None  # stratified subset of the training set
     val_split: float = 0.0  # stratified validation split taken from the training set
+    label_noise: float = 0.0  # share of training labels flipped to a random other class (val/test clean)
     augment: Union[str, None] = None  # none | crop | crop-flip | autoaugment; None: crop-flip (crop for mnist)
     image_size: Union[int, None] = None  # synthetic and imagefolder only
     # model
@@ -80,6 +85,10 @@ class TrainConfig:
     sam_end: Union[int, None] = None  # first epoch after the SAM window; None: until the end
     bn_policy: str = "freeze"
     cheap_ascent: bool = True  # first pass computes only the perturbed tensors' gradients
+    ascent_interval: int = 1  # fast mode: a fresh ascent every k-th SAM step, the steps between reuse the last ε
+    ascent_fraction: float = 1.0  # fast mode: the ascent gradient from the first ceil(f * batch) examples
+    layerwise_scaling: str = "additive"  # layerwise T: additive ||p|| + eta | official ||p|| * (1 + eta)
+    scaled_tensors: str = "not-bias"  # weight-dependent T on: not-bias | name-contains-weight (official)
     # scale
     amp: str = "off"  # off | bf16 | fp16
     accumulation: int = 1  # micro-batches per step (batch_size is the whole step's batch)
@@ -91,12 +100,15 @@ class TrainConfig:
     sharpness_at_end: bool = False  # measure adaptive ℓ∞ sharpness after the last epoch
     sharpness_rho: float = 0.003  # the poster's ρ for 20 steps (SPEC §3)
     sharpness_steps: int = 20
+    sharpness_convention: str = "apgd"  # apgd | reference (the sharpness paper's code; 1 step measures at 0.75ρ)
     # run
     seed: int = 0
     out: Union[str, None] = None  # run folder; None: runs/<data>-<model>-<method>-s<seed>
     device: str = "auto"
     threads: Union[int, None] = None
     eval_batch_size: int = 512
+    eval_every: int = 1  # evaluate every N epochs (and always after the last one)
+    eval_subset: Union[int, None] = None  # evaluate on a fixed stratified subset of the test set
     progress: bool = True
     tensorboard: bool = False
 
@@ -106,7 +118,17 @@ class TrainConfig:
         if self.scope == "none":
             return self.optimizer
         scope = self.scope if isinstance(self.scope, str) else "patterns"
-        return f"{scope}-{self.perturbation}-rho{self.rho:g}"
+        label = f"{scope}-{self.perturbation}-rho{self.rho:g}"
+        # non-default fast modes and fidelity options change the method, so runs and reports keep them apart
+        if self.ascent_interval != 1:
+            label += f"-ascent{self.ascent_interval}"
+        if self.ascent_fraction != 1.0:
+            label += f"-frac{self.ascent_fraction:g}"
+        if self.layerwise_scaling != "additive":
+            label += f"-lw-{self.layerwise_scaling}"
+        if self.scaled_tensors != "not-bias":
+            label += f"-T-{self.scaled_tensors}"
+        return label
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -119,12 +141,25 @@ class TrainConfig:
         _one_of("amp", self.amp, AMP_MODES)
         _one_of("device", self.device, DEVICES)
         _one_of("norm_over", self.norm_over, ("perturbed", "all"))
+        _one_of("layerwise_scaling", self.layerwise_scaling, LAYERWISE_SCALINGS)
+        _one_of("scaled_tensors", self.scaled_tensors, SCALED_TENSORS)
+        if self.layerwise_scaling != "additive" and self.perturbation != "layerwise":
+            raise ValueError(
+                f"layerwise_scaling={self.layerwise_scaling} only changes perturbation=layerwise, not "
+                f"{self.perturbation}: drop it or set perturbation=layerwise."
+            )
+        if not 0 < self.ascent_fraction <= 1:
+            raise ValueError(
+                f"ascent_fraction must lie in (0, 1], got {self.ascent_fraction}: the share of each batch whose "
+                "gradient gives the ascent, e.g. ascent_fraction=0.25 (1: the whole batch)."
+            )
+        _one_of("sharpness_convention", self.sharpness_convention, ("apgd", "reference"))
         if isinstance(self.scope, str):
             _one_of("scope", self.scope, ("none",) + SCOPES)
         elif not self.scope or not all(isinstance(p, str) for p in self.scope):
             raise ValueError(f"scope as a list must hold glob patterns over parameter names, got {self.scope!r}.")
-        for key in ("epochs", "batch_size", "eval_batch_size", "accumulation", "fisher_samples",
-                    "mask_refresh_epochs", "sharpness_steps"):
+        for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulation", "fisher_samples",
+                    "mask_refresh_epochs", "sharpness_steps", "ascent_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
         for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "rho", "sharpness_rho"):
@@ -132,6 +167,10 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}.")
         if not 0 <= self.val_split < 1:
             raise ValueError(f"val_split must lie in [0, 1), got {self.val_split}.")
+        if self.eval_subset is not None and self.eval_subset < 1:
+            raise ValueError(f"eval_subset must be >= 1 test images (or null for all), got {self.eval_subset}.")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise must lie in [0, 1), got {self.label_noise}; e.g. label_noise=0.4.")
         if self.label_smoothing >= 1:
             raise ValueError(f"label_smoothing must lie in [0, 1), got {self.label_smoothing}.")
         if self.batch_size % self.accumulation:
@@ -229,6 +268,21 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         except yaml.YAMLError:
             out[key] = raw
     return out
+
+
+def sweep_file(source: str | Path) -> Path:
+    """A sweep file: ``source`` when that file exists, else the packaged example of that name
+    (:data:`SWEEP_EXAMPLES`, with or without ``.yaml``), so that ``normsam sweep sweep-tiny`` works anywhere."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    name = path.name.removesuffix(".yaml")
+    if name in SWEEP_EXAMPLES and (path.parent == Path(".") or path.parent.name == "configs"):
+        return Path(str(resources.files("normsam").joinpath("presets", "sweeps", f"{name}.yaml")))
+    raise FileNotFoundError(
+        f"No sweep file {source}; pass a YAML file or the name of an example shipped with normsam: "
+        f"{', '.join(SWEEP_EXAMPLES)}."
+    )
 
 
 def _read_yaml(source: str) -> tuple[dict[str, Any], str]:

@@ -24,8 +24,9 @@ Design
 Data sets
 ---------
 ``"fashion-mnist"`` (the default) and ``"mnist"`` are read from the four IDX files (plain or ``.gz``) by a
-small reader of our own (:func:`read_idx`). Fashion-MNIST is searched in ``data_dir``, then
-``$NORMSAM_DATA``, then ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``); in each
+small reader of our own (:func:`read_idx`). Fashion-MNIST is searched in ``data_dir`` when one is given
+(and nowhere else), otherwise in ``$NORMSAM_DATA``, then ``/usr/share/datasets/fashion-mnist`` (Debian's
+``dataset-fashion-mnist``); in each
 root the files may sit directly in the root, in ``root/fashion-mnist/`` or in torchvision's layout
 ``root/FashionMNIST/raw/``. MNIST is searched the same way (``root/mnist/``, ``root/MNIST/raw/``) but has no
 system path. With ``download=True`` and nothing found, torchvision downloads the files into
@@ -85,6 +86,7 @@ __all__ = [
     "read_idx",
     "make_augment",
     "stratified_subset_indices",
+    "flip_labels",
     "stratified_split_indices",
 ]
 
@@ -201,6 +203,9 @@ class DataSplits:
     classes: list[str] = field(default_factory=list)
     #: Where the data came from (a folder, or "synthetic"); for logs.
     source: str = ""
+    #: Label noise: positions in ``train`` whose label was replaced, and their original labels.
+    noisy_indices: torch.Tensor | None = None
+    clean_labels: torch.Tensor | None = None
 
 
 def _describe(x: object) -> str:
@@ -266,16 +271,21 @@ def _find_idx_file(folder: Path, stem: str) -> Path | None:
 
 
 def _idx_candidates(name: str, data_dir: PathLike | None) -> list[tuple[Path, str]]:
-    """Folders to search, in order, each with a note saying why it is searched."""
+    """Folders to search, in order, each with a note saying why it is searched.
+
+    An explicit ``data_dir`` is the only root searched: data found elsewhere would be a silent substitute
+    for what was asked for (and the run's config.yaml would record the wrong place).
+    """
     _, subdirs, _, _ = _IDX_INFO[name]
     roots: list[tuple[Path, str]] = []
     if data_dir is not None:
         roots.append((Path(data_dir).expanduser(), "data_dir"))
-    env = os.environ.get(DATA_ENV_VAR)
-    if env:
-        roots.append((Path(env).expanduser(), f"${DATA_ENV_VAR}"))
-    for root in SYSTEM_SEARCH_DIRS.get(name, ()):
-        roots.append((Path(root), "system"))
+    else:
+        env = os.environ.get(DATA_ENV_VAR)
+        if env:
+            roots.append((Path(env).expanduser(), f"${DATA_ENV_VAR}"))
+        for root in SYSTEM_SEARCH_DIRS.get(name, ()):
+            roots.append((Path(root), "system"))
     out: list[tuple[Path, str]] = []
     for root, why in roots:
         for sub in subdirs:
@@ -351,10 +361,14 @@ def _idx_not_found_message(name: str, candidates: list[tuple[Path, str]], partia
     files = ", ".join(_IDX_FILES.values())
     lines = [f"{pretty} not found. Looked for {files} (each plain or .gz) in:"]
     if candidates:
-        lines += [f"  - {folder}  ({why})" for folder, why in candidates]
+        lines += [f"  - {folder}  ({why}{'' if folder.is_dir() else ', does not exist'})" for folder, why in candidates]
     else:
         lines.append("  - nowhere: no data_dir was given and no search path applies")
-    if os.environ.get(DATA_ENV_VAR) is None:
+    explicit = any(why == "data_dir" for _, why in candidates)
+    if explicit:
+        lines.append(f"  (an explicit data_dir is the only place searched; ${DATA_ENV_VAR} and system copies are "
+                     "not used in its place)")
+    elif os.environ.get(DATA_ENV_VAR) is None:
         lines.append(f"  (${DATA_ENV_VAR} is not set)")
     if name == "mnist":
         lines.append("  (MNIST has no Debian system path in normsam's search order; only data_dir and "
@@ -371,7 +385,8 @@ def _idx_not_found_message(name: str, candidates: list[tuple[Path, str]], partia
         f"  - set download=true in the data config (load_data(..., download=True)) to download it with "
         f"torchvision into {target}/{tv_class}/raw, or"
     )
-    lines.append(f"  - point data_dir or ${DATA_ENV_VAR} at a folder that holds the four files.")
+    lines.append(f"  - point data_dir or ${DATA_ENV_VAR} at a folder that holds the four files"
+                 + (", or leave data_dir unset to search the default places." if explicit else "."))
     return "\n".join(lines)
 
 
@@ -387,10 +402,10 @@ def _load_cifar(
 
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
     roots: list[Path] = []
-    if data_dir is not None:
-        roots.append(Path(data_dir).expanduser())
     env = os.environ.get(DATA_ENV_VAR)
-    if env:
+    if data_dir is not None:  # an explicit data_dir is the only place searched (no silent substitute)
+        roots.append(Path(data_dir).expanduser())
+    elif env:
         roots.append(Path(env).expanduser())
     existing = [r for r in roots if (r / cls.base_folder).is_dir()]
     if existing:
@@ -399,7 +414,7 @@ def _load_cifar(
         root = roots[0] if data_dir is not None else Path("data")
     else:
         searched = "\n".join(f"  - {r / cls.base_folder}" for r in roots) or "  - nowhere: no data_dir given"
-        env_note = "" if env else f" (${DATA_ENV_VAR} is not set)"
+        env_note = "" if env or data_dir is not None else f" (${DATA_ENV_VAR} is not set)"
         raise DatasetNotFoundError(
             f"{name} not found. Looked for torchvision's '{cls.base_folder}' folder in:\n{searched}{env_note}\n"
             f"To get it, set download=true in the data config (load_data(..., download=True)) to download it "
@@ -558,6 +573,25 @@ def stratified_subset_indices(labels: torch.Tensor, n: int, num_classes: int, se
     return chosen.sort().values
 
 
+def flip_labels(
+    labels: torch.Tensor, fraction: float, num_classes: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric label noise: ``round(fraction · n)`` labels, chosen at random from ``seed``, each replaced by a
+    uniformly drawn *other* class. Returns ``(noisy_labels, flipped_indices)`` (indices sorted)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {fraction}; e.g. label_noise=0.4 flips 40%.")
+    if num_classes < 2:
+        raise ValueError("label_noise needs at least 2 classes: a label can only be flipped to another class.")
+    gen = _generator(seed, 3)
+    k = int(round(fraction * len(labels)))
+    flipped = torch.randperm(len(labels), generator=gen)[:k].sort().values
+    # An offset in 1..K-1 added modulo K is a uniform draw over the K-1 other classes.
+    offsets = torch.randint(1, num_classes, (k,), generator=gen)
+    noisy = labels.clone()
+    noisy[flipped] = (labels[flipped] + offsets) % num_classes
+    return noisy, flipped
+
+
 def stratified_split_indices(
     labels: torch.Tensor, fraction: float, num_classes: int, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -597,6 +631,7 @@ def load_data(
     download: bool = False,
     subset: int | None = None,
     val_split: float = 0.0,
+    label_noise: float = 0.0,
     seed: int = 0,
     synthetic_size: tuple[int, int] = (2048, 512),
     image_size: int | None = None,
@@ -609,7 +644,11 @@ def load_data(
         download: download with torchvision when the data is not found (not for imagefolder/synthetic).
         subset: keep a stratified random subset of this many training examples (before ``val_split``).
         val_split: fraction of the (subsetted) training set held out, stratified, as ``val``.
-        seed: seeds the subset, the validation split and the synthetic data.
+        label_noise: fraction of the *training* labels (after ``subset`` and ``val_split``) replaced by a
+            uniformly drawn other class, chosen from ``seed``; ``val`` and ``test`` keep their true labels
+            (under symmetric noise a noisy validation set ranks models the same in expectation, only with
+            more variance). The flipped positions are in ``DataSplits.noisy_indices``.
+        seed: seeds the subset, the validation split, the label noise and the synthetic data.
         synthetic_size: ``(n_train, n_test)`` for ``"synthetic"``.
         image_size: side length for ``"imagefolder"`` (default 64) and ``"synthetic"`` (default 32); the
             other data sets have a fixed size and only accept ``None`` or that size.
@@ -626,6 +665,8 @@ def load_data(
         raise ValueError(f"subset must be an int number of training examples or None, got {subset!r}.")
     if not 0.0 <= val_split < 1.0:
         raise ValueError(f"val_split must be in [0, 1), got {val_split}; e.g. val_split=0.1 holds out 10%.")
+    if not 0.0 <= label_noise < 1.0:
+        raise ValueError(f"label_noise must be in [0, 1), got {label_noise}; e.g. label_noise=0.4 flips 40%.")
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size}.")
 
@@ -662,6 +703,11 @@ def load_data(
     if val_split > 0:
         train_idx, val_idx = stratified_split_indices(train.labels, val_split, num_classes, seed)
         train, val = train.take(train_idx), train.take(val_idx)
+    noisy_indices = clean_labels = None
+    if label_noise > 0:
+        clean_labels = train.labels
+        noisy, noisy_indices = flip_labels(train.labels, label_noise, num_classes, seed)
+        train = ArrayDataset(train.images, noisy)
 
     if key in _STATS:
         mean, std = _STATS[key]
@@ -680,6 +726,8 @@ def load_data(
         name=key,
         classes=classes,
         source=source,
+        noisy_indices=noisy_indices,
+        clean_labels=clean_labels,
     )
 
 

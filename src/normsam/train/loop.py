@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,9 @@ from normsam.analysis.norm_stats import norm_parameter_stats
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
-from normsam.train.config import TrainConfig, autocast, config_from_file, load_config, save_config
-from normsam.train.data import BatchLoader, DataSplits, load_data, make_augment
-from normsam.train.models import build_model
+from normsam.train.config import TrainConfig, autocast, load_config, save_config
+from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
+from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
 
 __all__ = [
     "Trainer",
@@ -78,15 +79,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else the CPU; ``cuda`` without CUDA is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda but CUDA is not available here; use device=cpu or device=auto.")
-    return torch.device(name)
-
-
 def _base_optimizer(cfg: TrainConfig) -> tuple[type, dict[str, Any]]:
     if cfg.optimizer == "sgd":
         return torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -103,30 +95,6 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def load_run_data(cfg: TrainConfig) -> DataSplits:
-    """The data of a run: the same subset and split for the same config (and seed)."""
-    return load_data(
-        cfg.data,
-        data_dir=cfg.data_dir,
-        download=cfg.download,
-        subset=cfg.subset,
-        val_split=cfg.val_split,
-        seed=cfg.seed,
-        image_size=cfg.image_size,
-    )
-
-
-def build_run_model(cfg: TrainConfig, data: DataSplits) -> nn.Module:
-    """A fresh model of a run, its input channels and classes following the data."""
-    return build_model(
-        cfg.model,
-        num_classes=data.num_classes,
-        in_channels=data.in_channels,
-        image_size=data.image_size,
-        norm=cfg.norm,
-    )
 
 
 class _Distributed:
@@ -210,11 +178,12 @@ class Trainer:
     # --- setup --------------------------------------------------------------------------------------
 
     def _check_run_dir(self, resume: bool) -> None:
-        has_run = (self.run_dir / ckpt.CHECKPOINT).exists() or (self.run_dir / ckpt.SUMMARY).exists()
-        if resume and not (self.run_dir / ckpt.CHECKPOINT).exists():
+        folder = RunFolder(self.run_dir)
+        has_run = folder.has_checkpoint() or folder.is_finished()
+        if resume and not folder.has_checkpoint():
             raise FileNotFoundError(
                 f"Cannot resume {self.run_dir}: it has no {ckpt.CHECKPOINT} (no epoch finished yet); "
-                "start it again with `normsam train out=...`."
+                f"start it again with `normsam train --config {self.run_dir / ckpt.CONFIG} out={self.run_dir}`."
             )
         if not resume and has_run:
             raise RunExistsError(
@@ -242,7 +211,11 @@ class Trainer:
             device=self.device,
         )
         plain = make_augment("none", data)
-        evals = {"test": BatchLoader(data.test, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)}
+        test = data.test
+        if cfg.eval_subset is not None and cfg.eval_subset < len(test):
+            # a fixed subset (seed 0, whatever the run's seed), so runs of a sweep are scored on the same images
+            test = test.take(stratified_subset_indices(test.labels, cfg.eval_subset, data.num_classes, seed=0))
+        evals = {"test": BatchLoader(test, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)}
         if data.val is not None:
             evals["val"] = BatchLoader(data.val, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)
         return train, evals
@@ -279,6 +252,9 @@ class Trainer:
             norm_over=cfg.norm_over,
             bn_policy=cfg.bn_policy,
             sync_ascent=cfg.sync_ascent,
+            ascent_interval=cfg.ascent_interval,
+            layerwise_scaling=cfg.layerwise_scaling,
+            scaled_tensors=cfg.scaled_tensors,
             **mask_kw,
             **base_kwargs,
         )
@@ -365,11 +341,19 @@ class Trainer:
             self._base_step()
             return {"loss": loss, "correct": float((logits.argmax(1) == y).sum()), "loss_perturbed": math.nan}
         assert self.sam is not None
-        loss, logits = self._accumulate(x, y, ascent=True)
+        # Fast modes: with ascent_interval the steps between fresh ascents reuse the last ε (no first pass);
+        # with ascent_fraction the ascent sees the first ⌈f·B⌉ examples. Without a whole-batch pass at w,
+        # loss and accuracy are those of the pass at w + ε.
+        fresh = self.sam.needs_ascent
+        m = math.ceil(round(self.cfg.ascent_fraction * x.shape[0], 9)) if fresh else 0
+        if fresh:
+            loss, logits = self._accumulate(x[:m], y[:m], ascent=True)
         self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
-        loss_perturbed, _ = self._accumulate(x, y, ascent=False)
+        loss_perturbed, logits_perturbed = self._accumulate(x, y, ascent=False)
         self.sam.restore()
         self._base_step()
+        if m < x.shape[0]:
+            loss, logits = loss_perturbed, logits_perturbed
         return {"loss": loss, "correct": float((logits.argmax(1) == y).sum()), "loss_perturbed": loss_perturbed}
 
     # --- epochs ------------------------------------------------------------------------------------
@@ -396,6 +380,7 @@ class Trainer:
             self._refresh_fisher_mask(epoch)
         self.model.train()
         self.train_loader.set_epoch(epoch)
+        nonfinite_before = self.sam.counters["nonfinite_ascent_steps"] if use_sam else 0
         sums = {"loss": 0.0, "correct": 0.0, "loss_perturbed": 0.0, "n": 0}
         bar = self._progress(self.train_loader, f"epoch {epoch + 1}/{cfg.epochs}")
         start = time.perf_counter()
@@ -411,6 +396,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
+        if use_sam:  # SAM counts non-finite ascents on the device; the host looks once per epoch
+            skipped = self.sam.counters["nonfinite_ascent_steps"] - nonfinite_before
+            if skipped:
+                warnings.warn(
+                    f"SAM: in epoch {epoch + 1}, {skipped} of {len(self.train_loader)} ascent gradients were not "
+                    "finite; those steps used no perturbation (fp16 overflow? see counters['nonfinite_ascent_steps']).",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         n, loss, correct, loss_p = self.dist.all_reduce_sum(
             [sums["n"], sums["loss"], sums["correct"], sums["loss_perturbed"]], self.device
         )
@@ -460,7 +454,7 @@ class Trainer:
         }
 
     def _load_checkpoint(self) -> None:
-        state = ckpt.load_checkpoint(self.run_dir / ckpt.CHECKPOINT, map_location=self.device)
+        state = RunFolder(self.run_dir).load_checkpoint(map_location=self.device)
         self.model.load_state_dict(state["model"])
         (self.sam or self.optimizer).load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -475,7 +469,18 @@ class Trainer:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, self.run_dir / ckpt.CONFIG)
-        ckpt.write_json(self.run_dir / ckpt.ENVIRONMENT, ckpt.environment(self.device))
+        ckpt.write_json(self.run_dir / ckpt.ENVIRONMENT, ckpt.environment(self.device, world_size=self.dist.world_size))
+        if self.data.noisy_indices is not None:
+            flipped = self.data.noisy_indices
+            ckpt.write_json(self.run_dir / ckpt.LABEL_NOISE, {
+                "label_noise": self.cfg.label_noise,
+                "num_train": len(self.data.train),
+                "num_flipped": int(flipped.numel()),
+                "note": "positions in the training split (after subset and val_split); labels as stored there",
+                "indices": flipped.tolist(),
+                "clean_labels": self.data.clean_labels[flipped].tolist(),
+                "noisy_labels": self.data.train.labels[flipped].tolist(),
+            })
 
     def _record_norm_stats(self, epoch: int) -> None:
         if not self.cfg.norm_stats:
@@ -491,14 +496,17 @@ class Trainer:
         """Train the remaining epochs; returns the summary. Ctrl-C leaves the last checkpoint to resume."""
         cfg = self.cfg
         self._write_run_files()
+        if self.dist.is_main:
+            print(f"Run folder: {self.run_dir}", flush=True)
         if self.start_epoch == 0 and self.dist.is_main:
             self._record_norm_stats(0)
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
                 started = time.perf_counter()
                 row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
+                scored = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
                 for split, loader in self.eval_loaders.items():
-                    if self.dist.is_main:
+                    if self.dist.is_main and scored:
                         row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(loader)
                 row["lr"] = self.optimizer.param_groups[0]["lr"]
                 row["rho"] = self.sam.param_groups[0]["rho"] if self.sam is not None else 0.0
@@ -522,10 +530,12 @@ class Trainer:
 
             summary["sharpness"] = measure_run_sharpness(
                 self.run_dir, rho=cfg.sharpness_rho, steps=cfg.sharpness_steps, model=self.model, data=self.data,
+                convention=cfg.sharpness_convention,
                 progress=cfg.progress,
             )["sharpness"]
         if self.dist.is_main:
             ckpt.write_json(self.run_dir / ckpt.SUMMARY, summary)
+            print(f"Finished: {self.run_dir}", flush=True)
         if self.tb is not None:
             self.tb.close()
         return summary
@@ -576,9 +586,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     equals the saved value (the cosine schedule depends on it).
     """
     run_dir = Path(run_dir)
-    if not (run_dir / ckpt.CONFIG).exists():
-        raise FileNotFoundError(f"{run_dir} is not a run folder: it has no {ckpt.CONFIG}.")
-    cfg = config_from_file(run_dir / ckpt.CONFIG)
+    cfg = RunFolder(run_dir).config()
     safe = {"progress", "threads", "tensorboard", "device"}
     for key, value in (overrides or {}).items():
         if key not in safe:
@@ -598,7 +606,7 @@ def run_or_resume(run_dir: Path, cfg_overrides: dict[str, Any], preset: str | No
     if (run_dir / ckpt.SUMMARY).exists():
         return json.loads((run_dir / ckpt.SUMMARY).read_text())
     progress = cfg_overrides.get("progress")
-    if (run_dir / ckpt.CHECKPOINT).exists():
+    if RunFolder(run_dir).has_checkpoint():
         return resume(run_dir, {"progress": progress} if progress is not None else None)
     cfg = load_config(preset, {**cfg_overrides, "out": str(run_dir)})
     return Trainer(cfg).run()

@@ -1,0 +1,190 @@
+r"""SAM in the HuggingFace ``transformers.Trainer``: :class:`SAMTrainer`.
+
+.. code-block:: python
+
+    from normsam.integrations.transformers import SAMTrainer
+
+    trainer = SAMTrainer(model=model, args=TrainingArguments(...), train_dataset=ds,
+                         sam=dict(scope="norm", rho=0.5, perturbation="sam"))
+    trainer.train()
+
+The optimizer is the one ``TrainingArguments`` asks for (``optim``, ``learning_rate``, ``weight_decay`` with the
+Trainer's own no-decay rule, Adam betas …) wrapped in :class:`normsam.SAM`; ``sam=`` holds SAM's options
+(``scope`` defaults to ``"norm"``: SAM-ON). Or build the SAM yourself and pass ``optimizers=(sam, None)``.
+The Trainer's scheduler, gradient accumulation, ``bf16``, logging, ``save_steps`` checkpoints and
+``resume_from_checkpoint`` work as usual; the training logs carry SAM's counters (``sam_steps`` …).
+
+One optimizer step with ``gradient_accumulation_steps = k`` (micro-batches :math:`B_1 \dots B_k`):
+
+1. the cheap ascent on every micro-batch: the loss at :math:`w` is back-propagated into the perturbed tensors
+   only, so their ``.grad`` sums to the whole step's ascent gradient :math:`g_S = \nabla_S L_{B_1 \cup \dots
+   \cup B_k}(w)` (the logged loss is this one, at :math:`w`);
+2. after the last micro-batch, :math:`w_S \leftarrow w_S + \varepsilon(g_S)` once, and every micro-batch is
+   run again at :math:`w + \varepsilon` with a full backward pass;
+3. the Trainer clips the gradients and calls ``optimizer.step()``, which restores :math:`w_S` and steps the
+   base optimizer.
+
+So the perturbation is the one a single large batch would give; the micro-batches' inputs are kept on the
+device until the step ends (token ids: small). Under DDP the ascent is each worker's own (SAM's default; pass
+``sync_ascent=True`` in ``sam=`` to average it) and the second pass reduces the gradients once per step.
+DeepSpeed and optimizer factories (``optim="muon"`` …) are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError as error:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "normsam.integrations.transformers needs transformers and accelerate: "
+        'pip install "normsam[transformers]"'
+    ) from error
+
+import torch
+from torch import nn
+
+from normsam.optim.sam import SAM
+
+__all__ = ["SAMTrainer"]
+
+_NOT_SAM_OPTIONS = ("params", "base_optimizer", "model")
+
+
+def _unwrap_sam(optimizer: Any) -> SAM | None:
+    """The ``SAM`` inside accelerate's (or another framework's) optimizer wrapper, or None."""
+    while optimizer is not None and not isinstance(optimizer, SAM):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+class _UndoSkippedStep(TrainerCallback):
+    """An fp16 ``GradScaler`` skips ``optimizer.step()`` on overflow; the weights must not stay perturbed."""
+
+    def __init__(self, trainer: SAMTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        sam = _unwrap_sam(self.trainer.optimizer)
+        if sam is not None and sam.is_perturbed:
+            sam.restore()
+
+
+class SAMTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains with :class:`normsam.SAM` and the cheap ascent.
+
+    Args:
+        *args, **kwargs: as for ``Trainer``. ``optimizers=(sam, scheduler_or_None)`` may pass a ready
+            :class:`normsam.SAM` (built on the model's parameters, e.g. ``SAM(model, torch.optim.AdamW, ...)``).
+        sam: options of :class:`normsam.SAM` (``rho``, ``perturbation``, ``scope`` …) used to wrap the
+            optimizer the ``TrainingArguments`` describe; ``scope`` defaults to ``"norm"`` (SAM-ON). Options of
+            the base optimizer given here (e.g. ``betas``) override the ``TrainingArguments``' ones.
+    """
+
+    def __init__(self, *args: Any, sam: dict[str, Any] | None = None, **kwargs: Any):
+        self.sam_options = dict(sam or {})
+        wrong = [key for key in _NOT_SAM_OPTIONS if key in self.sam_options]
+        if wrong:
+            raise ValueError(
+                f"sam= holds SAM's options (rho, perturbation, scope …), not {', '.join(wrong)}: the Trainer "
+                "passes the model and builds the base optimizer from TrainingArguments (optim=...)."
+            )
+        self._sam_pending: list[tuple[dict[str, Any], Any]] = []
+        super().__init__(*args, **kwargs)
+        if self.optimizer is not None:
+            if _unwrap_sam(self.optimizer) is None:
+                raise ValueError(
+                    f"SAMTrainer got optimizers=({type(self.optimizer).__name__}, ...), not a normsam.SAM: pass "
+                    "SAM(model, torch.optim.AdamW, lr=..., rho=...), or leave optimizers out and give sam=dict(...)."
+                )
+            if self.sam_options:
+                raise ValueError("Pass either a ready SAM in optimizers=(sam, ...) or sam=dict(...), not both.")
+        if self.is_deepspeed_enabled:
+            raise ValueError("SAMTrainer does not support DeepSpeed: its engine owns backward and the step.")
+        self.add_callback(_UndoSkippedStep(self))
+
+    @property
+    def sam(self) -> SAM:
+        """The :class:`normsam.SAM` being trained with (created by ``train()`` unless passed in)."""
+        sam = _unwrap_sam(self.optimizer)
+        if sam is None:
+            raise ValueError("SAMTrainer.sam is created by train() (or create_optimizer()); call that first.")
+        return sam
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is not None:
+            return self.optimizer
+        from transformers.trainer_optimizer import is_optimizer_factory
+
+        opt_model = self.model if model is None else model
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise ValueError(
+                f"SAMTrainer cannot wrap optim={self.args.optim!r}, which builds its own parameter groups; "
+                "use a plain optimizer such as optim='adamw_torch' or 'sgd'."
+            )
+        # The Trainer's weight-decay rule, then SAM's scope splits each group by identity (SAM-ON by default).
+        decay = set(self.get_decay_parameter_names(opt_model))
+        named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
+        self.optimizer = SAM(
+            [g for g in groups if g["params"]],
+            optimizer_cls,
+            model=opt_model,
+            **{**optimizer_kwargs, **self.sam_options},
+        )
+        return self.optimizer
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        """The cheap ascent on this micro-batch; after the step's last one, perturb and run the second pass."""
+        model.train()
+        sam = self.sam
+        inputs = self._prepare_inputs(inputs)
+        loss = self._micro_batch_loss(model, inputs, num_items_in_batch)
+        # norm_over="all" needs the full gradient's norm, so then every gradient is computed
+        ascent_inputs = sam.perturbed_parameters() if sam.norm_over == "perturbed" else None
+        with self.accelerator.no_sync(model):
+            self.accelerator.backward(loss, inputs=ascent_inputs)
+        self._sam_pending.append((inputs, num_items_in_batch))
+        if self.accelerator.sync_gradients:
+            self._second_pass(model, sam)
+        return loss.detach()
+
+    def _second_pass(self, model: nn.Module, sam: SAM) -> None:
+        sam.first_step(zero_grad=True, grad_scaler=self.accelerator.scaler)
+        pending, self._sam_pending = self._sam_pending, []
+        for i, (inputs, num_items_in_batch) in enumerate(pending):
+            last = i == len(pending) - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                self.accelerator.backward(self._micro_batch_loss(model, inputs, num_items_in_batch))
+
+    def _micro_batch_loss(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """The loss ``Trainer.training_step`` back-propagates: reduced over GPUs, scaled for accumulation."""
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if self.args.n_gpu > 1:
+            loss = loss.mean()
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (
+                getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+            ) or getattr(self, "compute_loss_func", None) is not None
+        if not scaled:
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        sam = _unwrap_sam(self.optimizer)
+        if sam is not None and "loss" in logs:
+            logs = {**logs, **{f"sam_{k}" if not k.startswith("sam_") else k: v for k, v in sam.counters.items()}}
+        super().log(logs, *args, **kwargs)

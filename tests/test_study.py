@@ -1,0 +1,114 @@
+"""normsam.analysis.study: ρ chosen on validation data only, placeholders, phases, restart."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from normsam.analysis.study import choose_rho, load_study, norm_sparsity, resolve_grid, run_study
+from normsam.optim.scopes import param_groups
+from normsam.train import checkpoint as ckpt
+from normsam.train.config import load_config, save_config
+from normsam.train.loop import build_run_model, load_run_data
+
+TINY = dict(data="synthetic", image_size=8, subset=80, val_split=0.25, batch_size=32, eval_batch_size=256,
+            epochs=1, threads=1, progress=False, device="cpu", model="resnet8", norm_stats=False)
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _fake_run(folder, scope, rho, val, test):
+    folder.mkdir(parents=True)
+    save_config(load_config(None, {**TINY, "scope": scope, "rho": rho}), folder / ckpt.CONFIG)
+    (folder / ckpt.SUMMARY).write_text(json.dumps({"final_val_acc": val, "final_test_acc": test}))
+
+
+def test_choice_uses_validation_accuracy_never_test(tmp_path):
+    # ρ=0.5 has the best test accuracy but the worse validation accuracy: the choice must ignore the test set.
+    _fake_run(tmp_path / "a/s0", "norm", 0.2, val=70.0, test=60.0)
+    _fake_run(tmp_path / "a/s1", "norm", 0.2, val=72.0, test=61.0)
+    _fake_run(tmp_path / "b/s0", "norm", 0.5, val=69.0, test=90.0)
+    _fake_run(tmp_path / "b/s1", "norm", 0.5, val=72.0, test=90.0)
+    _fake_run(tmp_path / "c/s0", "all", 0.1, val=50.0, test=50.0)
+    _fake_run(tmp_path / "d/s0", "all", 0.3, val=50.0, test=50.0)  # a tie goes to the smaller ρ
+    _fake_run(tmp_path / "e/s0", "none", 0.0, val=99.0, test=99.0)  # SGD has no ρ to choose
+    choice = choose_rho(tmp_path)
+    assert set(choice) == {"norm", "all"}
+    assert choice["norm"]["rho"] == 0.2 and choice["norm"]["candidates"]["0.5"] == [69.0, 72.0]
+    assert choice["all"]["rho"] == 0.1
+
+
+def test_choice_refuses_a_pilot_without_validation_split(tmp_path):
+    folder = tmp_path / "r"
+    folder.mkdir()
+    save_config(load_config(None, {**TINY, "scope": "norm"}), folder / ckpt.CONFIG)
+    (folder / ckpt.SUMMARY).write_text(json.dumps({"final_val_acc": None, "final_test_acc": 50.0}))
+    with pytest.raises(ValueError, match="val_split > 0"):
+        choose_rho(tmp_path)
+    with pytest.raises(ValueError, match="run the pilot first"):
+        choose_rho(tmp_path / "nothing")
+
+
+def test_placeholders_and_sparsity():
+    grid = [{"scope": ["norm"], "rho": ["@rho:norm"], "sparsity": ["@sparsity:norm"]}]
+    assert resolve_grid(grid, {"@rho:norm": 0.3, "@sparsity:norm": 0.99}) == [
+        {"scope": ["norm"], "rho": [0.3], "sparsity": [0.99]}]
+    with pytest.raises(ValueError, match="Unknown placeholder '@rho:all'"):
+        resolve_grid([{"rho": ["@rho:all"]}], {"@rho:norm": 0.3})
+    spec = {"base": dict(TINY)}
+    cfg = load_config(None, dict(TINY))
+    model = build_run_model(cfg, load_run_data(cfg))
+    norm = sum(p.numel() for g in param_groups(model, "norm") if g["perturb"] for p in g["params"])
+    total = sum(p.numel() for p in model.parameters())
+    assert norm_sparsity(spec) == round(1 - norm / total, 6)
+
+
+def test_study_file_errors_name_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="needs a pilot"):
+        load_study({"out": str(tmp_path), "phases": [{"grid": {}}]})
+    with pytest.raises(ValueError, match="Unknown study key 'phase'"):
+        load_study({"out": "x", "phase": []})
+    with pytest.raises(ValueError, match="used twice"):
+        load_study({"out": "x", "pilot": {"grid": {"rho": [1]}}, "phases": [{"name": "a", "grid": {}},
+                                                                             {"name": "a", "grid": {}}]})
+
+
+def test_study_end_to_end_and_restart(tmp_path, capsys):
+    study = {
+        "base": dict(TINY),
+        "out": str(tmp_path / "study"),
+        "workers": 1,
+        "pilot": {"seeds": [7], "grid": [{"scope": ["norm"], "rho": [0.05, 0.5]}]},
+        "phases": [{"name": "main", "seeds": [0, 1],
+                    "grid": [{"scope": ["none"]}, {"scope": ["norm"], "rho": ["@rho:norm"]}]},
+                   {"name": "extra", "seeds": [0],
+                    "grid": [{"scope": ["random"], "rho": ["@rho:norm"], "sparsity": ["@sparsity:norm"]}]}],
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    run_study(path, report=False)
+    out = tmp_path / "study"
+    chosen = json.loads((out / "choice.json").read_text())
+    rho = chosen["values"]["@rho:norm"]
+    assert rho in (0.05, 0.5)
+    assert (out / f"main/scope=norm,rho={rho:g}/seed=1" / ckpt.SUMMARY).exists()
+    assert (out / "main/scope=none/seed=0" / ckpt.SUMMARY).exists()
+    extra = yaml.safe_load((out / "sweeps/extra.yaml").read_text())
+    assert extra["grid"][0]["sparsity"] == [chosen["values"]["@sparsity:norm"]]
+    record = json.loads((out / "study.json").read_text())
+    assert set(record["phases"]) == {"pilot", "main", "extra"}
+    assert record["phases"]["main"]["counts"]["done"] == 4
+    assert "| norm | 0.05 |" in (out / "choice.md").read_text()
+    # Starting it again trains nothing: every run is skipped, and the choice is the same.
+    run_study(path, report=False)
+    record = json.loads((out / "study.json").read_text())
+    assert record["phases"]["main"]["counts"]["skipped"] == 4
+    assert json.loads((out / "choice.json").read_text())["values"]["@rho:norm"] == rho
