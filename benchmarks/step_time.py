@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     threads = args.threads or THREADS.get(args.mode)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
+    if device.type == "cpu" and not args.smoke:  # (not in --smoke: tests run it in-process; the flag is global)
+        # Repeated steps on the same tiny batch drive values into the subnormal range, where x86 float math
+        # slows down by up to 10x and the step time then measures subnormals, not the optimizer (seen in
+        # host-overhead mode: SAM-all's step grew from 40 to 130 ms over the rounds); GPUs do not slow down so.
+        torch.set_flush_denormal(True)
     context = StepContext(rho_all=0.05, rho_on=0.5, perturbation="sam", amp="bf16" if args.mode == "gpu" else "off",
                           device_type=device.type)
     variants = default_variants(classic=args.extra, handwritten_all=args.extra, ascent_interval=args.ascent_interval)

@@ -158,7 +158,7 @@ def test_compare_cost_column_is_measured_side_by_side(tmp_path, monkeypatch, cap
                                                            measured["SAM-all"].median_ratio,
                                                            measured["SAM-ON (cheap ascent)"].median_ratio]
     assert "step time / SGD (measured side by side)" in result["table"]
-    assert [r["method"] for r in result["rows"]] == ["SGD", "SAM-all (asam, ρ=0.5)", "SAM-ON (asam, ρ=1)"]
+    assert [r["method"] for r in result["rows"]] == ["SGD", "SAM-all (asam, ρ=0.1)", "SAM-ON (asam, ρ=0.5)"]
     out = capsys.readouterr().out
     assert f"Run folder: {tmp_path / 'cmp' / 'sgd'}" in out and f"Finished: {tmp_path / 'cmp' / 'sam-on'}" in out
 

@@ -234,7 +234,7 @@ def test_compare_writes_table_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "_save", lambda fig, path: titles.append(fig.axes[0].get_title()) or real_save(fig, path))
     result = compare(tmp_path / "cmp", overrides={**TINY, "epochs": 1}, bench_rounds=0)
     table = (tmp_path / "cmp" / "compare.md").read_text()
-    for label in ("SGD", "SAM-all (asam, ρ=0.5)", "SAM-ON (asam, ρ=1)"):
+    for label in ("SGD", "SAM-all (asam, ρ=0.1)", "SAM-ON (asam, ρ=0.5)"):
         assert f"| {label} |" in table
     assert "step time" not in table  # not measured: no column (the runs' own times measure load, not cost)
     with Image.open(tmp_path / "cmp" / "compare.png") as img:

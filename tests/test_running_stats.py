@@ -1,4 +1,5 @@
-"""bn_policy="freeze": the preallocated foreach copy leaves the same bits as the reference snapshot."""
+"""bn_policy="freeze": the buffer swap and the preallocated foreach copy leave the same bits as the reference
+snapshot."""
 
 from __future__ import annotations
 
@@ -11,7 +12,12 @@ from timm.layers import BatchNormAct2d
 from torch import nn
 
 import normsam
-from normsam.optim.running_stats import RunningStatsFreezer, RunningStatsSnapshot, running_stat_modules
+from normsam.optim.running_stats import (
+    RunningStatsFreezer,
+    RunningStatsSnapshot,
+    RunningStatsSwap,
+    running_stat_modules,
+)
 
 
 class StatsZoo(nn.Module):
@@ -27,12 +33,27 @@ class StatsZoo(nn.Module):
         self.instance = nn.InstanceNorm2d(4, affine=True, track_running_stats=True)
         self.sync = nn.SyncBatchNorm(4)
         self.sync_eval = nn.SyncBatchNorm(4)
+        self.custom = CustomRunningMean(4)
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):
         x = self.bn_act(self.bn_cumulative(self.bn(self.conv(x))))
-        x = self.sync_eval(self.sync(self.instance(x)))
+        x = self.custom(self.sync_eval(self.sync(self.instance(x))))
         return self.head(x.mean(dim=(2, 3)))
+
+
+class CustomRunningMean(nn.Module):
+    """Not a ``_NormBase``: a layer of its own that keeps a running mean (the swap's copy fallback)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.register_buffer("running_mean", torch.zeros(channels))
+
+    def forward(self, x):
+        if self.training:
+            with torch.no_grad():
+                self.running_mean.mul_(0.9).add_(0.1 * x.mean(dim=(0, 2, 3)))
+        return x - self.running_mean.view(1, -1, 1, 1)
 
 
 def _zoo(seed=0):
@@ -68,9 +89,10 @@ def _train(model, freezer_cls, steps, overflow_at=()):
     return model
 
 
+@pytest.mark.parametrize("freezer_cls", [RunningStatsSwap, RunningStatsFreezer])
 @pytest.mark.parametrize("overflow_at", [(), (1, 2)])
-def test_freeze_is_bit_identical_to_the_reference_snapshot(overflow_at):
-    fast = _train(_zoo(), RunningStatsFreezer, 4, overflow_at)
+def test_freeze_is_bit_identical_to_the_reference_snapshot(freezer_cls, overflow_at):
+    fast = _train(_zoo(), freezer_cls, 4, overflow_at)
     reference = _train(_zoo(), RunningStatsSnapshot, 4, overflow_at)
     for (name, a), b in zip(fast.state_dict().items(), reference.state_dict().values()):
         assert torch.equal(a, b), name
@@ -80,10 +102,11 @@ def test_freeze_is_bit_identical_to_the_reference_snapshot(overflow_at):
     assert fast.bn_cumulative.num_batches_tracked.item() == 4
 
 
-def test_freeze_leaves_the_statistics_of_one_forward_pass():
+@pytest.mark.parametrize("freezer_cls", [RunningStatsSwap, RunningStatsFreezer])
+def test_freeze_leaves_the_statistics_of_one_forward_pass(freezer_cls):
     """Against no SAM at all: the second pass leaves no trace, even when it overflows."""
     model, plain = _zoo(), _zoo()
-    freezer = RunningStatsFreezer(running_stat_modules(model))
+    freezer = freezer_cls(running_stat_modules(model))
     x, _ = _batch(0)
     model(x)
     plain(x)
@@ -112,10 +135,41 @@ def test_the_copy_is_allocated_once_and_follows_model_to():
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
 
 
-def test_restore_without_save_says_what_to_do():
-    freezer = RunningStatsFreezer(running_stat_modules(_zoo()))
+@pytest.mark.parametrize("freezer_cls", [RunningStatsSwap, RunningStatsFreezer])
+def test_restore_without_save_says_what_to_do(freezer_cls):
+    freezer = freezer_cls(running_stat_modules(_zoo()))
     with pytest.raises(ValueError, match=r"restore\(\) without save\(\): call save\(\) first"):
         freezer.restore()
+
+
+def test_sam_freezes_by_swapping_without_copying_norm_statistics():
+    """SAM's default freeze touches no BatchNorm buffer data: no copy kernel for them in save or restore, and
+    the model holds its very own tensors again afterwards (the custom layer alone is copied)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopyCounter(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.copied = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.copy_, torch.ops.aten._foreach_copy_, torch.ops.aten.clone):
+                self.copied.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    model = _zoo()
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
+    assert isinstance(sam._running_stats, RunningStatsSwap)
+    real = {name: b for name, b in model.named_buffers()}
+    sam._running_stats.save()  # the first save makes the scratch tensors
+    sam._running_stats.restore()
+    with CopyCounter() as counter:
+        sam._running_stats.save()
+        assert model.bn.running_mean is not real["bn.running_mean"]  # the pass writes the scratch
+        assert model.sync_eval.running_mean is real["sync_eval.running_mean"]  # eval mode: read, left alone
+        sam._running_stats.restore()
+    assert len(counter.copied) == 2  # the fallback's save and restore of the custom layer: one foreach each
+    assert all(b is real[name] for name, b in model.named_buffers())
 
 
 def test_frozen_running_stats_context_manager():
@@ -123,4 +177,18 @@ def test_frozen_running_stats_context_manager():
     before = copy.deepcopy(model.state_dict())
     with normsam.frozen_running_stats(model):
         model(_batch(3)[0])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
+
+
+def test_swap_follows_model_to_and_load_state_dict():
+    model = _zoo()
+    swap = RunningStatsSwap(running_stat_modules(model))
+    swap.save()
+    swap.restore()
+    model.double()  # new buffer tensors: the swap must put these back, not the float ones
+    before = copy.deepcopy(model.state_dict())
+    swap.save()
+    model(_batch(0)[0].double())
+    swap.restore()
+    assert model.bn.running_mean.dtype == torch.float64
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))

@@ -40,8 +40,10 @@ def plot_curves(
     return _save(fig, path)
 
 
-_OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "lion": "Lion"}
-_SCOPE_NAMES = {"all": "SAM-all", "norm": "SAM-ON"}
+#: The names of base optimizers and scopes in every table and figure (the report's arm labels use them too).
+OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "lion": "Lion"}
+SCOPE_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm", "random": "random mask",
+               "ssam-f": "SSAM-F", "ssam-d": "SSAM-D"}
 _METHOD = re.compile(r"^(?P<scope>no-norm|norm|all|random|ssam-f|ssam-d|patterns|\[.*?\])-(?P<perturbation>[a-z0-9_]+)"
                      r"-rho(?P<rho>[0-9.eE+-]+?)(?P<rest>( \(.*\))?)$")
 
@@ -52,13 +54,13 @@ def method_label(label: str) -> str:
     ``sgd`` → ``SGD``. Other labels are returned unchanged."""
     match = _METHOD.match(label)
     if match:
-        scope = _SCOPE_NAMES.get(match["scope"], match["scope"])
+        scope = SCOPE_NAMES.get(match["scope"], match["scope"])
         details = [match["perturbation"], f"ρ={match['rho']}"]
         if match["rest"]:
             details.append(match["rest"].strip()[1:-1])
         return f"{scope} ({', '.join(details)})"
     head, _, rest = label.partition(" ")
-    return f"{_OPTIMIZER_NAMES[head]} {rest}".rstrip() if head in _OPTIMIZER_NAMES else label
+    return f"{OPTIMIZER_NAMES[head]} {rest}".rstrip() if head in OPTIMIZER_NAMES else label
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -86,10 +86,9 @@ _SAM_KEYS = frozenset({
     "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
 })
 
-#: The names of the scopes in every table and figure (see :func:`arm_label`).
-SCOPE_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm", "random": "random mask",
-               "ssam-f": "SSAM-F", "ssam-d": "SSAM-D"}
-_OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "lion": "Lion"}
+#: The names of the scopes in every table and figure (see :func:`arm_label`), shared with the plots.
+SCOPE_NAMES = plots.SCOPE_NAMES
+_OPTIMIZER_NAMES = plots.OPTIMIZER_NAMES
 _SCOPE_ORDER = ("none", "all", "norm", "no-norm", "random", "ssam-f", "ssam-d")
 
 _QUANTILES = ("0.05", "0.25", "0.5", "0.75", "0.95")

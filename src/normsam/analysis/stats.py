@@ -8,7 +8,7 @@ Everything here works on plain numbers (values per seed), so it can be checked b
 * :func:`evaluate_claims`: the paper's claims (:data:`CLAIMS`) from the values of the arms that play each role.
 
 The t quantile comes from ``scipy.stats.t`` when scipy is installed (it is not a dependency); otherwise from
-:data:`T975` for 1–30 degrees of freedom and from the Cornish–Fisher expansion around the normal quantile
+:data:`T975` for 1–30 degrees of freedom and from the asymptotic expansion in 1/df around the normal quantile
 above that (within 2e-6 of the exact value for df > 30).
 """
 
@@ -66,7 +66,7 @@ def t_quantile(df: int) -> float:
 def _t_quantile_fallback(df: int) -> float:
     if df <= len(T975):
         return T975[df - 1]
-    # Cornish–Fisher expansion of t in powers of 1/df (Abramowitz & Stegun 26.7.5), three terms.
+    # the expansion of t in powers of 1/df around the normal quantile (Abramowitz & Stegun 26.7.5)
     z = _Z975
     return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))

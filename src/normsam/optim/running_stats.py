@@ -6,9 +6,12 @@ This covers every module that has ``running_mean``/``running_var`` buffers (``_B
 SyncBatchNorm, timm's BatchNormAct2d, InstanceNorm with ``track_running_stats``, custom modules), including
 ``num_batches_tracked``, and never touches ``requires_grad`` (which would break DDP's reducer).
 
-:class:`RunningStatsFreezer` is what :class:`normsam.SAM` uses: a preallocated copy filled and read back
-with one ``torch._foreach_copy_`` per (device, dtype), no allocation and no host sync per step.
-:class:`RunningStatsSnapshot` (a fresh clone per buffer and step) is the plain reference it is tested against.
+:class:`RunningStatsSwap` is what :class:`normsam.SAM` uses: for the second pass, the running buffers of
+every BatchNorm-like module in training mode are replaced by scratch tensors (a dict assignment, no copy,
+no kernel, no host sync), so the pass updates the scratch and the real statistics are never written; other
+modules with running statistics fall back to :class:`RunningStatsFreezer`, a preallocated copy filled and
+read back with one ``torch._foreach_copy_`` per (device, dtype). :class:`RunningStatsSnapshot` (a fresh
+clone per buffer and step) is the plain reference both are tested against.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "running_stat_modules",
     "RunningStatsFreezer",
     "RunningStatsSnapshot",
+    "RunningStatsSwap",
     "frozen_running_stats",
 ]
 
@@ -119,6 +123,76 @@ class RunningStatsFreezer:
             raise ValueError("RunningStatsFreezer.restore() without save(): call save() first.")
         for idx in self._groups:
             torch._foreach_copy_([self._buffers[i] for i in idx], [self._copies[i] for i in idx])
+        self._saved = False
+
+
+class RunningStatsSwap:
+    """Freeze the running statistics of a pass without copying them: :meth:`save` points each BatchNorm-like
+    module's ``running_mean``, ``running_var`` and ``num_batches_tracked`` at scratch tensors, :meth:`restore`
+    points them back at the real ones.
+
+    Why this is exact: a ``_NormBase`` module (BatchNorm, SyncBatchNorm, InstanceNorm, timm's BatchNormAct2d,
+    …) in training mode normalizes with the *batch's* statistics and only *writes* its running buffers
+    (``momentum=None`` reads ``num_batches_tracked`` only to weigh that write). So the pass's output is the
+    same bits whatever the buffers hold, and the real buffers, never passed to the kernel, keep their bits
+    even when the pass's statistics are inf or NaN (fp16 overflow at w + ε). Modules in eval mode read their
+    running statistics and write nothing, so they are left alone; modules that are not ``_NormBase`` (custom
+    layers with a ``running_mean``) fall back to a :class:`RunningStatsFreezer` copy. The scratch tensors are
+    made once per real buffer (again after ``model.to(...)``) and collect the discarded updates.
+
+    DDP with ``broadcast_buffers=True`` broadcasts rank 0's real buffers at every forward, as without SAM.
+    """
+
+    _NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, modules: list[nn.Module]):
+        from torch.nn.modules.batchnorm import _NormBase
+
+        self.norms = [m for m in modules if isinstance(m, _NormBase)]
+        others = [m for m in modules if not isinstance(m, _NormBase)]
+        self._fallback = RunningStatsFreezer(others) if others else None
+        # per module: (module, its _buffers dict, [(name, real tensor, scratch tensor), ...]), built once
+        self._slots: list[tuple[nn.Module, dict, list[tuple[str, torch.Tensor, torch.Tensor]]]] = []
+        self._swapped: list[tuple[dict, list[tuple[str, torch.Tensor, torch.Tensor]]]] = []
+        self._saved = False
+
+    def _build(self) -> None:
+        self._slots = [
+            (m, m._buffers, [(name, m._buffers[name], m._buffers[name].detach().clone())
+                             for name in self._NAMES if m._buffers.get(name) is not None])
+            for m in self.norms
+        ]
+
+    @torch.no_grad()
+    def save(self) -> None:
+        if not self._slots:
+            self._build()
+        swapped = []
+        for module, buffers, entries in self._slots:
+            if not module.training:
+                continue
+            for name, real, _ in entries:
+                if buffers.get(name) is not real:  # model.to(...) or a load replaced a buffer: new scratch
+                    self._build()
+                    return self.save()
+            for name, _, scratch in entries:  # a plain dict: no Module.__setattr__ on the hot path
+                buffers[name] = scratch
+            swapped.append((buffers, entries))
+        self._swapped = swapped
+        if self._fallback is not None:
+            self._fallback.save()
+        self._saved = True
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        if not self._saved:
+            raise ValueError("RunningStatsSwap.restore() without save(): call save() first.")
+        for buffers, entries in self._swapped:
+            for name, real, _ in entries:
+                buffers[name] = real
+        self._swapped = []
+        if self._fallback is not None:
+            self._fallback.restore()
         self._saved = False
 
 

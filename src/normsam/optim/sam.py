@@ -32,7 +32,7 @@ from normsam.optim.perturbations import (
     get_perturbation,
     perturbation,
 )
-from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, running_stat_modules
+from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, RunningStatsSwap, running_stat_modules
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
 
 __all__ = ["SAM"]
@@ -176,7 +176,7 @@ class SAM(torch.optim.Optimizer):
             )
         self.bn_policy = bn_policy
         self._running_stats = (
-            RunningStatsFreezer(running_stat_modules(model)) if bn_policy == "freeze" else None
+            RunningStatsSwap(running_stat_modules(model)) if bn_policy == "freeze" else None
         )
 
         self.normalize_bias = normalize_bias
@@ -423,11 +423,11 @@ class SAM(torch.optim.Optimizer):
         self._live_groups = plan.groups if len(live) == len(eps) else [
             [i for i in idx if eps[i] is not None] for idx in plan.groups
         ]
-        for idx in self._live_groups:
+        for idx in self._live_groups:  # each already one (device, dtype): no regrouping on the hot path
             if idx:
                 params = [plan.params[i] for i in idx]
-                _copy_([plan.backup[i] for i in idx], params, self.foreach)
-                _add_(params, [eps[i] for i in idx], self.foreach)
+                _copy_group([plan.backup[i] for i in idx], params, self.foreach)
+                _add_group(params, [eps[i] for i in idx], self.foreach)
         self._perturbed = True
         if zero_grad:
             self.zero_grad()
@@ -574,7 +574,7 @@ class SAM(torch.optim.Optimizer):
         plan = self._plan
         for idx in self._live_groups:
             if idx:
-                _copy_([plan.params[i] for i in idx], [plan.backup[i] for i in idx], self.foreach)
+                _copy_group([plan.params[i] for i in idx], [plan.backup[i] for i in idx], self.foreach)
         if self._running_stats is not None:
             self._running_stats.restore()
         self._perturbed = False
@@ -765,22 +765,22 @@ class SAM(torch.optim.Optimizer):
         return "\n".join(lines)
 
 
-def _add_(params: list[Tensor], eps: list[Tensor], foreach: bool) -> None:
-    if not foreach:
+def _add_group(params: list[Tensor], eps: list[Tensor], foreach: bool) -> None:
+    """``params += eps`` for tensors of one (device, dtype) group."""
+    if foreach:
+        torch._foreach_add_(params, eps)
+    else:
         for p, e in zip(params, eps):
             p.add_(e)
-        return
-    for idx in _grouped(params).values():
-        torch._foreach_add_([params[i] for i in idx], [eps[i] for i in idx])
 
 
-def _copy_(params: list[Tensor], saved: list[Tensor], foreach: bool) -> None:
-    if not foreach:
-        for p, s in zip(params, saved):
-            p.copy_(s)
-        return
-    for idx in _grouped(params).values():
-        torch._foreach_copy_([params[i] for i in idx], [saved[i] for i in idx])
+def _copy_group(dst: list[Tensor], src: list[Tensor], foreach: bool) -> None:
+    """``dst ← src`` for tensors of one (device, dtype) group."""
+    if foreach:
+        torch._foreach_copy_(dst, src)
+    else:
+        for d, t in zip(dst, src):
+            d.copy_(t)
 
 
 @dataclass
