@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads on the CPU (default: cpu 2, host-overhead 1)")
     parser.add_argument("--batch-size", type=int, help="override the batch size of every case")
     parser.add_argument("--ascent-interval", type=int, default=4, help="k of the SAM-ON ascent_interval variant")
+    parser.add_argument("--ascent-fraction", type=float,
+                        help="also SAM-ON with the ascent on the first ⌈f·B⌉ examples (the runner's ascent_fraction)")
     parser.add_argument("--extra", action="store_true",
                         help="also SAM-ON with the classic first pass and the hand-written SAM-all")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -113,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_flush_denormal(True)
     context = StepContext(rho_all=0.05, rho_on=0.5, perturbation="sam", amp="bf16" if args.mode == "gpu" else "off",
                           device_type=device.type)
-    variants = default_variants(classic=args.extra, handwritten_all=args.extra, ascent_interval=args.ascent_interval)
+    if args.ascent_fraction is not None and not 0 < args.ascent_fraction <= 1:
+        parser.error(f"--ascent-fraction must lie in (0, 1], got {args.ascent_fraction}")
+    variants = default_variants(classic=args.extra, handwritten_all=args.extra, ascent_interval=args.ascent_interval,
+                                ascent_fraction=args.ascent_fraction)
 
     results: dict[str, BenchResult] = {}
     for case in (SMOKE if args.smoke else MODES)[args.mode]:

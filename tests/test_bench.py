@@ -249,3 +249,26 @@ def test_gpu_sh_smoke_mode_runs_end_to_end(tmp_path):
         assert f"| {label}" in table or f"| timm {label}" in table
     data = json.loads((tmp_path / "bench-gpu.json").read_text())
     assert len(data) == 4 and all(d["settings"]["amp"] == "bf16" for d in data.values())
+
+
+def test_ascent_fraction_variant_takes_the_sub_batch_ascent():
+    """The benchmark's ascent_fraction row trains like SAM-ON whose ascent sees the first ⌈f·B⌉ examples."""
+    import normsam
+    from normsam.bench import fraction_name
+
+    model, reference = _tiny().double(), _tiny().double()
+    x, y = _data(8)
+    x = x.double()
+    variant = next(v for v in default_variants(ascent_fraction=0.25) if v.name == fraction_name(0.25))
+    step = variant.build(model, StepContext())
+    ctx = StepContext()
+    sam = normsam.SAM(reference, torch.optim.SGD, rho=ctx.rho_on, **ctx.base_kwargs())
+    for _ in range(2):
+        step(x, y)
+        sam.first_step(nn.functional.cross_entropy(reference(x[:2]), y[:2]), zero_grad=True)
+        nn.functional.cross_entropy(reference(x), y).backward()
+        sam.second_step(zero_grad=True)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
+    full = _train(SAM_ON, steps=2)
+    assert any(not torch.allclose(p, q) for p, q in zip(model.parameters(), full))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import math
 import os
 import statistics
 import time
@@ -40,7 +41,7 @@ from normsam.train.config import autocast
 __all__ = [
     "Variant", "VariantUnavailable", "BenchResult", "Target", "default_variants", "run_benchmark",
     "sam_supports_ascent_interval",
-    "SGD", "PEER", "SAM_ALL", "SAM_ON", "SAM_ON_CLASSIC", "FLOOR", "FLOOR_ALL", "interval_name",
+    "SGD", "PEER", "SAM_ALL", "SAM_ON", "SAM_ON_CLASSIC", "FLOOR", "FLOOR_ALL", "interval_name", "fraction_name",
 ]
 StepFn = Callable[[Tensor, Tensor], None]
 
@@ -59,6 +60,10 @@ _INTERVAL_PREFIX = "SAM-ON, ascent_interval="
 
 def interval_name(k: int) -> str:
     return f"{_INTERVAL_PREFIX}{k}"
+
+
+def fraction_name(f: float) -> str:
+    return f"SAM-ON, ascent_fraction={f:g}"
 
 
 class VariantUnavailable(Exception):
@@ -192,6 +197,24 @@ def _interval_variant(k: int) -> Callable[[nn.Module, StepContext], StepFn]:
     return build
 
 
+def _fraction_variant(f: float) -> Callable[[nn.Module, StepContext], StepFn]:
+    """SAM-ON whose ascent gradient comes from the first ⌈f·B⌉ examples of the batch (the runner's
+    ``ascent_fraction``): the first forward-backward runs on a sub-batch."""
+
+    def build(model: nn.Module, ctx: StepContext) -> StepFn:
+        sam, scaler = ctx.sam(model, "norm"), ctx.scaler()
+
+        def step(x, y):
+            n = max(1, math.ceil(f * x.shape[0]))
+            loss = _loss(model, x[:n], y[:n], ctx)
+            sam.first_step(loss if scaler is None else scaler.scale(loss), zero_grad=True, grad_scaler=scaler)
+            _descent(sam, _loss(model, x, y, ctx), scaler)
+
+        return step
+
+    return build
+
+
 def _peer_variant(model: nn.Module, ctx: StepContext) -> StepFn:
     """``pytorch_optimizer.SAM`` over every parameter, as its documentation uses it: ``backward`` and
     ``first_step``, second ``backward`` and ``second_step``; the same base SGD and ρ as normsam's SAM-all."""
@@ -260,6 +283,7 @@ def default_variants(
     classic: bool = True,
     ascent_interval: int | None = 4,
     handwritten_all: bool = False,
+    ascent_fraction: float | None = None,
 ) -> list[Variant]:
     """SGD first (the baseline of the ratios), then the peer, SAM-all, SAM-ON and the floor.
 
@@ -275,6 +299,8 @@ def default_variants(
         variants.append(
             Variant(interval_name(ascent_interval), _interval_variant(ascent_interval), cycle=ascent_interval)
         )
+    if ascent_fraction is not None:
+        variants.append(Variant(fraction_name(ascent_fraction), _fraction_variant(ascent_fraction)))
     if handwritten:
         variants.append(Variant(FLOOR, _handwritten_variant("norm")))
     if handwritten_all:
