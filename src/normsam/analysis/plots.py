@@ -91,7 +91,7 @@ def _panels(n: int, *, width: float = 5.2, height: float = 4.0):
 def _save(fig, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # keeps legends placed outside the axes
     plt.close(fig)
     return path
 
@@ -266,7 +266,8 @@ def plot_estimates(
         ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="x")
-        ax.legend(fontsize="small", loc="best")
+        # below the axes: inside, it covers the top arm's bar whatever corner it picks
+        ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=3, frameon=False)
     return _save(fig, path)
 
 
