@@ -10,9 +10,9 @@ import torch.nn.functional as F
 
 import normsam
 from normsam.train.config import load_config
-from normsam.train.loop import Trainer, resume
+from normsam.train.loop import Trainer
 from tests.conftest import make_batch, make_cnn
-from tests.test_runner import _cfg, _metrics, _without_timing
+from tests.test_runner import _cfg, _metrics, _without_timing, interrupt_after_one_epoch_and_resume
 
 
 def _loss(model, batch):
@@ -149,18 +149,7 @@ def test_runner_skips_the_first_pass_on_reuse_steps_and_ascends_on_a_sub_batch(t
 def test_runner_resume_is_exact_with_both_fast_modes(tmp_path, monkeypatch):
     extra = dict(scope="norm", perturbation="asam", rho=2.0, epochs=3, ascent_interval=3, ascent_fraction=0.5)
     Trainer(_cfg(tmp_path / "a", **extra)).run()  # 2 steps per epoch: reuse cycles cross the epochs
-    original = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_cfg(tmp_path / "b", **extra)).run()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
-    resume(tmp_path / "b" / "run")
+    interrupt_after_one_epoch_and_resume(_cfg(tmp_path / "b", **extra), monkeypatch)
     assert _without_timing(_metrics(tmp_path / "a" / "run")) == _without_timing(_metrics(tmp_path / "b" / "run"))
     a = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "run" / "checkpoint.pt", weights_only=True)

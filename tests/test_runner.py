@@ -41,6 +41,23 @@ def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
+def interrupt_after_one_epoch_and_resume(cfg, monkeypatch) -> dict:
+    """Train ``cfg``, stop it with Ctrl-C during its second epoch, then ``resume`` it; returns the summary."""
+    original = Trainer.train_epoch
+
+    def interrupted(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return original(self, epoch)
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg).run()
+    assert len(_metrics(cfg.out)) == 1
+    monkeypatch.setattr(Trainer, "train_epoch", original)
+    return resume(cfg.out)
+
+
 @pytest.fixture(autouse=True)
 def no_system_data(monkeypatch):
     monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
@@ -96,20 +113,7 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeyp
     if scope == "ssam-d":
         extra.update(sparsity=0.9, mask_interval=1)
     straight = Trainer(_cfg(tmp_path / "a", **extra)).run()
-
-    original = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(_cfg(tmp_path / "b", **extra)).run()
-    assert len(_metrics(tmp_path / "b" / "run")) == 1
-    monkeypatch.setattr(Trainer, "train_epoch", original)
-    resumed = resume(tmp_path / "b" / "run")
+    resumed = interrupt_after_one_epoch_and_resume(_cfg(tmp_path / "b", **extra), monkeypatch)
     assert _without_timing(_metrics(tmp_path / "a" / "run")) == _without_timing(_metrics(tmp_path / "b" / "run"))
     assert resumed["final_test_acc"] == straight["final_test_acc"]
     a = torch.load(tmp_path / "a" / "run" / "checkpoint.pt", weights_only=True)["model"]

@@ -96,6 +96,18 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
+def _finish_xy(fig, ax, path: str | Path, xlabel: str, ylabel: str, title: str | None, *, legend: bool) -> Path:
+    """Labels, title, grid and legend of a one-panel x-y figure, then save it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title, fontsize="medium")
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
 def _wants_log_x(panels: Mapping[str, Mapping[str, Series]]) -> bool:
     """Log scale when every x is positive and they span at least a factor of 10 (as ρ grids do)."""
     xs = [float(x) for lines in panels.values() for s in lines.values() for x in s[0]]
@@ -177,14 +189,7 @@ def plot_scatter(
     for label, xy in points.items():
         ax.scatter([p[0] for p in xy], [p[1] for p in xy], label=method_label(label), color=(colors or {}).get(label),
                    s=36)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize="medium")
-    ax.grid(alpha=0.3)
-    if points:
-        ax.legend(fontsize="small")
-    return _save(fig, path)
+    return _finish_xy(fig, ax, path, xlabel, ylabel, title, legend=bool(points))
 
 
 def plot_quantile_bands(
@@ -286,14 +291,7 @@ def plot_estimate_scatter(
     for label, (x, y) in points.items():
         ax.errorbar([x[0]], [y[0]], xerr=_error(x), yerr=_error(y), fmt="o", markersize=6, capsize=4,
                     label=label, color=(colors or {}).get(label))
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize="medium")
-    ax.grid(alpha=0.3)
-    if points:
-        ax.legend(fontsize="small")
-    return _save(fig, path)
+    return _finish_xy(fig, ax, path, xlabel, ylabel, title, legend=bool(points))
 
 
 def plot_interval_bands(
