@@ -12,7 +12,7 @@ from normsam.analysis.study import choose_rho, load_study, norm_sparsity, resolv
 from normsam.optim.scopes import param_groups
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import load_config, save_config
-from normsam.train.loop import build_run_model, load_run_data
+from normsam.train.run_folder import build_run_model, load_run_data
 
 TINY = dict(data="synthetic", image_size=8, subset=80, val_split=0.25, batch_size=32, eval_batch_size=256,
             epochs=1, threads=1, progress=False, device="cpu", model="resnet8", norm_stats=False)

@@ -131,7 +131,7 @@ def norm_sparsity(spec: Mapping[str, Any], scope: str = "norm") -> float:
 
     from normsam.optim.scopes import param_groups
     from normsam.train.config import load_config
-    from normsam.train.loop import build_run_model, load_run_data
+    from normsam.train.run_folder import build_run_model, load_run_data
 
     cfg = load_config(spec.get("preset"), dict(spec.get("base") or {}))
     model: nn.Module = build_run_model(cfg, load_run_data(cfg))
