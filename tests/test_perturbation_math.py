@@ -283,3 +283,31 @@ def test_official_options_errors_name_the_fix():
         normsam.SAM(model, torch.optim.SGD, lr=0.1, perturbation="layerwise", layerwise_scaling="times")
     with pytest.raises(ValueError, match=r"Invalid scaled_tensors: 'weights'; use 'not-bias'"):
         normsam.SAM(model, torch.optim.SGD, lr=0.1, scaled_tensors="weights")
+
+
+@pytest.mark.parametrize("pert", list(PERTURBATIONS))
+@pytest.mark.parametrize("scope", ["norm", "all"])
+@pytest.mark.parametrize("foreach", [True, False])
+def test_half_precision_weights_with_small_gradients_get_a_finite_epsilon(pert, scope, foreach):
+    """ρ/‖g‖ overflows float16 (65504) for small gradients; ε itself is small and must come out finite and
+    equal to the float64 computation (a regression: the coefficient was rounded to float16 first)."""
+    model = make_cnn()
+    half = make_cnn().half()
+    grads = {}
+    for (name, p), h in zip(model.named_parameters(), half.parameters()):
+        g = torch.linspace(-1, 1, p.numel(), dtype=torch.float64).reshape(p.shape) * 1e-6
+        h.grad = g.half()
+        p.grad = h.grad.double()  # the same (half-representable) gradient, in float64
+        grads[name] = p.grad
+    expected = {}
+    for m in (model, half):
+        before = [p.detach().clone() for p in m.parameters()]
+        sam = normsam.SAM(m, torch.optim.SGD, rho=0.5, lr=0.1, perturbation=pert, scope=scope, foreach=foreach)
+        sam.first_step()
+        expected[m] = [p.detach().double() - b.double() for p, b in zip(m.parameters(), before)]
+        sam.restore()
+    assert sam.counters["nonfinite_ascent_steps"] == 0
+    assert any(e.abs().max() > 1e-3 for e in expected[half])
+    for exact, got in zip(expected[model], expected[half]):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, exact, atol=5e-3, rtol=5e-2)

@@ -201,6 +201,83 @@ def test_bn_freeze_covers_subclasses_and_custom_modules():
     assert all(p.requires_grad for p in model.parameters())
 
 
+# --- the flat path (SAM-ON with perturbation="sam") ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ascent", ["cheap", "classic"])
+def test_flat_path_matches_the_reference_loop(ascent):
+    """SAM-ON's ℓ2 ε and backup go through one flat buffer each; the perturbed weights, the restore and three
+    steps' trajectory equal the per-tensor reference loop's (foreach=False)."""
+    fast_model, slow_model = make_cnn(), make_cnn()
+    fast = normsam.SAM(fast_model, torch.optim.SGD, rho=0.7, lr=0.1, momentum=0.9)
+    slow = normsam.SAM(slow_model, torch.optim.SGD, rho=0.7, lr=0.1, momentum=0.9, foreach=False)
+    assert fast._get_plan().flat is not None and slow._get_plan().flat is None
+    step = _cheap_step if ascent == "cheap" else _classic_step
+    for batch in _batches(3):
+        before = _params(fast_model)
+        if ascent == "cheap":
+            fast.first_step(_loss(fast_model, batch))
+            slow.first_step(_loss(slow_model, batch))
+        else:
+            for sam, model in ((fast, fast_model), (slow, slow_model)):
+                _loss(model, batch).backward()
+                sam.first_step(zero_grad=True)
+        for a, b in zip(fast_model.parameters(), slow_model.parameters()):
+            torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+        assert not torch.equal(fast_model.bn1.weight, before[1])  # perturbed
+        fast.restore(), slow.restore()
+        assert all(torch.equal(a, b) for a, b in zip(fast_model.parameters(), before))  # restored bit for bit
+        step(fast, fast_model, batch), step(slow, slow_model, batch)
+    for a, b in zip(fast_model.parameters(), slow_model.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=0)
+
+
+def test_flat_path_only_where_it_is_exact():
+    """Only vectors of one dtype with T = 1 and the norm over the perturbed set; two ρ fall back per step."""
+    model = make_cnn()
+    assert normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)._get_plan().flat is not None
+    for options in (dict(perturbation="asam"), dict(scope="all"), dict(norm_over="all"), dict(foreach=False),
+                    dict(scope="random", sparsity=0.5)):
+        assert normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, **options)._get_plan().flat is None, options
+
+    def two_rhos():  # SAM-ON's tensors in two groups with their own ρ
+        groups = normsam.param_groups(model, "norm")
+        norm = next(g for g in groups if g["perturb"])
+        return [dict(norm, params=norm["params"][:2], rho=0.2), dict(norm, params=norm["params"][2:], rho=0.9),
+                *(g for g in groups if not g["perturb"])]
+
+    sam = normsam.SAM(two_rhos(), torch.optim.SGD, lr=0.1, model=model)
+    reference = normsam.SAM(two_rhos(), torch.optim.SGD, lr=0.1, model=model, foreach=False)
+    assert sam._get_plan().flat is not None  # the plan allows it; the step sees two ρ and takes the foreach path
+    batch = make_batch()
+    eps = sam._fresh_epsilon(sam._get_plan(), _loss(model, batch), None)
+    expected = reference._fresh_epsilon(reference._get_plan(), _loss(model, batch), None)
+    assert len(eps) == 4 and all(e is not None for e in eps)
+    for a, b in zip(eps, expected):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+    assert eps[0].data_ptr() != sam._get_plan().flat.epsilon.data_ptr()  # not the flat buffer
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_flat_path_nonfinite_gradient_gives_no_perturbation_and_keeps_the_buffers_clean(bad):
+    model = make_cnn()
+    sam = normsam.SAM(model, torch.optim.SGD, rho=1.0, lr=0.1, ascent_interval=2)
+    _loss(model, make_batch()).backward()
+    model.gn.bias.grad[1] = bad
+    before = _params(model)
+    sam.first_step(zero_grad=True)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert sam.counters["nonfinite_ascent_steps"] == 1
+    sam.restore()
+    sam.first_step()  # ascent_interval=2 reuses the stored ε: zero, so still no perturbation
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    sam.restore()
+    sam.first_step(_loss(model, make_batch()))  # a fresh, finite ascent perturbs again
+    assert not torch.equal(model.bn1.weight, before[1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sam.counters["nonfinite_ascent_steps"] == 1
+
+
 # --- non-finite ascent -------------------------------------------------------------------------------------
 
 
@@ -356,6 +433,29 @@ def test_the_plan_is_rebuilt_when_requires_grad_or_the_groups_change():
     sam.add_param_group({"params": [extra], "param_names": ["extra.weight"]})
     assert sam._plan is None
     assert any(p is extra for p in sam.perturbed_parameters())
+
+
+class _CountingSGD(torch.optim.SGD):
+    zero_grad_calls = 0
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        type(self).zero_grad_calls += 1
+        super().zero_grad(set_to_none)
+
+
+def test_zero_grad_clears_or_zeroes_and_respects_a_base_optimizer_override():
+    model = make_cnn()
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
+    _loss(model, make_batch()).backward()
+    sam.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    _loss(model, make_batch()).backward()
+    grads = [p.grad for p in model.parameters()]
+    sam.zero_grad(set_to_none=False)
+    assert all(p.grad is g and not g.any() for p, g in zip(model.parameters(), grads))
+    counting = normsam.SAM(model, _CountingSGD, rho=0.5, lr=0.1)
+    counting.zero_grad()
+    assert _CountingSGD.zero_grad_calls == 1  # a base optimizer's own zero_grad is called, not bypassed
 
 
 def test_a_changed_rho_reaches_the_next_step_without_a_rebuild():

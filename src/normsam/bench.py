@@ -246,7 +246,8 @@ def _handwritten_variant(scope: str) -> Callable[[nn.Module, StepContext], StepF
     """The floor: the shortest correct ℓ2 SAM a user would write by hand, with none of normsam's bookkeeping
     (no running-statistics policy, no finiteness check, no masks): ``autograd.grad`` over the scope,
     ε = ρ g/‖g‖, add, second forward-backward, restore from a copy, base step. It uses ``torch._foreach_*``
-    and a copy buffer allocated once, so it is also the fastest such loop: a floor, not a straw man."""
+    and a copy buffer allocated once, so it is the fastest loop of this per-tensor shape: a floor, not a straw
+    man. (normsam's SAM-ON goes one step further: flat ε and backup buffers, see ``SAM._get_plan``.)"""
 
     def build(model: nn.Module, ctx: StepContext) -> StepFn:
         if ctx.amp == "fp16":

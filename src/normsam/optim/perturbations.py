@@ -216,9 +216,43 @@ def perturbation(
     )[0]
 
 
-def _safe_inverse(norm: Tensor) -> Tensor:
-    """1 / norm, or 0 when the norm is 0 (then every scaled gradient is 0 and so is ε). No host sync."""
-    return torch.where(norm > 0, norm.reciprocal(), torch.zeros_like(norm))
+def _coefficient(rho: float, norm: Tensor, like: Tensor) -> Tensor:
+    """ρ / ‖u‖ as a 0-d tensor on ``like``'s device, a few small kernels and no host sync.
+
+    0 where ρ / ‖u‖ is not finite: a zero norm means u = 0 (then ε = 0, not 0·inf = NaN); an inf or NaN norm
+    comes from a gradient that overflowed or is not finite, a step :class:`normsam.SAM` skips anyway.
+    In ``like``'s dtype, but float32 for half types: ρ / ‖u‖ easily exceeds float16's 65504 (small gradients),
+    and a 0-d float32 factor still gives half results, computed in float32."""
+    dtype = like.dtype if like.dtype.itemsize >= 4 else torch.float32
+    return torch.nan_to_num(rho / norm, nan=0.0, posinf=0.0).to(device=like.device, dtype=dtype)
+
+
+def _total_norm(parts: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
+    """‖·‖₂ over every tensor in ``parts`` (lists of one (device, dtype) each) as a 0-d float64 tensor on
+    ``device``: one ``_foreach_norm`` per part in the tensors' own dtype, their squares summed in float64.
+
+    It is finite exactly when every per-tensor norm is (float64 cannot overflow on squares of float32 norms),
+    so :class:`normsam.SAM` reads its finiteness flag off it."""
+    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(part)), dtype=torch.float64)
+             for part in parts if part]
+    if not norms:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    if len(norms) == 1:
+        return norms[0]
+    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+
+
+def _plain_l2_flat(grads: Sequence[Tensor], rho: float, out: Tensor) -> Tensor:
+    """ε = ρ·g/‖g‖ (``sam``: T = 1, one ρ) for 1-D tensors of one device and dtype, written into the flat
+    buffer ``out``; returns ‖g‖ as a 0-d float64 tensor.
+
+    The same math as the foreach path in a handful of kernels whatever the number of tensors (a CPU runs a
+    foreach op tensor by tensor): :class:`normsam.SAM` takes it for SAM-ON, whose norm-layer γ and β are
+    vectors, with ``out`` and its per-tensor views allocated once."""
+    torch.cat(list(grads), out=out)
+    norm = torch.linalg.vector_norm(out, dtype=torch.float64)
+    out.mul_(_coefficient(rho, norm, out))
+    return norm
 
 
 def _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled):
@@ -235,10 +269,13 @@ def _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, ex
     device = _norm_device(grads)
     squares = [torch.zeros((), dtype=torch.float64, device=device)]
     squares += [torch.sum(x.double() * x.double()).to(device) for x in u + u_extra]
-    inv = _safe_inverse(torch.sqrt(torch.stack(squares).sum()))
+    norm = torch.sqrt(torch.stack(squares).sum())
+    # in the coefficient's precision, then rounded once: for half tensors `coefficient * x` would round the
+    # float32 coefficient to half first (overflow); the foreach ops compute in float32 by themselves
     return [
-        (rho * inv.to(g.dtype).to(g.device)) * times_scale(x, w, g, s)
+        (times_scale(x, w, g, s).to(coef.dtype) * coef).to(g.dtype)
         for x, g, w, rho, s in zip(u, grads, weights, rhos, scaled)
+        for coef in (_coefficient(rho, norm, g),)
     ]
 
 
@@ -285,9 +322,10 @@ def _by_rho(idx: list[int], rhos: Sequence[float]) -> dict[float, list[int]]:
 
 def _perturbation_foreach(
     grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, groups=None, extra_groups=None
-) -> tuple[list[Tensor], list[Tensor]]:
-    """ε as new tensors (never the caller's gradients), and the per-tensor norms ‖T⊙g‖ stacked per group
-    (ℓ2 models; the caller may reuse them). ``groups``: indices per (device, dtype), when known already.
+) -> tuple[list[Tensor], Tensor | None]:
+    """ε as new tensors (never the caller's gradients), and for ℓ2 models the norm ‖T⊙g‖ over the perturbed
+    (and extra) tensors, a 0-d float64 tensor the caller may reuse. ``groups``: indices per (device, dtype),
+    when known already.
 
     Passes over the gradients (SAM-all with ``sam``: one norm pass and one multiply): the coefficient
     ρ / ‖T⊙g‖ is a 0-d device tensor per (group, ρ), so ε = coefficient · T²⊙g is one foreach multiply for
@@ -307,22 +345,17 @@ def _perturbation_foreach(
             torch._foreach_mul_(signs, [float(rhos[i]) for i in idx])
             for i, e in zip(idx, signs):
                 eps[i] = e
-        return eps, []
+        return eps, None
     # ℓ2: u = T⊙g, ε = ρ·T⊙u / ‖u‖ (the norm also over the extra gradients for norm_over="all")
     u = _times_scales(grads, scales, groups)
     u_extra = _times_scales(extra, _scales_foreach(list(extra_weights), extra, extra_scaled, model, eta, extra_groups), extra_groups)
-    device = _norm_device(grads)
-    squares = [torch.zeros((), dtype=torch.float64, device=device)]
-    norms = []
-    for tensors, grps in ((u, groups), (u_extra, extra_groups)):
-        for idx in grps:
-            norms.append(torch.stack(torch._foreach_norm([tensors[i] for i in idx])))
-            squares.append(norms[-1].double().square().sum().to(device))
-    inv = _safe_inverse(torch.sqrt(torch.stack(squares).sum()))
+    norm = _total_norm(
+        [[u[i] for i in idx] for idx in groups] + [[u_extra[i] for i in idx] for idx in extra_groups],
+        _norm_device(grads),
+    )
     for idx in groups:
-        dev, dtype = grads[idx[0]].device, grads[idx[0]].dtype
         for rho, sub in _by_rho(idx, rhos).items():
-            coef = (inv * rho).to(device=dev, dtype=dtype)
+            coef = _coefficient(rho, norm, grads[idx[0]])
             plain = [i for i in sub if scales[i] is None]
             if plain:
                 for i, e in zip(plain, torch._foreach_mul([u[i] for i in plain], coef)):
@@ -333,4 +366,4 @@ def _perturbation_foreach(
                 torch._foreach_mul_(out, coef)
                 for i, e in zip(pick, out):
                     eps[i] = e
-    return eps, norms
+    return eps, norm

@@ -151,34 +151,37 @@ class RunningStatsSwap:
         self.norms = [m for m in modules if isinstance(m, _NormBase)]
         others = [m for m in modules if not isinstance(m, _NormBase)]
         self._fallback = RunningStatsFreezer(others) if others else None
-        # per module: (module, its _buffers dict, [(name, real tensor, scratch tensor), ...]), built once
-        self._slots: list[tuple[nn.Module, dict, list[tuple[str, torch.Tensor, torch.Tensor]]]] = []
-        self._swapped: list[tuple[dict, list[tuple[str, torch.Tensor, torch.Tensor]]]] = []
+        # per module: (module, its _buffers dict, {name: real tensor}, {name: scratch tensor}), built once
+        self._slots: list[tuple[nn.Module, dict, dict, dict]] = []
+        # the same real tensors, flat, for one identity check per step in C (map over dict.get and is_)
+        self._check: tuple[list[dict], list[str], list[torch.Tensor]] = ([], [], [])
+        self._swapped: list[tuple[dict, dict, dict]] = []
         self._saved = False
 
     def _build(self) -> None:
-        self._slots = [
-            (m, m._buffers, [(name, m._buffers[name], m._buffers[name].detach().clone())
-                             for name in self._NAMES if m._buffers.get(name) is not None])
-            for m in self.norms
-        ]
+        self._slots = []
+        for m in self.norms:
+            real = {name: m._buffers[name] for name in self._NAMES if m._buffers.get(name) is not None}
+            self._slots.append((m, m._buffers, real, {name: t.detach().clone() for name, t in real.items()}))
+        self._check = (
+            [buffers for _, buffers, real, _ in self._slots for _ in real],
+            [name for _, _, real, _ in self._slots for name in real],
+            [t for _, _, real, _ in self._slots for t in real.values()],
+        )
+
+    def _current(self) -> bool:
+        """Whether every module still holds the buffers the scratch tensors were made for."""
+        dicts, names, reals = self._check
+        return all(map(operator.is_, map(dict.get, dicts, names), reals))
 
     @torch.no_grad()
     def save(self) -> None:
-        if not self._slots:
+        if not self._slots or not self._current():  # first use, or model.to(...) or a load replaced a buffer
             self._build()
-        swapped = []
-        for module, buffers, entries in self._slots:
-            if not module.training:
-                continue
-            for name, real, _ in entries:
-                if buffers.get(name) is not real:  # model.to(...) or a load replaced a buffer: new scratch
-                    self._build()
-                    return self.save()
-            for name, _, scratch in entries:  # a plain dict: no Module.__setattr__ on the hot path
-                buffers[name] = scratch
-            swapped.append((buffers, entries))
-        self._swapped = swapped
+        # a plain dict update: no Module.__setattr__ on the hot path; modules in eval mode only read theirs
+        self._swapped = [(buffers, real, scratch) for module, buffers, real, scratch in self._slots if module.training]
+        for buffers, _, scratch in self._swapped:
+            buffers.update(scratch)
         if self._fallback is not None:
             self._fallback.save()
         self._saved = True
@@ -187,9 +190,8 @@ class RunningStatsSwap:
     def restore(self) -> None:
         if not self._saved:
             raise ValueError("RunningStatsSwap.restore() without save(): call save() first.")
-        for buffers, entries in self._swapped:
-            for name, real, _ in entries:
-                buffers[name] = real
+        for buffers, real, _ in self._swapped:
+            buffers.update(real)
         self._swapped = []
         if self._fallback is not None:
             self._fallback.restore()

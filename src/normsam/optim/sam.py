@@ -15,6 +15,7 @@ Only the perturbed tensors are copied, so SAM-ON's extra memory is the size of t
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator, MutableMapping
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from normsam.optim.perturbations import (
     SCALED_TENSORS,
     _grouped,
     _perturbation_foreach,
+    _plain_l2_flat,
     get_perturbation,
     perturbation,
 )
@@ -36,6 +38,8 @@ from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, Runnin
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
 
 __all__ = ["SAM"]
+
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 NORM_OVER = ("perturbed", "all")
 
@@ -303,8 +307,9 @@ class SAM(torch.optim.Optimizer):
         return out
 
     def _plan_key(self) -> tuple:
+        # map/attrgetter walk the tensors in C: this runs every step, over every parameter
         return tuple(
-            (id(g), id(g["params"]), bool(g["perturb"]), tuple(p.requires_grad for p in g["params"]))
+            (id(g), id(g["params"]), bool(g["perturb"]), tuple(map(_REQUIRES_GRAD, g["params"])))
             for g in self.param_groups
         )
 
@@ -322,6 +327,18 @@ class SAM(torch.optim.Optimizer):
         others = self._entries(False) if self.norm_over == "all" else []
         params = [p for p, _, _ in entries]
         scaled, others_scaled = self._scaled(entries), self._scaled(others)
+        groups = list(_grouped(params).values())
+        plain_norms = (
+            self.foreach
+            and self.mask_scope is None
+            and self.perturbation_model.geometry == "l2"
+            and not any(scaled)
+            and not any(others_scaled)
+        )
+        # vectors only (norm layers' γ and β), one (device, dtype), T = 1, norm over the perturbed set: SAM-ON
+        flat = _FlatBuffers.for_params(params) if (
+            plain_norms and not others and len(groups) == 1 and all(p.dim() == 1 for p in params)
+        ) else None
         self._plan = _Plan(
             key=key,
             params=params,
@@ -329,16 +346,12 @@ class SAM(torch.optim.Optimizer):
             scaled=scaled,
             others=[p for p, _, _ in others],
             others_scaled=others_scaled,
-            groups=list(_grouped(params).values()),
+            groups=groups,
             others_groups=list(_grouped([p for p, _, _ in others]).values()),
-            backup=[torch.empty_like(p, memory_format=torch.preserve_format) for p in params],
-            plain_norms=(
-                self.foreach
-                and self.mask_scope is None
-                and self.perturbation_model.geometry == "l2"
-                and not any(scaled)
-                and not any(others_scaled)
-            ),
+            backup=(flat.backup_views if flat is not None
+                    else [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]),
+            plain_norms=plain_norms,
+            flat=flat,
         )
         return self._plan
 
@@ -423,11 +436,15 @@ class SAM(torch.optim.Optimizer):
         self._live_groups = plan.groups if len(live) == len(eps) else [
             [i for i in idx if eps[i] is not None] for idx in plan.groups
         ]
-        for idx in self._live_groups:  # each already one (device, dtype): no regrouping on the hot path
-            if idx:
-                params = [plan.params[i] for i in idx]
-                _copy_group([plan.backup[i] for i in idx], params, self.foreach)
-                _add_group(params, [eps[i] for i in idx], self.foreach)
+        if plan.flat is not None and self._live_groups is plan.groups:
+            torch.cat(plan.params, out=plan.flat.backup)  # the backup in one kernel; plan.backup views it
+            _add_group(plan.params, eps, self.foreach)
+        else:
+            for idx in self._live_groups:  # each already one (device, dtype): no regrouping on the hot path
+                if idx:
+                    params = [plan.params[i] for i in idx]
+                    _copy_group([plan.backup[i] for i in idx], params, self.foreach)
+                    _add_group(params, [eps[i] for i in idx], self.foreach)
         self._perturbed = True
         if zero_grad:
             self.zero_grad()
@@ -454,31 +471,39 @@ class SAM(torch.optim.Optimizer):
                 extra += [(plan.params[i], plan.scaled[i], grads[i] - masked[i]) for i in live]
                 extra_groups = None
             grads = masked
-        eps: list[Tensor | None] = [None] * len(plan.params)
         if not live:
             finite = self._finite_flag(raw) if finite is None else finite
             if finite is not None:
                 self.counters.count_nonfinite(finite)
-            return eps
-        same = len(live) == len(plan.params)
-        g_live, w_live = [grads[i] for i in live], [plan.params[i] for i in live]
-        rhos, scaled = [plan.groups_of[i]["rho"] for i in live], [plan.scaled[i] for i in live]
+            return [None] * len(plan.params)
+        same = len(live) == len(plan.params)  # the usual case: no copies of the plan's lists
+        g_live = grads if same else [grads[i] for i in live]
+        w_live = plan.params if same else [plan.params[i] for i in live]
+        scaled = plan.scaled if same else [plan.scaled[i] for i in live]
+        rhos = [plan.groups_of[i]["rho"] for i in live]  # read every step: ρ may be scheduled
         extra_g, extra_w, extra_s = [g for _, _, g in extra], [w for w, _, _ in extra], [s for _, s, _ in extra]
-        if self.foreach:
-            live_eps, norms = _perturbation_foreach(
+        if plan.flat is not None and same and not extra and len(set(rhos)) == 1:  # SAM-ON, perturbation="sam"
+            norm = _plain_l2_flat(g_live, rhos[0], out=plan.flat.epsilon)
+            live_eps, zero_these, zero_groups = plan.flat.epsilon_views, [plan.flat.epsilon], [[0]]
+        elif self.foreach:
+            live_eps, norm = _perturbation_foreach(
                 g_live, w_live, self.perturbation_model, rhos, self.eta, scaled, extra_g, extra_w, extra_s,
                 groups=plan.groups if same else None, extra_groups=extra_groups,
             )
+            zero_these, zero_groups = live_eps, plan.groups if same else list(_grouped(live_eps).values())
         else:
             live_eps = perturbation(
                 g_live, w_live, model=self.perturbation_model, rhos=rhos, eta=self.eta, scaled=scaled,
                 extra_grads=extra_g, extra_weights=extra_w, extra_scaled=extra_s, foreach=False,
             )
-            norms = []
-        if finite is None:  # plain_norms: ‖T⊙g‖ with T = 1 and no mask are the gradients' own norms
-            finite = _all_true([torch.isfinite(n).all() for n in norms], g_live[0].device)
-        _zero_unless(live_eps, finite, plan.groups if same else list(_grouped(live_eps).values()), self.foreach)
+            zero_these, zero_groups = live_eps, list(_grouped(live_eps).values())
+        if finite is None:  # plain_norms: ‖T⊙g‖ with T = 1 and no mask is the gradient's own norm
+            finite = torch.isfinite(norm)
+        _zero_unless(zero_these, finite, zero_groups, self.foreach)
         self.counters.count_nonfinite(finite)
+        if same:
+            return live_eps
+        eps: list[Tensor | None] = [None] * len(plan.params)
         for i, e in zip(live, live_eps):
             eps[i] = e
         return eps
@@ -631,6 +656,13 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        if set_to_none and type(self.base_optimizer).zero_grad is torch.optim.Optimizer.zero_grad:
+            # what Optimizer.zero_grad does with set_to_none, minus its profiler range and dynamo guard:
+            # a SAM step zeroes twice, and on a fast GPU that host time shows
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.grad = None
+            return
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -795,8 +827,27 @@ class _Plan:
     others_scaled: list[bool]
     groups: list[list[int]]  # indices of params per (device, dtype), for the foreach kernels
     others_groups: list[list[int]]
-    backup: list[Tensor]  # the persistent copy of params, refilled by _foreach_copy_ each step
+    backup: list[Tensor]  # the persistent copy of params, refilled each step (views of flat.backup if flat)
     plain_norms: bool  # T = 1 everywhere, no mask, foreach: ε's norms are the gradients' own
+    flat: _FlatBuffers | None  # SAM-ON with perturbation="sam": ε and the backup as flat buffers
+
+
+@dataclass
+class _FlatBuffers:
+    """Flat ε and backup buffers for perturbed tensors that are all vectors of one device and dtype, with
+    per-tensor views made once: ε, the backup copy and the finiteness rule then take one kernel each
+    instead of one per tensor."""
+
+    epsilon: Tensor
+    epsilon_views: list[Tensor]
+    backup: Tensor
+    backup_views: list[Tensor]
+
+    @classmethod
+    def for_params(cls, params: list[Tensor]) -> _FlatBuffers:
+        sizes = [p.numel() for p in params]
+        epsilon, backup = (params[0].new_empty(sum(sizes)) for _ in range(2))
+        return cls(epsilon, list(epsilon.split(sizes)), backup, list(backup.split(sizes)))
 
 
 class _Counters(MutableMapping):
