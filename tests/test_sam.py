@@ -201,16 +201,19 @@ def test_bn_freeze_covers_subclasses_and_custom_modules():
     assert all(p.requires_grad for p in model.parameters())
 
 
-# --- the flat path (SAM-ON with perturbation="sam") ------------------------------------------------------
+# --- the flat path (SAM-ON with an elementwise T) ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("ascent", ["cheap", "classic"])
-def test_flat_path_matches_the_reference_loop(ascent):
-    """SAM-ON's ℓ2 ε and backup go through one flat buffer each; the perturbed weights, the restore and three
+@pytest.mark.parametrize("pert,normalize_bias", [("sam", False), ("asam", False), ("asam", True), ("linf", False),
+                                                 ("fisher", False)])
+def test_flat_path_matches_the_reference_loop(ascent, pert, normalize_bias):
+    """SAM-ON's ε and backup go through one flat buffer each; the perturbed weights, the restore and three
     steps' trajectory equal the per-tensor reference loop's (foreach=False)."""
     fast_model, slow_model = make_cnn(), make_cnn()
-    fast = normsam.SAM(fast_model, torch.optim.SGD, rho=0.7, lr=0.1, momentum=0.9)
-    slow = normsam.SAM(slow_model, torch.optim.SGD, rho=0.7, lr=0.1, momentum=0.9, foreach=False)
+    options = dict(rho=0.7, lr=0.1, momentum=0.9, perturbation=pert, normalize_bias=normalize_bias)
+    fast = normsam.SAM(fast_model, torch.optim.SGD, **options)
+    slow = normsam.SAM(slow_model, torch.optim.SGD, **options, foreach=False)
     assert fast._get_plan().flat is not None and slow._get_plan().flat is None
     step = _cheap_step if ascent == "cheap" else _classic_step
     for batch in _batches(3):
@@ -235,10 +238,11 @@ def test_flat_path_matches_the_reference_loop(ascent):
 
 
 def test_flat_path_only_where_it_is_exact():
-    """Only vectors of one dtype with T = 1 and the norm over the perturbed set; two ρ fall back per step."""
+    """Only vectors of one dtype, an elementwise T, no element mask and the norm over the perturbed set; two ρ
+    fall back to the foreach path for that step."""
     model = make_cnn()
     assert normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)._get_plan().flat is not None
-    for options in (dict(perturbation="asam"), dict(scope="all"), dict(norm_over="all"), dict(foreach=False),
+    for options in (dict(perturbation="layerwise"), dict(scope="all"), dict(norm_over="all"), dict(foreach=False),
                     dict(scope="random", sparsity=0.5)):
         assert normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, **options)._get_plan().flat is None, options
 
@@ -260,10 +264,12 @@ def test_flat_path_only_where_it_is_exact():
     assert eps[0].data_ptr() != sam._get_plan().flat.epsilon.data_ptr()  # not the flat buffer
 
 
+@pytest.mark.parametrize("pert", ["sam", "asam", "linf", "fisher"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-def test_flat_path_nonfinite_gradient_gives_no_perturbation_and_keeps_the_buffers_clean(bad):
+def test_flat_path_nonfinite_gradient_gives_no_perturbation_and_keeps_the_buffers_clean(bad, pert):
     model = make_cnn()
-    sam = normsam.SAM(model, torch.optim.SGD, rho=1.0, lr=0.1, ascent_interval=2)
+    sam = normsam.SAM(model, torch.optim.SGD, rho=1.0, lr=0.1, ascent_interval=2, perturbation=pert)
+    assert sam._get_plan().flat is not None
     _loss(model, make_batch()).backward()
     model.gn.bias.grad[1] = bad
     before = _params(model)

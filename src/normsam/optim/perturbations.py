@@ -31,7 +31,8 @@ The official SAM-ON code differs in two conventions; both are options (SPEC §1)
   ``"not-bias"``: every tensor except those whose name ends in ``bias``.
 
 This module is the functional core of :class:`normsam.SAM`: :func:`perturbation` dispatches to a plain
-per-tensor loop (the reference) or a ``torch._foreach_*`` version grouped by device and dtype.
+per-tensor loop (the reference) or a ``torch._foreach_*`` version grouped by device and dtype; SAM-ON's
+norm-layer vectors take a third, flat version (:func:`_epsilon_flat`) when T is elementwise.
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ class PerturbationModel:
     weight_dependent: bool  # T depends on w: biases get T = 1 unless normalize_bias
     scale: ScaleFn | None  # None: T = 1
     scale_foreach: ScaleForeachFn | None
+    elementwise: bool = True  # T_i depends on element i only (not layerwise's norm of the whole tensor)
 
     def scales(self, is_bias: bool, normalize_bias: bool) -> bool:
         """Whether T applies to a tensor (otherwise T = 1), by normsam's bias rule."""
@@ -146,7 +148,7 @@ PERTURBATIONS: dict[str, PerturbationModel] = {
     for m in (
         PerturbationModel("sam", "l2", 0.0, False, None, None),
         PerturbationModel("asam", "l2", 0.01, True, _asam_scale, _asam_scale_foreach),
-        PerturbationModel("layerwise", "l2", 0.01, True, _layerwise_scale, _layerwise_scale_foreach),
+        PerturbationModel("layerwise", "l2", 0.01, True, _layerwise_scale, _layerwise_scale_foreach, False),
         PerturbationModel("linf", "linf", 0.01, True, _asam_scale, _asam_scale_foreach),
         PerturbationModel("fisher", "l2", 1.0, False, _fisher_scale, _fisher_scale_foreach),
     )
@@ -242,15 +244,35 @@ def _total_norm(parts: Sequence[Sequence[Tensor]], device: torch.device) -> Tens
     return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
 
 
-def _plain_l2_flat(grads: Sequence[Tensor], rho: float, out: Tensor) -> Tensor:
-    """ε = ρ·g/‖g‖ (``sam``: T = 1, one ρ) for 1-D tensors of one device and dtype, written into the flat
-    buffer ``out``; returns ‖g‖ as a 0-d float64 tensor.
+def _epsilon_flat(
+    grads: Sequence[Tensor], weights: Tensor, model: PerturbationModel, rho: float, eta: float,
+    scaled: Tensor | None, out: Tensor,
+) -> Tensor:
+    """ε for vectors of one device and dtype, written into the flat buffer ``out``, for a model whose T is
+    elementwise (all but layerwise) and one ρ: ℓ2 ε = ρ·T⊙u/‖u‖ with u = T⊙g, ℓ∞ ε = ρ·T⊙sign(g).
 
-    The same math as the foreach path in a handful of kernels whatever the number of tensors (a CPU runs a
-    foreach op tensor by tensor): :class:`normsam.SAM` takes it for SAM-ON, whose norm-layer γ and β are
-    vectors, with ``out`` and its per-tensor views allocated once."""
-    torch.cat(list(grads), out=out)
+    ``weights`` is the perturbed tensors' flat copy (the backup); ``scaled`` a flat bool mask of the elements
+    where T applies (None: everywhere). Returns ‖u‖ (ℓ∞: ‖g‖) as a 0-d float64 tensor; it is not finite when
+    g is not (or when T⊙g overflows), and SAM then skips the step. The same math as the foreach path in a
+    handful of kernels whatever the number of tensors (a CPU runs a foreach op tensor by tensor):
+    :class:`normsam.SAM` takes it for SAM-ON, whose norm-layer γ and β are vectors, with ``out``, ``weights``
+    and their per-tensor views allocated once."""
+    torch.cat(list(grads), out=out)  # g
+    scale = None if model.scale is None else model.scale(weights, out, eta)
+    if scale is not None and scaled is not None:
+        scale = torch.where(scaled, scale, 1.0)  # T = 1 on the tensors the bias rule leaves out
+    if model.geometry == "linf":  # ρ·T⊙sign(g); the norm only says whether g is finite
+        norm = torch.linalg.vector_norm(out, dtype=torch.float64)
+        out.sign_()
+        if scale is not None:
+            out.mul_(scale)
+        out.mul_(rho)
+        return norm
+    if scale is not None:
+        out.mul_(scale)  # u = T⊙g
     norm = torch.linalg.vector_norm(out, dtype=torch.float64)
+    if scale is not None:
+        out.mul_(scale)  # T⊙u = T²⊙g
     out.mul_(_coefficient(rho, norm, out))
     return norm
 

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from normsam.optim import masks as masklib
 from normsam.optim.perturbations import (
     SCALED_TENSORS,
+    _epsilon_flat,
     _grouped,
     _perturbation_foreach,
-    _plain_l2_flat,
     get_perturbation,
     perturbation,
 )
@@ -335,10 +335,18 @@ class SAM(torch.optim.Optimizer):
             and not any(scaled)
             and not any(others_scaled)
         )
-        # vectors only (norm layers' γ and β), one (device, dtype), T = 1, norm over the perturbed set: SAM-ON
-        flat = _FlatBuffers.for_params(params) if (
-            plain_norms and not others and len(groups) == 1 and all(p.dim() == 1 for p in params)
-        ) else None
+        # SAM-ON: vectors only (norm layers' γ and β) of one (device, dtype), an elementwise T, no element
+        # mask, the norm over the perturbed set
+        flat = None
+        if (
+            self.foreach
+            and self.mask_scope is None
+            and self.perturbation_model.elementwise
+            and not others
+            and len(groups) == 1
+            and all(p.dim() == 1 for p in params)
+        ):
+            flat = _FlatBuffers.for_params(params, None if self.perturbation_model.scale is None else scaled)
         self._plan = _Plan(
             key=key,
             params=params,
@@ -424,6 +432,8 @@ class SAM(torch.optim.Optimizer):
                 "scope='ssam-f' has no Fisher mask yet: call sam.refresh_masks(batches) with a few batches of "
                 "training data before the first step (and again on your refresh schedule)."
             )
+        if plan.flat is not None:  # the backup in one kernel, before ε: the flat path reads w from it
+            torch.cat(plan.params, out=plan.flat.backup)
         if self.needs_ascent:
             eps = self._fresh_epsilon(plan, loss, grad_scaler)
             self._eps, self._eps_params = (eps, plan.params) if self.ascent_interval > 1 else (None, None)
@@ -436,14 +446,16 @@ class SAM(torch.optim.Optimizer):
         self._live_groups = plan.groups if len(live) == len(eps) else [
             [i for i in idx if eps[i] is not None] for idx in plan.groups
         ]
-        if plan.flat is not None and self._live_groups is plan.groups:
-            torch.cat(plan.params, out=plan.flat.backup)  # the backup in one kernel; plan.backup views it
+        if self._live_groups is plan.groups and len(plan.groups) == 1:  # the usual case: the plan's own lists
+            if plan.flat is None:  # (the flat path's backup is already filled)
+                _copy_group(plan.backup, plan.params, self.foreach)
             _add_group(plan.params, eps, self.foreach)
         else:
             for idx in self._live_groups:  # each already one (device, dtype): no regrouping on the hot path
                 if idx:
                     params = [plan.params[i] for i in idx]
-                    _copy_group([plan.backup[i] for i in idx], params, self.foreach)
+                    if plan.flat is None:
+                        _copy_group([plan.backup[i] for i in idx], params, self.foreach)
                     _add_group(params, [eps[i] for i in idx], self.foreach)
         self._perturbed = True
         if zero_grad:
@@ -461,6 +473,10 @@ class SAM(torch.optim.Optimizer):
 
         live = [i for i, g in enumerate(grads) if g is not None]
         extra_live = [j for j, g in enumerate(extra_grads) if g is not None]
+        if plan.flat is not None and len(live) == len(plan.params) and not extra_live:
+            rhos = {group["rho"] for group in plan.groups_of}  # read every step: ρ may be scheduled
+            if len(rhos) == 1:
+                return self._flat_epsilon(plan, grads, rhos.pop())
         raw = [grads[i] for i in live] + [extra_grads[j] for j in extra_live]
         finite = None if plan.plain_norms else self._finite_flag(raw)
         extra = [(plan.others[j], plan.others_scaled[j], extra_grads[j]) for j in extra_live]
@@ -482,10 +498,7 @@ class SAM(torch.optim.Optimizer):
         scaled = plan.scaled if same else [plan.scaled[i] for i in live]
         rhos = [plan.groups_of[i]["rho"] for i in live]  # read every step: ρ may be scheduled
         extra_g, extra_w, extra_s = [g for _, _, g in extra], [w for w, _, _ in extra], [s for _, s, _ in extra]
-        if plan.flat is not None and same and not extra and len(set(rhos)) == 1:  # SAM-ON, perturbation="sam"
-            norm = _plain_l2_flat(g_live, rhos[0], out=plan.flat.epsilon)
-            live_eps, zero_these, zero_groups = plan.flat.epsilon_views, [plan.flat.epsilon], [[0]]
-        elif self.foreach:
+        if self.foreach:
             live_eps, norm = _perturbation_foreach(
                 g_live, w_live, self.perturbation_model, rhos, self.eta, scaled, extra_g, extra_w, extra_s,
                 groups=plan.groups if same else None, extra_groups=extra_groups,
@@ -507,6 +520,18 @@ class SAM(torch.optim.Optimizer):
         for i, e in zip(live, live_eps):
             eps[i] = e
         return eps
+
+    def _flat_epsilon(self, plan: _Plan, grads: list[Tensor], rho: float) -> list[Tensor]:
+        """The flat path (SAM-ON with an elementwise T and one ρ): ε computed in ``plan.flat.epsilon`` from
+        the weights ``first_step`` copied into ``plan.flat.backup``; returns its per-tensor views."""
+        flat = plan.flat
+        norm = _epsilon_flat(
+            grads, flat.backup, self.perturbation_model, rho, self.eta, flat.scaled, out=flat.epsilon
+        )
+        finite = torch.isfinite(norm)
+        _zero_unless([flat.epsilon], finite, [[0]], self.foreach)
+        self.counters.count_nonfinite(finite)
+        return flat.epsilon_views
 
     def _stored_epsilon(self, plan: _Plan) -> list[Tensor | None]:
         """The last fresh ε, realigned if the plan was rebuilt since (a changed ``requires_grad``)."""
@@ -829,7 +854,7 @@ class _Plan:
     others_groups: list[list[int]]
     backup: list[Tensor]  # the persistent copy of params, refilled each step (views of flat.backup if flat)
     plain_norms: bool  # T = 1 everywhere, no mask, foreach: ε's norms are the gradients' own
-    flat: _FlatBuffers | None  # SAM-ON with perturbation="sam": ε and the backup as flat buffers
+    flat: _FlatBuffers | None  # SAM-ON with an elementwise T: ε and the backup as flat buffers
 
 
 @dataclass
@@ -840,14 +865,19 @@ class _FlatBuffers:
 
     epsilon: Tensor
     epsilon_views: list[Tensor]
-    backup: Tensor
+    backup: Tensor  # also the weights w that T reads
     backup_views: list[Tensor]
+    scaled: Tensor | None  # per element: whether T applies (None: everywhere)
 
     @classmethod
-    def for_params(cls, params: list[Tensor]) -> _FlatBuffers:
+    def for_params(cls, params: list[Tensor], scaled: list[bool] | None) -> _FlatBuffers:
+        """``scaled``: per tensor, whether T applies; None when the model has no T (``sam``)."""
         sizes = [p.numel() for p in params]
         epsilon, backup = (params[0].new_empty(sum(sizes)) for _ in range(2))
-        return cls(epsilon, list(epsilon.split(sizes)), backup, list(backup.split(sizes)))
+        mask = None if scaled is None or all(scaled) else torch.cat(
+            [torch.full((n,), s, dtype=torch.bool, device=params[0].device) for n, s in zip(sizes, scaled)]
+        )
+        return cls(epsilon, list(epsilon.split(sizes)), backup, list(backup.split(sizes)), mask)
 
 
 class _Counters(MutableMapping):
