@@ -292,13 +292,13 @@ def _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, ex
     squares = [torch.zeros((), dtype=torch.float64, device=device)]
     squares += [torch.sum(x.double() * x.double()).to(device) for x in u + u_extra]
     norm = torch.sqrt(torch.stack(squares).sum())
-    # in the coefficient's precision, then rounded once: for half tensors `coefficient * x` would round the
-    # float32 coefficient to half first (overflow); the foreach ops compute in float32 by themselves
-    return [
-        (times_scale(x, w, g, s).to(coef.dtype) * coef).to(g.dtype)
-        for x, g, w, rho, s in zip(u, grads, weights, rhos, scaled)
-        for coef in (_coefficient(rho, norm, g),)
-    ]
+    eps = []
+    for x, g, w, rho, s in zip(u, grads, weights, rhos, scaled):
+        coef = _coefficient(rho, norm, g)
+        # in the coefficient's precision, then rounded once: for half tensors `coef * x` would round the
+        # float32 coefficient to half first (overflow); the foreach ops compute in float32 by themselves
+        eps.append((times_scale(x, w, g, s).to(coef.dtype) * coef).to(g.dtype))
+    return eps
 
 
 def _norm_device(tensors: Sequence[Tensor]) -> torch.device:

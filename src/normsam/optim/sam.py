@@ -31,6 +31,7 @@ from normsam.optim.perturbations import (
     _epsilon_flat,
     _grouped,
     _perturbation_foreach,
+    _total_norm,
     get_perturbation,
     perturbation,
 )
@@ -577,9 +578,8 @@ class SAM(torch.optim.Optimizer):
         counts as not finite.) ``None`` without gradients."""
         if not grads:
             return None
-        flags = [torch.isfinite(torch.stack(torch._foreach_norm([grads[i] for i in idx]))).all()
-                 for idx in _grouped(grads).values()]
-        return _all_true(flags, grads[0].device)
+        parts = [[grads[i] for i in idx] for idx in _grouped(grads).values()]
+        return torch.isfinite(_total_norm(parts, grads[0].device))  # finite iff every per-tensor norm is
 
     @staticmethod
     def _all_reduce_mean(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
@@ -922,12 +922,6 @@ class _Counters(MutableMapping):
 
     def __repr__(self) -> str:
         return repr(dict(self))
-
-
-def _all_true(flags: list[Tensor], device: torch.device) -> Tensor:
-    if len(flags) == 1:
-        return flags[0]
-    return torch.stack([f.to(device) for f in flags]).all()
 
 
 def _unscale(grads: list[Tensor | None], grad_scaler: Any) -> list[Tensor | None]:
