@@ -117,7 +117,9 @@ def test_accumulation_uses_the_whole_steps_ascent_gradient(tmp_path):
         train_dataset=TokenData(),
         sam=dict(rho=2.0),
     ).train()
-    torch.testing.assert_close(flat(accumulated), flat(single), rtol=0, atol=2e-6)
+    # float32 summation order differs between 2x2 and 1x4; AdamW's g/sqrt(v) lifts that to ~3.4e-6 on a few
+    # elements (transformers 5.24), while a 5% change of rho already moves the weights by ~3e-2.
+    torch.testing.assert_close(flat(accumulated), flat(single), rtol=0, atol=2e-5)
 
 
 def test_bert_perturbs_the_layernorms(tmp_path):
