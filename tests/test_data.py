@@ -76,7 +76,7 @@ def isolated_search_path(tmp_path, monkeypatch):
     """No $NORMSAM_DATA, and a Debian path that does not exist (unless a test writes into it)."""
     monkeypatch.delenv(D.DATA_ENV_VAR, raising=False)
     fake_system = tmp_path / "usr-share-datasets-fashion-mnist"
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (fake_system,), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (fake_system,), "mnist": ()})
     return fake_system
 
 

@@ -61,7 +61,7 @@ def _copy_unfinished(run_dir: Path, tmp_path: Path) -> Path:
 def test_explicit_data_dir_without_the_data_is_an_error_even_with_a_system_copy(tmp_path, monkeypatch, capsys):
     system = tmp_path / "system-copy"
     write_fashion_mnist(system)
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (system,), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (system,), "mnist": ()})
     out = tmp_path / "run"
     assert cli.main(["train", "--config", "quick", "data_dir=/nonexistent/path", "subset=null", "epochs=1",
                      f"out={out}", "progress=false"]) == 2
@@ -137,7 +137,7 @@ def test_sam_warns_once_when_the_model_trains_in_eval_mode():
 
 def test_compare_cost_column_is_measured_side_by_side(tmp_path, monkeypatch, capsys):
     import normsam.bench as bench
-    from normsam.train.compare import compare
+    from normsam.analysis.compare import compare
 
     calls = []
     real = bench.run_benchmark
@@ -264,12 +264,28 @@ def test_no_import_cycles_and_the_run_folder_below_loop_and_analysis():
         if module not in state:
             visit(module, [])
     assert cycles == []
-    assert "normsam.train.loop" not in graph["normsam.analysis.run_sharpness"]
-    assert {"normsam.train.run_folder"} <= graph["normsam.analysis.run_sharpness"] & graph["normsam.train.loop"]
+    assert "normsam.train.loop" not in graph["normsam.train.run_sharpness"]
+    assert {"normsam.train.run_folder"} <= graph["normsam.train.run_sharpness"] & graph["normsam.train.loop"]
     assert not {m for m in graph["normsam.train.run_folder"] if m.startswith("normsam.analysis")}
     from normsam.train import loop, run_folder
 
     assert loop.load_run_data is run_folder.load_run_data and loop.build_run_model is run_folder.build_run_model
+
+
+def test_no_import_climbs_against_the_layers():
+    """optim < sharpness < train < analysis < cli: a module imports only from its own floor or below (the
+    benchmark sits beside the optimizer and needs nothing of the runner)."""
+    graph = _import_graph()
+    floors = {"optim": 0, "sharpness": 1, "train": 2, "analysis": 3, "integrations": 3, "cli": 4}
+
+    def floor(module: str) -> int | None:
+        parts = module.split(".")
+        return floors.get(parts[1]) if len(parts) > 1 else None
+
+    climbs = sorted(f"{m} -> {d}" for m, deps in graph.items() for d in deps
+                    if floor(m) is not None and floor(d) is not None and floor(d) > floor(m))
+    assert climbs == []
+    assert not {d for d in graph["normsam.bench"] if d.startswith(("normsam.train", "normsam.analysis"))}
 
 
 def test_run_folder_reads_a_run(two_epochs):

@@ -60,7 +60,7 @@ def interrupt_after_one_epoch_and_resume(cfg, monkeypatch) -> dict:
 
 @pytest.fixture(autouse=True)
 def no_system_data(monkeypatch):
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
     monkeypatch.delenv(D.DATA_ENV_VAR, raising=False)
 
 
@@ -231,7 +231,7 @@ def test_compare_writes_table_and_plot(tmp_path, monkeypatch):
     from PIL import Image
 
     from normsam.analysis import plots
-    from normsam.train.compare import compare
+    from normsam.analysis.compare import compare
 
     titles = []
     real_save = plots._save

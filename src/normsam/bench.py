@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normsam.optim.amp import autocast
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import select
-from normsam.train.config import autocast
 
 __all__ = [
     "Variant", "VariantUnavailable", "BenchResult", "Target", "default_variants", "run_benchmark",

@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from normsam.train.compare import compare
+    from normsam.analysis.compare import compare
     from normsam.train.config import parse_overrides
 
     overrides = parse_overrides(args.overrides)

@@ -19,6 +19,7 @@ from typing import Any, Union
 
 import yaml
 
+from normsam.optim.amp import AMP_MODES, autocast
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, SCOPES
@@ -38,7 +39,6 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adamw", "lion")
-AMP_MODES = ("off", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 PRESETS = ("quick", "paper-cifar100-wrn")
 #: Example sweep files shipped with the package (src/normsam/presets/sweeps/, copied in the repository's configs/).
@@ -190,18 +190,6 @@ class TrainConfig:
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 (or null to disable), got {self.clip_grad_norm}.")
         return self
-
-
-def autocast(amp: str, device_type: str):
-    """The autocast context of an ``amp`` mode: nothing for ``off``, bf16 or fp16 autocast otherwise."""
-    import contextlib
-
-    import torch
-
-    _one_of("amp", amp, AMP_MODES)
-    if amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
 def _one_of(key: str, value: Any, valid: tuple) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normsam.analysis.norm_stats import norm_parameter_stats
+from normsam.train.norm_stats import norm_parameter_stats
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
@@ -526,7 +526,7 @@ class Trainer:
             raise
         summary = self._summary()
         if cfg.sharpness_at_end and self.dist.is_main:
-            from normsam.analysis.run_sharpness import measure_run_sharpness
+            from normsam.train.run_sharpness import measure_run_sharpness
 
             summary["sharpness"] = measure_run_sharpness(
                 self.run_dir, rho=cfg.sharpness_rho, steps=cfg.sharpness_steps, model=self.model, data=self.data,
