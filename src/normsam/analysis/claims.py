@@ -1,0 +1,363 @@
+"""Statistics over seeds and the paper's claims: which arm plays each role, paired differences, verdicts.
+
+Part of ``normsam report`` (see :mod:`normsam.analysis.report`); the tests themselves are in
+:mod:`normsam.analysis.stats`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from normsam.analysis import stats
+from normsam.analysis.grouping import _SAM_KEYS, Group, _text
+from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
+from normsam.analysis.tables import _markdown_table, _md, _pm
+from normsam.optim.scopes import MASK_SCOPES
+
+
+#: A file in a folder given to the report that chooses the arms of the claims and the margin δ (see make_report).
+CLAIMS_FILE = "claims.yaml"
+
+#: δ, in test-accuracy points, of the claims "at least as good", "no better" and "about as good".
+DEFAULT_MARGIN = 0.2
+
+#: The scope of the arms that can play each role of the claims.
+ROLE_SCOPES = {"sgd": "none", "sam-all": "all", "sam-on": "norm", "no-norm": "no-norm", "random": "random",
+               "ssam-f": "ssam-f"}
+
+#: Settings that make runs incomparable in the claims (data, model, optimizer, …): everything but the SAM ones.
+_ARM_KEYS = frozenset({"scope", "perturbation", "rho"}) | _SAM_KEYS
+
+_ACC = "final_test_acc"
+_STAT_METRICS = (("final_test_acc", "test acc. (%)", 2), ("final_val_acc", "val. acc. (%)", 2),
+                 ("sharpness", "sharpness", 4))
+
+
+@dataclass
+class ClaimsSelection:
+    """The arms named for the roles (role → point names or arm labels, one per context) and the margin δ."""
+
+    arms: dict[str, list[str]] = field(default_factory=dict)
+    margin: float = DEFAULT_MARGIN
+    source: str | None = None
+
+
+def load_claims_selection(source: str | Path | Mapping[str, Any] | None) -> ClaimsSelection:
+    """Read a claims selection: a YAML file or its content as a mapping::
+
+        arms:                          # role -> the arm that plays it (default: chosen as make_report says)
+          sam-on: scope=norm,rho=0.5   # a sweep point (the folder above seed=…) or an arm label from arms.csv
+          sam-all: [scope=all,rho=0.1, scope=all,rho=0.1,data=cifar10]   # a list: one per context
+        margin: 0.2                    # δ in test-accuracy points
+
+    Roles: sgd, sam-all, sam-on, no-norm, random, ssam-f.
+    """
+    if source is None:
+        return ClaimsSelection()
+    described = None
+    if not isinstance(source, Mapping):
+        described = str(source)
+        try:
+            source = yaml.safe_load(Path(source).read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"{described} is not valid YAML: {err}") from None
+    where = described or "the claims selection"
+    if not isinstance(source, Mapping):
+        raise ValueError(f"{where} must be a mapping with the keys arms and margin, got {type(source).__name__}.")
+    unknown = [key for key in source if key not in ("arms", "margin")]
+    if unknown:
+        raise ValueError(f"Unknown key {unknown[0]!r} in {where}; valid keys are arms and margin.")
+    arms = source.get("arms") or {}
+    if not isinstance(arms, Mapping):
+        raise ValueError(f"arms in {where} must map roles to arms, e.g. arms: {{sam-on: scope=norm,rho=0.5}}.")
+    selection = ClaimsSelection(margin=source.get("margin", DEFAULT_MARGIN), source=described)
+    for role, names in arms.items():
+        if role not in ROLE_SCOPES:
+            raise ValueError(f"Unknown role {role!r} in {where}; valid roles are {', '.join(ROLE_SCOPES)}.")
+        selection.arms[role] = [str(n) for n in (names if isinstance(names, list) else [names])]
+    margin = selection.margin
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
+        raise ValueError(f"margin in {where} must be a number >= 0 (test-accuracy points), got {margin!r}.")
+    selection.margin = float(margin)
+    return selection
+
+
+def _find_claims_file(paths: Sequence[str | Path]) -> Path | None:
+    for path in paths:
+        if (Path(path) / CLAIMS_FILE).is_file():
+            return Path(path) / CLAIMS_FILE
+    return None
+
+
+@dataclass
+class RoleChoice:
+    """The arm that plays a role in one context (None: none does), and how it was chosen (or why none)."""
+
+    role: str
+    group: Group | None
+    how: str
+
+
+@dataclass
+class Context:
+    """Arms that can be compared (same data, model, base optimizer, …), the arm of each role, the claims."""
+
+    title: str
+    groups: list[Group]
+    roles: dict[str, RoleChoice] = field(default_factory=dict)
+    claims: list[tuple[stats.Claim, str, list[stats.PartResult]]] = field(default_factory=list)
+
+    def roles_of(self, group: Group) -> list[str]:
+        return [role for role, choice in self.roles.items() if choice.group is group]
+
+    def heading(self) -> str:
+        return self.title or "all runs"
+
+
+def _contexts(groups: Sequence[Group], keys: Sequence[str]) -> list[Context]:
+    """The groups split by the settings other than the SAM ones; titled by those that differ."""
+    context_keys = [k for k in keys if k not in _ARM_KEYS]
+    split: dict[str, list[Group]] = {}
+    for g in groups:
+        split.setdefault(json.dumps([g.columns.get(k) for k in context_keys]), []).append(g)
+    def value(members: list[Group], key: str) -> str:
+        return _text(members[0].columns.get(key))
+
+    varying = [k for k in context_keys if len({value(members, k) for members in split.values()}) > 1]
+    return [Context(", ".join(f"{k}={value(members, k)}" for k in varying), members) for members in split.values()]
+
+
+def _plain(g: Group) -> bool:
+    """An arm without a late/early SAM window or an ascent every k steps (those are variants of a role)."""
+    s = g.settings
+    return not s.get("sam_start") and s.get("sam_end") is None and (s.get("ascent_interval") or 1) <= 1
+
+
+def _choose(role: str, groups: Sequence[Group], named: Sequence[str], source: str) -> RoleChoice:
+    """The arm of ``role`` among ``groups`` (one context): the one named, else the documented automatic pick."""
+    scope = ROLE_SCOPES[role]
+    chosen = [g for g in groups if g.point in named or g.label in named]
+    if len(chosen) > 1:
+        raise ValueError(f"{source} names several {role} arms of one context ({', '.join(g.label for g in chosen)}); "
+                         "name one per context.")
+    if chosen:
+        return RoleChoice(role, chosen[0], f"named in {source}")
+    of_scope = [g for g in groups if g.columns.get("scope") == scope]
+    candidates = [g for g in of_scope if _plain(g)]
+    if not candidates:
+        if of_scope:
+            return RoleChoice(role, None, f"only variants ({', '.join(g.label for g in of_scope)}); name one under "
+                                          f"arms: in {CLAIMS_FILE}")
+        return RoleChoice(role, None, f"no arm with scope {scope}")
+    notes = []
+    if scope in MASK_SCOPES:  # the claims are about a mask as sparse as SAM-ON's, so the sparsest one
+        top = max(g.settings.get("sparsity") or 0.0 for g in candidates)
+        if any((g.settings.get("sparsity") or 0.0) != top for g in candidates):
+            notes.append(f"highest sparsity ({top:g}), the closest to SAM-ON's")
+        candidates = [g for g in candidates if (g.settings.get("sparsity") or 0.0) == top]
+    if len(candidates) == 1:
+        notes.append("the only candidate")
+        return RoleChoice(role, candidates[0], "; ".join(notes))
+    val = [g.stat("final_val_acc")[0] for g in candidates]
+    if all(v is not None for v in val):
+        best = max(range(len(candidates)), key=lambda i: val[i])  # the first of equals
+        notes.append(f"best mean validation accuracy ({val[best]:.2f}) of {len(candidates)} arms")
+    else:
+        test = [g.stat(_ACC)[0] for g in candidates]
+        best = max(range(len(candidates)), key=lambda i: test[i])
+        notes.append(f"best mean TEST accuracy of {len(candidates)} arms, because some have no validation accuracy "
+                     f"(val_split=0): an optimistic choice; name the arm under arms: in {CLAIMS_FILE}")
+    return RoleChoice(role, candidates[best], "; ".join(notes))
+
+
+def _claim_arm(g: Group | None, sharpness_missing: str | None) -> stats.Arm | None:
+    if g is None:
+        return None
+    missing = {"sharpness": sharpness_missing} if sharpness_missing else {}
+    if not sharpness_missing and not g.per_seed("sharpness"):
+        missing["sharpness"] = f"no sharpness for {g.label} (`normsam sharpness RUN_DIR` or sharpness_at_end=true)"
+    return stats.Arm(g.label, {_ACC: g.per_seed(_ACC), "sharpness": g.per_seed("sharpness")}, missing)
+
+
+def _sharpness_mismatch(a: Group | None, b: Group | None) -> str | None:
+    """Why the sharpness of two arms cannot be compared (measured with other settings), or None."""
+    measured = [r.sharpness for g in (a, b) if g for r in g.runs if r.sharpness]
+    settings = {json.dumps({k: m.get(k) for k in SHARPNESS_SETTINGS}, sort_keys=True) for m in measured}
+    if len(settings) > 1:
+        return (f"the sharpness of {a.label} and {b.label} was measured with different settings (see runs.csv); "
+                "measure both alike")
+    return None
+
+
+def analyse(groups: Sequence[Group], keys: Sequence[str], selection: ClaimsSelection) -> list[Context]:
+    """The contexts with the arm of each role and the verdicts of the claims.
+
+    Raises:
+        ValueError: the selection names an arm that is not among the groups, or one of another scope.
+    """
+    source = selection.source or "the claims selection"
+    for role, names in selection.arms.items():
+        for name in names:
+            matches = [g for g in groups if name in (g.point, g.label)]
+            if not matches:
+                known = sorted({g.point for g in groups if g.point} | {g.label for g in groups})
+                raise ValueError(f"{source}: no arm {name!r} for {role}; use a sweep point or an arm label: "
+                                 f"{', '.join(known)}.")
+            for g in matches:
+                if g.columns.get("scope") != ROLE_SCOPES[role]:
+                    raise ValueError(f"{source}: {name!r} ({g.label}) cannot be {role}, whose scope is "
+                                     f"{ROLE_SCOPES[role]}; name an arm with that scope.")
+    contexts = _contexts(groups, keys)
+    for ctx in contexts:
+        ctx.roles = {role: _choose(role, ctx.groups, selection.arms.get(role, []), source) for role in ROLE_SCOPES}
+        chosen = {role: choice.group for role, choice in ctx.roles.items()}
+        mismatch = _sharpness_mismatch(chosen["sam-on"], chosen["sam-all"])
+        arms = {role: _claim_arm(g, mismatch) for role, g in chosen.items()}
+        ctx.claims = stats.evaluate_claims(arms, selection.margin)
+    return contexts
+
+
+def _interval_row(prefix: str, interval: stats.Interval) -> dict[str, Any]:
+    return {f"{prefix}_n": interval.n, f"{prefix}_mean": interval.mean, f"{prefix}_std": interval.std,
+            f"{prefix}_ci_low": interval.lo, f"{prefix}_ci_high": interval.hi}
+
+
+def arm_rows(contexts: Sequence[Context], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per arm for ``arms.csv``: its settings, the roles it plays, mean/std/95% CI of each metric."""
+    rows = []
+    for ctx in contexts:
+        for g in ctx.groups:
+            roles = ctx.roles_of(g)
+            row = {"context": ctx.title, "arm": g.label, "point": g.point, **{k: _text(g.columns[k]) for k in keys},
+                   "roles": " ".join(roles), "chosen_by": " | ".join(ctx.roles[r].how for r in roles),
+                   "seeds": " ".join(map(str, g.seeds))}
+            for key, _, _ in _STAT_METRICS:
+                row.update(_interval_row(key, g.interval(key)))
+            rows.append(row)
+    return rows
+
+
+def _paired_with(ctx: Context) -> list[tuple[Group, str, Group, str, stats.Paired]]:
+    """(arm, reference role, reference arm, metric, paired differences) against the SGD and SAM-all arms."""
+    out = []
+    for ref_role in ("sgd", "sam-all"):
+        ref = ctx.roles[ref_role].group
+        if ref is None:
+            continue
+        for g in ctx.groups:
+            if g is ref:
+                continue
+            for metric in (_ACC, "sharpness"):
+                pairs = stats.paired(g.per_seed(metric), ref.per_seed(metric))
+                if pairs.seeds:
+                    out.append((g, ref_role, ref, metric, pairs))
+    return out
+
+
+def paired_rows(contexts: Sequence[Context]) -> list[dict[str, Any]]:
+    """One row per (arm, reference, metric) for ``paired.csv``: arm − reference over the seeds both have."""
+    rows = []
+    for ctx in contexts:
+        for g, ref_role, ref, metric, pairs in _paired_with(ctx):
+            rows.append({"context": ctx.title, "arm": g.label, "reference_role": ref_role, "reference": ref.label,
+                         "metric": metric, "seeds": " ".join(map(str, pairs.seeds)),
+                         **_interval_row("diff", pairs.interval)})
+    return rows
+
+
+def claim_rows(contexts: Sequence[Context]) -> list[dict[str, Any]]:
+    """One row per part of each claim for ``claims.csv``."""
+    rows = []
+    for ctx in contexts:
+        for claim, outcome, parts in ctx.claims:
+            for p in parts:
+                interval = p.paired.interval if p.paired else stats.describe([])
+                rows.append({
+                    "context": ctx.title, "claim": claim.name, "statement": claim.statement, "claim_verdict": outcome,
+                    "test": p.test, "arm_a": p.arm_a, "arm_b": p.arm_b, "metric": p.part.metric,
+                    "relation": p.part.relation, "margin": p.margin,
+                    "seeds": " ".join(map(str, p.paired.seeds)) if p.paired else "",
+                    **_interval_row("diff", interval), "verdict": p.verdict, "note": p.note,
+                })
+    return rows
+
+
+def _statistics_markdown(contexts: Sequence[Context], margin: float,
+                         figures: Sequence[tuple[str, Path, str]], selection_source: str | None) -> str:
+    lines = ["## Statistics", "",
+             "Per arm (a method with its settings, over its seeds): mean, sample standard deviation and the 95% "
+             "t-interval of the mean (mean ± t₀.₉₇₅,ₙ₋₁ · s/√n); n/a with one seed. Paired differences are taken "
+             "seed by seed over the seeds both arms have; the interval is the t-interval of those differences. "
+             "Tables: [arms.csv](arms.csv), [paired.csv](paired.csv).", ""]
+    for ctx in contexts:
+        if len(contexts) > 1:
+            lines += [f"### {_md(ctx.heading())}", ""]
+        rows = []
+        for g in ctx.groups:
+            acc = g.interval(_ACC)
+            rows.append([_md(g.label), ", ".join(stats.ROLE_NAMES[r] for r in ctx.roles_of(g)), str(acc.n),
+                         _pm(acc.mean, acc.std, 2), acc.ci_text(2),
+                         g.interval("final_val_acc").text(2), g.interval("sharpness").text(4)])
+        lines += [_markdown_table(["arm", "role", "n", "test acc. mean ± std (%)", "test acc. 95% CI",
+                                   "val. acc. mean [95% CI]", "sharpness mean [95% CI]"], rows, numeric_from=2), ""]
+        refs = [(role, ctx.roles[role].group) for role in ("sgd", "sam-all") if ctx.roles[role].group]
+        if refs:
+            diffs = {(id(g), role): pairs for g, role, _, metric, pairs in _paired_with(ctx) if metric == _ACC}
+            header = ["arm"] + [f"− {_md(ref.label)}: mean [95% CI]" for _, ref in refs]
+            rows = []
+            for g in ctx.groups:
+                cells = [_md(g.label)]
+                for role, ref in refs:
+                    pairs = diffs.get((id(g), role))
+                    cells.append(f"{pairs.interval.text(2, signed=True)} (n={pairs.interval.n})" if pairs
+                                 else "–" if g is ref else "no common seed")
+                rows.append(cells)
+            lines += ["Paired differences in test accuracy (points), arm − reference:", "",
+                      _markdown_table(header, rows, numeric_from=1), ""]
+    for title, path, caption in figures:
+        lines += [f"### {title}", "", f"![{title}]({path.name})", "", caption, ""]
+
+    lines += ["## Claims", "",
+              f"Each claim compares the arms that play its roles, by paired differences a − b over common seeds and "
+              f"their 95% t-interval [lo, hi]; δ = {margin:g} test-accuracy points"
+              + (f" (from {_md(selection_source)})" if selection_source else
+                 f" (default; set `margin:` in a {CLAIMS_FILE})") + ". Table: [claims.csv](claims.csv).", ""]
+    for ctx in contexts:
+        if len(contexts) > 1:
+            lines += [f"### {_md(ctx.heading())}", ""]
+        rows = [[stats.ROLE_NAMES[role], _md(c.group.label) if c.group else "–", _md(c.how)]
+                for role, c in ctx.roles.items()]
+        lines += ["Arms of the roles:", "", _markdown_table(["role", "arm", "chosen by"], rows, numeric_from=3), ""]
+        rows = []
+        for claim, outcome, parts in ctx.claims:
+            for i, p in enumerate(parts):
+                interval = p.paired.interval if p.paired else None
+                rule = stats.RULES[p.part.relation][1].replace("δ", f"{p.margin:g}")
+                rows.append([
+                    f"**{claim.name}**" if i == 0 else "", _md(claim.statement) if i == 0 else "",
+                    f"**{outcome}**" if i == 0 else "", _md(p.test),
+                    _md(f"{p.arm_a or '–'} − {p.arm_b or '–'}"),
+                    interval.text(4 if p.part.metric == "sharpness" else 2, signed=True) if interval else "",
+                    str(interval.n) if interval else "", _md(rule), p.verdict, _md(p.note),
+                ])
+        header = ["claim", "statement", "verdict", "test", "a − b", "mean [95% CI]", "n", "rule", "part verdict",
+                  "note"]
+        lines += [_markdown_table(header, rows, numeric_from=len(header)), ""]
+    lines += ["Rules (lo, hi: the 95% interval of a − b): "
+              + "; ".join(f"“{sign}” ({what}): {rule}" for sign, (what, rule) in stats.RULES.items())
+              + ". δ applies to accuracy only; sharpness is compared strictly. A claim is contradicted if a part is, "
+              "not tested if a part is (an arm missing), supported if every part is, else inconclusive (an interval "
+              "across the bounds, or n/a with one common seed).",
+              "",
+              "Arms of the roles, unless named under `arms:` in a " + CLAIMS_FILE + " in a folder given to the report: "
+              "SGD = the runs without SAM, SAM-all/SAM-ON/no-norm/random mask/SSAM-F = the arms of that scope with SAM "
+              "over the whole training and an ascent every step; among several, random mask and SSAM-F keep the "
+              "highest sparsity, then the arm with the best mean validation accuracy is taken (the best mean test "
+              "accuracy, marked as such, when there is no validation split).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""Finding run folders and reading them: :class:`RunRecord`, :func:`load_run`, :func:`find_runs`.
+
+Part of ``normsam report`` (see :mod:`normsam.analysis.report`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from normsam.analysis.run_sharpness import latest_measurement
+from normsam.train import checkpoint as ckpt
+from normsam.train.config import TrainConfig, config_from_file
+
+
+@dataclass
+class RunRecord:
+    """What a run folder holds: config, metrics, summary (None until finished), latest sharpness."""
+
+    folder: Path
+    config: TrainConfig
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any] | None
+    sharpness: dict[str, Any] | None
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None
+
+    @property
+    def status(self) -> str:
+        if self.finished:
+            return "finished"
+        return f"unfinished ({len(self.metrics)}/{self.config.epochs} epochs)"
+
+
+def _is_run_folder(folder: Path) -> bool:
+    return (folder / ckpt.CONFIG).is_file() and (
+        (folder / ckpt.METRICS_JSONL).is_file() or (folder / ckpt.ENVIRONMENT).is_file()
+    )
+
+
+def _run_folders(path: Path) -> list[Path]:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass run folders or folders that contain them.")
+    if _is_run_folder(path):
+        return [path]
+    return sorted(p.parent for p in path.rglob(ckpt.CONFIG) if _is_run_folder(p.parent))
+
+
+def load_run(folder: str | Path) -> RunRecord:
+    """Read one run folder."""
+    folder = Path(folder)
+    try:
+        config = config_from_file(folder / ckpt.CONFIG)
+    except ValueError as err:
+        raise ValueError(f"{folder}/{ckpt.CONFIG} cannot be read ({err}); remove the folder from the report.") from None
+    summary_path = folder / ckpt.SUMMARY
+    return RunRecord(
+        folder=folder,
+        config=config,
+        metrics=ckpt.read_jsonl(folder / ckpt.METRICS_JSONL),
+        summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
+        sharpness=latest_measurement(folder),
+    )
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[RunRecord]:
+    """The runs in ``paths`` (run folders, or folders searched recursively), each once, in path order."""
+    folders: dict[Path, None] = {}
+    for path in paths:
+        for folder in _run_folders(Path(path)):
+            folders.setdefault(folder.resolve(), None)
+    if not folders:
+        raise FileNotFoundError(
+            f"No run folders (config.yaml with metrics.jsonl) in {', '.join(map(str, paths))}; train some with "
+            "`normsam train` or `normsam sweep`."
+        )
+    return [load_run(_display_path(folder)) for folder in folders]
+
+
+def _display_path(folder: Path) -> Path:
+    """``folder`` relative to the working directory when it lies below it (shorter in tables)."""
+    try:
+        return folder.relative_to(Path.cwd().resolve())
+    except ValueError:
+        return folder
