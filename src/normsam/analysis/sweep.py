@@ -60,6 +60,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from normsam.files import read_yaml
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
 
@@ -247,11 +248,7 @@ def _read_sweep_file(source: str | Path) -> dict[str, Any]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"No sweep file {path}; see configs/sweep-tiny.yaml for an example.")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
-    return spec
+    return read_yaml(path)
 
 
 def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
