@@ -64,6 +64,7 @@ from normsam.analysis.sweep import SWEEP_FILE
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys
+from normsam.train.divergence import is_diverged
 
 __all__ = [
     "RunRecord", "Group", "load_run", "find_runs", "grouping_keys", "group_runs", "arm_label", "mean_std", "run_value",
@@ -107,15 +108,27 @@ class RunRecord:
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     sharpness: dict[str, Any] | None
+    #: a measurement of an earlier checkpoint than the finished run's last (not paired with its accuracy)
+    stale_sharpness: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
         return self.summary is not None
 
     @property
+    def diverged(self) -> bool:
+        return is_diverged(self.summary)
+
+    @property
     def status(self) -> str:
+        stale = ""
+        if self.stale_sharpness is not None:
+            stale = (f"; sharpness stale (measured at epoch {self.stale_sharpness.get('epoch')} of "
+                     f"{self.summary.get('epochs')}: measure again)")
+        if self.diverged:
+            return f"diverged (epoch {self.summary['diverged']['epoch']})" + stale
         if self.finished:
-            return "finished"
+            return "finished" + stale
         return f"unfinished ({len(self.metrics)}/{self.config.epochs} epochs)"
 
 
@@ -141,12 +154,17 @@ def load_run(folder: str | Path) -> RunRecord:
     except ValueError as err:
         raise ValueError(f"{folder}/{ckpt.CONFIG} cannot be read ({err}); remove the folder from the report.") from None
     summary_path = folder / ckpt.SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    sharpness, stale = latest_measurement(folder), None
+    if sharpness is not None and summary is not None and sharpness.get("epoch") != summary.get("epochs"):
+        sharpness, stale = None, sharpness  # measured on an earlier checkpoint: never paired with the final accuracy
     return RunRecord(
         folder=folder,
         config=config,
         metrics=ckpt.read_jsonl(folder / ckpt.METRICS_JSONL),
-        summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
-        sharpness=latest_measurement(folder),
+        summary=summary,
+        sharpness=sharpness,
+        stale_sharpness=stale,
     )
 
 
@@ -472,7 +490,7 @@ def _sharpness_description(measurements: Sequence[dict[str, Any]]) -> str:
         return "sharpness (the settings differ between runs: see runs.csv and each sharpness.json)"
     m = measurements[0]
     return (f"{m['kind']}-case {'adaptive ' if m['adaptive'] else ''}{m['norm']} sharpness, ρ={m['rho']:g}, "
-            f"{m['steps']} steps, m={m['m']}, n={m['n']}, scope {m['scope']}"
+            f"{m['steps']} steps, m={m['m']}, n={m.get('examples', m['n'])}, scope {m['scope']}"
             + (", logit-normalized" if m["logit_normalize"] else ""))
 
 
@@ -1002,8 +1020,15 @@ def _markdown(
 ) -> str:
     finished = [r for r in runs if r.finished]
     lines = ["# normsam report", ""]
-    lines.append(f"{len(runs)} runs ({len(finished)} finished, {len(runs) - len(finished)} unfinished) "
-                 f"in {', '.join(f'`{a}`' for a in args)}.")
+    diverged = [r for r in runs if r.diverged]
+    lines.append(f"{len(runs)} runs ({len(finished) - len(diverged)} finished, {len(diverged)} diverged, "
+                 f"{len(runs) - len(finished)} unfinished) in {', '.join(f'`{a}`' for a in args)}.")
+    if diverged:
+        counted = any(r in g.runs for g in groups for r in diverged)
+        lines.append("Diverged runs (their loss became non-finite) are " + (
+            "counted in the tables with their last good epoch's figures (--include-diverged)." if counted else
+            "listed below but left out of the tables, means and figures (`normsam report --include-diverged` "
+            "counts them with their last good epoch's figures)."))
     lines += ["", "## Results", ""]
     if groups:
         measured = [r.sharpness for r in finished if r.sharpness]
@@ -1051,6 +1076,7 @@ def make_report(
     out: str | Path = "report",
     *,
     claims: str | Path | Mapping[str, Any] | None = None,
+    include_diverged: bool = False,
 ) -> list[Path]:
     """Write report.md, the CSV tables and the figures for the runs in ``paths``; returns the paths.
 
@@ -1064,6 +1090,8 @@ def make_report(
         claims: which arm plays each role of the claims, and the margin δ: a YAML file or a mapping (see
             :func:`load_claims_selection`). Default: ``claims.yaml`` in the first folder of ``paths`` that has
             one; without it, each role takes the arm of its scope with the best mean validation accuracy.
+        include_diverged: count diverged runs (``status: diverged`` in summary.json) in the tables, means and
+            figures, with their last good epoch's figures; by default they are only listed.
 
     Raises:
         FileNotFoundError: a path does not exist, or no run folder was found.
@@ -1074,7 +1102,7 @@ def make_report(
         paths = [paths]
     runs = find_runs(paths)
     keys = grouping_keys(runs)
-    groups = group_runs(runs, keys)
+    groups = group_runs([r for r in runs if include_diverged or not r.diverged], keys)
     selection = load_claims_selection(_find_claims_file(paths) if claims is None else claims)
     contexts = analyse(groups, keys, selection)
     out = Path(out)
