@@ -438,7 +438,7 @@ def test_the_plan_is_rebuilt_when_requires_grad_or_the_groups_change():
     sam.restore()
     extra = nn.Parameter(torch.ones(2, dtype=torch.float64))
     extra.grad = torch.ones(2, dtype=torch.float64)
-    sam.add_param_group({"params": [extra], "param_names": ["extra.weight"]})
+    sam.add_param_group({"params": [extra], "param_names": ["extra.weight"], "perturb": True})  # not the model's: say it
     assert sam._plan is None
     assert any(p is extra for p in sam.perturbed_parameters())
 

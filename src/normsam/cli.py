@@ -1,8 +1,9 @@
 """The ``normsam`` command line: train, compare, inspect, bench, download, and (from normsam.analysis)
 sharpness, sweep, report.
 
-Every subcommand is a thin layer over a library function; errors in the input end the command with a
-one-line message (exit status 2) instead of a traceback.
+Every subcommand is a thin layer over a library function; errors in the input and ordinary faults of the
+environment (a full disk, a read-only folder, a run folder in use) end the command with a one-line message
+(exit status 2) instead of a traceback, and a diverged run with exit status 3 (see :mod:`normsam.errors`).
 """
 
 from __future__ import annotations
@@ -72,7 +73,9 @@ def _bench(args: argparse.Namespace) -> int:
     from normsam.bench import StepContext, default_variants, run_benchmark
     from normsam.train.models import build_model
 
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's default).")
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           "cpu" if args.device == "auto" else args.device)
@@ -99,7 +102,9 @@ def _bench(args: argparse.Namespace) -> int:
     print(header)
     print(result.table())
     if args.json:
-        Path(args.json).write_text(json.dumps({"header": header, **result.to_dict()}, indent=2))
+        from normsam.files import json_dumps
+
+        Path(args.json).write_text(json_dumps({"header": header, **result.to_dict()}, indent=2))
     return 0
 
 
@@ -108,9 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="normsam",
         description="Sharpness-aware minimization for PyTorch, built around SAM-ON (perturb only the norm layers).",
     )
+    from normsam import __version__
+    from normsam.train.config_help import config_help
+
+    parser.add_argument("--version", action="version", version=f"normsam {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train one run (YAML config + key=value overrides)")
+    p = sub.add_parser("train", help="train one run (YAML config + key=value overrides)", epilog=config_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="a preset (quick, paper-cifar100-wrn) or a YAML file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. scope=norm rho=0.5 epochs=20")
@@ -181,13 +191,18 @@ def _add_analysis_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from normsam.errors import fault_message
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"normsam {args.command}: error: {err}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # noqa: BLE001 - ordinary faults become one line; a bug keeps its traceback
+        fault = fault_message(err)
+        if fault is None:
+            raise
+        print(f"normsam {args.command}: error: {fault[0]}", file=sys.stderr)
+        return fault[1]
 
 
 if __name__ == "__main__":

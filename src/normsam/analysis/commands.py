@@ -9,7 +9,9 @@ commands, so that ``normsam --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 __all__ = ["register", "SUBCOMMANDS"]
 
@@ -37,6 +39,9 @@ def _sharpness(args: argparse.Namespace) -> int:
         progress=args.progress,
     )
     error = result["error_sharpness"]
+    if result["epoch"] < result["run_epochs"]:
+        print(f"note: {args.run_dir} is unfinished: measured its checkpoint of epoch {result['epoch']} of "
+              f"{result['run_epochs']}; a report flags this measurement as stale once the run has finished.")
     print(
         f"{args.run_dir} ({result['method']}, epoch {result['epoch']}): {result['kind']}-case "
         f"{'adaptive ' if result['adaptive'] else ''}{result['norm']} sharpness {result['sharpness']:.4f}"
@@ -138,8 +143,11 @@ def _add_study(sub) -> None:
 
 def _report(args: argparse.Namespace) -> int:
     from normsam.analysis.report import make_report
+    from normsam.files import check_writable
 
-    paths = make_report(args.run_dirs, out=args.out)
+    out = report_folder(args.run_dirs, args.out, overwrite=args.overwrite)
+    check_writable(out, what="report folder", hint="choose another --out")  # before reading every run
+    paths = make_report(args.run_dirs, out=out, include_diverged=args.include_diverged)
     for path in paths:
         print(f"wrote {path}")
     return 0
@@ -152,8 +160,28 @@ def _add_report(sub) -> None:
         description="Collect run folders (searched recursively) and write report.md, CSV tables and PNG plots.",
     )
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders or folders that contain them")
-    p.add_argument("--out", default="report", help="output folder (default: ./report)")
+    p.add_argument("--out", help="output folder (default: report/ beside the runs: inside the one folder given, "
+                   "else inside the folders' common parent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a report already in the output folder")
+    p.add_argument("--include-diverged", action="store_true",
+                   help="count diverged runs in the tables and means (with their last good epoch's figures)")
     p.set_defaults(func=_report)
+
+
+def report_folder(run_dirs: list[str], out: str | None, *, overwrite: bool = False) -> Path:
+    """Where ``normsam report`` writes: ``out``, or ``report/`` beside the runs (inside the one folder given,
+    else inside the folders' common parent). An earlier report there is replaced only with ``overwrite``."""
+    if out is not None:
+        folder = Path(out)
+    elif len(run_dirs) == 1:
+        folder = Path(run_dirs[0]) / "report"
+    else:
+        folder = Path(os.path.commonpath([os.path.abspath(d) for d in run_dirs])) / "report"
+    if (folder / "report.md").exists() and not overwrite:
+        raise ValueError(
+            f"{folder} already holds a report (report.md); pass --overwrite to replace it, or --out another folder."
+        )
+    return folder
 
 
 #: The functions that add one subcommand each, in the order of `normsam --help`.

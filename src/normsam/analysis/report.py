@@ -146,8 +146,15 @@ def _markdown(
 ) -> str:
     finished = [r for r in runs if r.finished]
     lines = ["# normsam report", ""]
-    lines.append(f"{len(runs)} runs ({len(finished)} finished, {len(runs) - len(finished)} unfinished) "
-                 f"in {', '.join(f'`{a}`' for a in args)}.")
+    diverged = [r for r in runs if r.diverged]
+    lines.append(f"{len(runs)} runs ({len(finished) - len(diverged)} finished, {len(diverged)} diverged, "
+                 f"{len(runs) - len(finished)} unfinished) in {', '.join(f'`{a}`' for a in args)}.")
+    if diverged:
+        counted = any(r in g.runs for g in groups for r in diverged)
+        lines.append("Diverged runs (their loss became non-finite) are " + (
+            "counted in the tables with their last good epoch's figures (--include-diverged)." if counted else
+            "listed below but left out of the tables, means and figures (`normsam report --include-diverged` "
+            "counts them with their last good epoch's figures)."))
     lines += ["", "## Results", ""]
     if groups:
         measured = [r.sharpness for r in finished if r.sharpness]
@@ -195,6 +202,7 @@ def make_report(
     out: str | Path = "report",
     *,
     claims: str | Path | Mapping[str, Any] | None = None,
+    include_diverged: bool = False,
 ) -> list[Path]:
     """Write report.md, the CSV tables and the figures for the runs in ``paths``; returns the paths.
 
@@ -208,6 +216,8 @@ def make_report(
         claims: which arm plays each role of the claims, and the margin δ: a YAML file or a mapping (see
             :func:`load_claims_selection`). Default: ``claims.yaml`` in the first folder of ``paths`` that has
             one; without it, each role takes the arm of its scope with the best mean validation accuracy.
+        include_diverged: count diverged runs (``status: diverged`` in summary.json) in the tables, means and
+            figures, with their last good epoch's figures; by default they are only listed.
 
     Raises:
         FileNotFoundError: a path does not exist, or no run folder was found.
@@ -218,7 +228,7 @@ def make_report(
         paths = [paths]
     runs = find_runs(paths)
     keys = grouping_keys(runs)
-    groups = group_runs(runs, keys)
+    groups = group_runs([r for r in runs if include_diverged or not r.diverged], keys)
     selection = load_claims_selection(_find_claims_file(paths) if claims is None else claims)
     contexts = analyse(groups, keys, selection)
     out = Path(out)

@@ -69,7 +69,7 @@ def _sharpness_description(measurements: Sequence[dict[str, Any]]) -> str:
         return "sharpness (the settings differ between runs: see runs.csv and each sharpness.json)"
     m = measurements[0]
     return (f"{m['kind']}-case {'adaptive ' if m['adaptive'] else ''}{m['norm']} sharpness, ρ={m['rho']:g}, "
-            f"{m['steps']} steps, m={m['m']}, n={m['n']}, scope {m['scope']}"
+            f"{m['steps']} steps, m={m['m']}, n={m.get('examples', m['n'])}, scope {m['scope']}"
             + (", logit-normalized" if m["logit_normalize"] else ""))
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from normsam.analysis.run_sharpness import latest_measurement
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file
+from normsam.train.divergence import is_diverged
 
 
 @dataclass
@@ -25,15 +26,27 @@ class RunRecord:
     metrics: list[dict[str, Any]]
     summary: dict[str, Any] | None
     sharpness: dict[str, Any] | None
+    #: a measurement of an earlier checkpoint than the finished run's last (not paired with its accuracy)
+    stale_sharpness: dict[str, Any] | None = None
 
     @property
     def finished(self) -> bool:
         return self.summary is not None
 
     @property
+    def diverged(self) -> bool:
+        return is_diverged(self.summary)
+
+    @property
     def status(self) -> str:
+        stale = ""
+        if self.stale_sharpness is not None:
+            stale = (f"; sharpness stale (measured at epoch {self.stale_sharpness.get('epoch')} of "
+                     f"{self.summary.get('epochs')}: measure again)")
+        if self.diverged:
+            return f"diverged (epoch {self.summary['diverged']['epoch']})" + stale
         if self.finished:
-            return "finished"
+            return "finished" + stale
         return f"unfinished ({len(self.metrics)}/{self.config.epochs} epochs)"
 
 
@@ -59,12 +72,17 @@ def load_run(folder: str | Path) -> RunRecord:
     except ValueError as err:
         raise ValueError(f"{folder}/{ckpt.CONFIG} cannot be read ({err}); remove the folder from the report.") from None
     summary_path = folder / ckpt.SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    sharpness, stale = latest_measurement(folder), None
+    if sharpness is not None and summary is not None and sharpness.get("epoch") != summary.get("epochs"):
+        sharpness, stale = None, sharpness  # measured on an earlier checkpoint: never paired with the final accuracy
     return RunRecord(
         folder=folder,
         config=config,
         metrics=ckpt.read_jsonl(folder / ckpt.METRICS_JSONL),
-        summary=json.loads(summary_path.read_text()) if summary_path.is_file() else None,
-        sharpness=latest_measurement(folder),
+        summary=summary,
+        sharpness=sharpness,
+        stale_sharpness=stale,
     )
 
 

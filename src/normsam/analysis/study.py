@@ -44,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from normsam.files import read_yaml
 from normsam.train import checkpoint as ckpt
 
 __all__ = ["STUDY_KEYS", "load_study", "choose_rho", "norm_sparsity", "resolve_grid", "run_study"]
@@ -61,7 +62,7 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"Study file {path} does not exist.")
-        spec = yaml.safe_load(path.read_text()) or {}
+        spec = read_yaml(path) or {}
     if not isinstance(spec, Mapping):
         raise ValueError(f"A study must be a mapping with the keys {', '.join(STUDY_KEYS)}.")
     unknown = [k for k in spec if k not in STUDY_KEYS]

@@ -60,8 +60,11 @@ from typing import Any, TextIO
 
 import yaml
 
+from normsam.files import read_yaml
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
+from normsam.train.divergence import RunDiverged, is_diverged
+from normsam.train.run_lock import RunLock
 
 __all__ = ["SWEEP_KEYS", "SWEEP_FILE", "Sweep", "SweepRun", "load_sweep", "run_sweep", "point_name"]
 
@@ -95,7 +98,8 @@ class SweepRun:
     """One run of a sweep: its folder, the config overrides it is trained with, and what became of it.
 
     ``status`` is ``pending`` (not run yet), ``done`` (trained or resumed to the end now), ``skipped``
-    (finished before), ``failed`` (``error`` says why) or ``interrupted``.
+    (finished before), ``failed`` (``error`` says why), ``diverged`` (its loss became non-finite, now or
+    before; ``error`` says where) or ``interrupted``.
     """
 
     name: str
@@ -126,7 +130,7 @@ class Sweep:
     source: str | None = None
 
     def counts(self) -> dict[str, int]:
-        counts = {status: 0 for status in ("done", "skipped", "failed", "interrupted", "pending")}
+        counts = {status: 0 for status in ("done", "skipped", "failed", "diverged", "interrupted", "pending")}
         for run in self.runs:
             counts[run.status] += 1
         return counts
@@ -155,9 +159,9 @@ class Sweep:
         resumed = sum(run.resumed and run.status == "done" for run in self.runs)
         parts = [f"{counts['done']} done" + (f" ({resumed} resumed)" if resumed else ""),
                  f"{counts['skipped']} skipped (finished before)", f"{counts['failed']} failed"]
-        parts += [f"{counts[s]} {s}" for s in ("interrupted", "pending") if counts[s]]
+        parts += [f"{counts[s]} {s}" for s in ("diverged", "interrupted", "pending") if counts[s]]
         lines = [f"sweep {self.out}: {len(self.runs)} runs: " + ", ".join(parts)]
-        lines += [f"  failed {run.name}: {run.error}" for run in self.failed]
+        lines += [f"  {run.status} {run.name}: {run.error}" for run in self.runs if run.status in ("failed", "diverged")]
         return "\n".join(lines)
 
 
@@ -247,11 +251,7 @@ def _read_sweep_file(source: str | Path) -> dict[str, Any]:
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"No sweep file {path}; see configs/sweep-tiny.yaml for an example.")
-    try:
-        spec = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
-    return spec
+    return read_yaml(path)
 
 
 def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
@@ -374,6 +374,8 @@ def _run_in_worker(name: str, folder: str, overrides: dict[str, Any], preset: st
             _train(Path(folder), overrides, preset)
         except KeyboardInterrupt:
             return "interrupted", None
+        except RunDiverged as err:
+            return "diverged", str(err)
         except Exception as err:  # noqa: BLE001 - one failing run must not stop the sweep
             return "failed", _describe(err)
     return "done", None
@@ -390,6 +392,9 @@ def _run_here(sweep: Sweep, todo: list[SweepRun]) -> None:
             sweep.write()
             print(_STOPPED, flush=True)
             raise
+        except RunDiverged as err:
+            run.status, run.error = "diverged", str(err)
+            print(f"{run.name} diverged: {run.error}", flush=True)
         except Exception as err:  # noqa: BLE001 - one failing run must not stop the sweep
             run.status, run.error = "failed", _describe(err)
             print(f"{run.name} failed: {run.error}", flush=True)
@@ -436,14 +441,20 @@ def run_sweep(source: str | Path | Mapping[str, Any] | Sweep, *, workers: int | 
     """
     sweep = source if isinstance(source, Sweep) else load_sweep(source)
     workers = _workers(sweep.workers if workers is None else workers)
-    sweep.out.mkdir(parents=True, exist_ok=True)
+    with RunLock(sweep.out, what="sweep"):  # one sweep process per folder (each run has its own lock too)
+        return _run_sweep_locked(sweep, workers)
+
+
+def _run_sweep_locked(sweep: Sweep, workers: int) -> Sweep:
     for run in sweep.runs:
         run.status, run.error, run.resumed = "pending", None, False
         conflict = _conflict(run)
         if conflict:
             run.status, run.error = "failed", conflict
         elif (run.folder / ckpt.SUMMARY).exists():
-            run.status = "skipped"
+            summary = json.loads((run.folder / ckpt.SUMMARY).read_text())
+            run.status = "diverged" if is_diverged(summary) else "skipped"
+            run.error = summary["diverged"]["message"] if is_diverged(summary) else None
         else:
             run.resumed = (run.folder / ckpt.CHECKPOINT).exists()
     sweep.write()

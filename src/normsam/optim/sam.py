@@ -14,6 +14,7 @@ Only the perturbed tensors are copied, so SAM-ON's extra memory is the size of t
 
 from __future__ import annotations
 
+import contextlib
 import math
 import operator
 import warnings
@@ -46,6 +47,8 @@ NORM_OVER = ("perturbed", "all")
 
 
 def _check_rho(rho: Any, where: str = "rho") -> float:
+    if isinstance(rho, (str, bytes, bool)):  # float('0.7') would pass, and the flat path then fails on a str
+        raise ValueError(f"Invalid {where}: {rho!r} ({type(rho).__name__}); rho must be a number >= 0, e.g. 0.5.")
     try:
         value = float(rho)
     except (TypeError, ValueError):
@@ -165,6 +168,7 @@ class SAM(torch.optim.Optimizer):
             groups, scope = self._groups_from_params(params, scope, include, exclude, model)
         self.model = model
         self.scope = scope
+        self._include, self._exclude = include, exclude  # add_param_group places new tensors by the same rule
         self.mask_scope = scope if isinstance(scope, str) and scope in MASK_SCOPES else None
         self._check_mask_options(sparsity, mask_interval, mask_total_steps, drop_rate)
         self.sparsity = sparsity
@@ -465,6 +469,13 @@ class SAM(torch.optim.Optimizer):
     def _fresh_epsilon(self, plan: _Plan, loss, grad_scaler) -> list[Tensor | None]:
         """ε from this step's ascent gradient, aligned with ``plan.params`` (None where there is no gradient)."""
         grads, extra_grads = self._ascent_gradients(loss, plan)
+        if plan.params and all(g is None for g in grads):  # ε would be 0 and the step counted as a SAM step
+            raise ValueError(
+                f"first_step(): none of the {len(plan.params)} perturbed tensors has an ascent gradient: "
+                + ("the loss does not depend on them." if loss is not None else
+                   "call loss.backward() before first_step() (a step(closure) closure must call backward()), "
+                   "or pass the loss: first_step(loss).")
+            )
         if grad_scaler is not None:
             grads, extra_grads = _unscale(grads, grad_scaler), _unscale(extra_grads, grad_scaler)
         if self.sync_ascent:
@@ -649,6 +660,20 @@ class SAM(torch.optim.Optimizer):
         After the cheap ascent ``first_step(loss)`` (the integrations' route), the weights are perturbed and
         ``step(closure)`` runs the closure once, as the second pass, then ``second_step()``; the closure may be
         ``None`` when the second pass's gradients are already there."""
+        with self._restored_on_error():
+            return self._step(closure)
+
+    @contextlib.contextmanager
+    def _restored_on_error(self) -> Iterator[None]:
+        """An exception (or Ctrl-C) inside a step never leaves the weights at w + ε: restore, then re-raise."""
+        try:
+            yield
+        except BaseException:
+            if self._perturbed:
+                self.restore()
+            raise
+
+    def _step(self, closure: Callable[[], Tensor] | None) -> Tensor:
         if self.is_perturbed:
             return self._step_after_ascent(closure)
         if closure is None:
@@ -694,11 +719,61 @@ class SAM(torch.optim.Optimizer):
         if any(param_group is g for g in self.base_optimizer.param_groups):
             super().add_param_group(param_group)  # during __init__: the groups are already the base's
             return
-        param_group.setdefault("rho", self.defaults["rho"])
-        param_group.setdefault("perturb", self.defaults["perturb"])
-        _check_rho(param_group["rho"], "rho of a param group")
-        self.base_optimizer.add_param_group(param_group)
+        for group in self._place_new_group(param_group):
+            group.setdefault("rho", self.defaults["rho"])
+            group.setdefault("perturb", self.defaults["perturb"])
+            _check_rho(group["rho"], "rho of a param group")
+            self.base_optimizer.add_param_group(group)
         self._plan = None
+
+    def _place_new_group(self, param_group: dict[str, Any]) -> list[dict[str, Any]]:
+        """A new group as the constructor would have placed it: without a model every tensor is perturbed
+        (unless ``perturb`` says otherwise); with one, tensors must be the model's, and a group without
+        ``perturb`` is split by the scope (with its names, for the bias rule)."""
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        if self.mask_scope is not None:
+            raise ValueError(
+                f"add_param_group() with scope={self.mask_scope!r}: the element masks were drawn over the tensors "
+                "SAM was built on. Build a new SAM over all the parameters instead."
+            )
+        if self.model is None:
+            return [{**param_group, "params": params}]
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        foreign = sum(id(p) not in names for p in params)
+        named = any("param_names" in g for g in self.param_groups)
+
+        def with_names(group: dict[str, Any]) -> dict[str, Any]:
+            if not named or "param_names" in group:
+                return group
+            if foreign:
+                raise ValueError(
+                    f"add_param_group(): {foreign} tensor(s) are not parameters of the model, so their names are "
+                    "unknown: give the group param_names=[...] (the bias rule reads them)."
+                )
+            return {**group, "param_names": [names[id(p)] for p in group["params"]]}
+
+        if "perturb" in param_group:  # the caller decided
+            return [with_names({**param_group, "params": params})]
+        if foreign:
+            raise ValueError(
+                f"add_param_group(): {foreign} tensor(s) are not parameters of the model SAM was built on "
+                f"({type(self.model).__name__}), so scope={self.scope!r} cannot place them: add the new layer to "
+                "the model first (e.g. model.head2 = layer), or give the group perturb=True or perturb=False."
+            )
+        if self.scope == "groups":
+            raise ValueError(
+                "add_param_group(): this SAM was built on groups that say perturb=True/False themselves; give the "
+                "new group perturb=True or perturb=False."
+            )
+        selected, _ = select(self.model, self.scope, include=self._include, exclude=self._exclude)
+        in_scope = {id(info.param) for info in selected}
+        out = []
+        for perturb in (True, False):
+            part = [p for p in params if (id(p) in in_scope) == perturb]
+            if part:
+                out.append(with_names({**param_group, "params": part, "perturb": perturb}))
+        return out
 
     # --- masks from data -------------------------------------------------------------------------------
 
@@ -766,6 +841,11 @@ class SAM(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict`; the shared ``param_groups`` are re-linked to the base optimizer's."""
+        if self._perturbed:  # the plan (and with it the saved copy of w) would be dropped with w + ε in place
+            raise ValueError(
+                "load_state_dict() while the weights are perturbed (between first_step() and second_step()): "
+                "call second_step() or restore() first."
+            )
         state_dict = dict(state_dict)
         sam_state = state_dict.pop("sam", None)
         self.base_optimizer.load_state_dict(state_dict)

@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from normsam.files import json_dumps
+
 __all__ = [
     "CHECKPOINT",
     "PREVIOUS_CHECKPOINT",
@@ -79,7 +81,12 @@ def atomic_write_bytes(path: Path, data: bytes, *, keep_previous: Path | None = 
     between the two renames leaves the old file under ``keep_previous`` and the new one in a temporary file.
     """
     path = Path(path)
-    tmp = _write_temporary(path, data)
+    try:
+        tmp = _write_temporary(path, data)
+    except OSError as err:  # name the file the user knows, not the temporary one (a full disk: ENOSPC)
+        if err.errno is None:
+            raise
+        raise OSError(err.errno, err.strerror or os.strerror(err.errno), str(path)) from err
     try:
         if keep_previous is not None and path.exists():
             os.replace(path, keep_previous)
@@ -100,7 +107,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    atomic_write_text(path, json_dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], *, keep_previous: bool = True) -> None:
@@ -139,7 +146,7 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """Rewrite ``metrics.jsonl`` and ``metrics.csv`` from the full history (keeps them equal to the
     checkpoint's history, also after a resume)."""
     run_dir = Path(run_dir)
-    atomic_write_text(run_dir / METRICS_JSONL, "".join(json.dumps(row) + "\n" for row in history))
+    atomic_write_text(run_dir / METRICS_JSONL, "".join(json_dumps(row) + "\n" for row in history))
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from typing import Any, Union
 
 import yaml
 
+from normsam.files import read_yaml
 from normsam.optim.amp import AMP_MODES, autocast
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
 from normsam.optim.running_stats import BN_POLICIES
@@ -163,8 +166,24 @@ class TrainConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
         for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "rho", "sharpness_rho"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}.")
+            if not 0 <= getattr(self, key) < math.inf:
+                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)}.")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}.")
+        if self.sam_start >= self.epochs and self.scope != "none":
+            raise ValueError(
+                f"sam_start={self.sam_start} with epochs={self.epochs}: the SAM window starts after the last epoch, "
+                "so no SAM step would run; lower sam_start (0-based) or train with scope=none."
+            )
+        if self.sparsity is not None and self.scope not in MASK_SCOPES:
+            raise ValueError(
+                f"sparsity={self.sparsity} is only used by the element-mask scopes {', '.join(MASK_SCOPES)}; "
+                f"scope={self.scope} perturbs whole tensors. Drop sparsity= or pick a mask scope."
+            )
+        if self.mask_interval is not None and self.scope != "ssam-d":
+            raise ValueError(
+                f"mask_interval={self.mask_interval} is only used by scope=ssam-d, not scope={self.scope}; drop it."
+            )
         if not 0 <= self.val_split < 1:
             raise ValueError(f"val_split must lie in [0, 1), got {self.val_split}.")
         if self.eval_subset is not None and self.eval_subset < 1:
@@ -202,6 +221,8 @@ def config_keys() -> list[str]:
 
 
 _HINTS = typing.get_type_hints(TrainConfig)
+#: A decimal number in scientific notation as people write it: 5e-4, 1E+3, -2.5e-1, .5e2.
+_FLOAT_TEXT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _allowed_types(key: str) -> tuple[type, ...]:
@@ -232,6 +253,8 @@ def _coerce(key: str, value: Any) -> Any:
         return value
     elif isinstance(value, (int, float)) and str in allowed:
         return str(value)
+    elif isinstance(value, str) and float in allowed and _FLOAT_TEXT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 5e-4 (no dot) as a string; a float field takes it
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ValueError(f"Wrong type for {key}: {value!r} ({type(value).__name__}); expected {names}.")
 
@@ -285,7 +308,7 @@ def _read_yaml(source: str) -> tuple[dict[str, Any], str]:
                 f"Config {source!r} is neither a preset ({', '.join(PRESETS)}) nor an existing YAML file."
             )
         text, where = path.read_text(), str(path)
-    data = yaml.safe_load(text) or {}
+    data = read_yaml(where, text) or {}
     if not isinstance(data, dict):
         raise ValueError(f"{where} must hold a mapping of config keys, got {type(data).__name__}.")
     return data, where

@@ -35,12 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normsam.train.norm_stats import norm_parameter_stats
+from normsam.files import json_dumps
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
+from normsam.train.divergence import RunDiverged, check_loss, check_weights, diverged_summary, is_diverged
+from normsam.train.identity import check_resumed_config
+from normsam.train.norm_stats import norm_parameter_stats
+from normsam.train.run_lock import RunLock
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
 
 __all__ = [
@@ -139,6 +143,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.out or f"runs/{cfg.data}-{cfg.model}-{cfg.method}-s{cfg.seed}")
         self.dist = _Distributed()
+        # one writer per run folder (rank 0 writes it); held until run() ends or this process exits
+        self._lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None
         self._check_run_dir(resume)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -384,8 +390,9 @@ class Trainer:
         sums = {"loss": 0.0, "correct": 0.0, "loss_perturbed": 0.0, "n": 0}
         bar = self._progress(self.train_loader, f"epoch {epoch + 1}/{cfg.epochs}")
         start = time.perf_counter()
-        for x, y in bar:
+        for step, (x, y) in enumerate(bar, 1):
             out = self.train_step(x, y, use_sam)
+            check_loss(out["loss"], epoch=epoch + 1, step=step, amp=cfg.amp)  # a host float already: no sync
             self.scheduler.step()
             n = y.shape[0]
             sums["n"] += n
@@ -396,12 +403,15 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
+        check_weights(self.model, epoch=epoch + 1, amp=cfg.amp)  # before they can become the checkpoint
         if use_sam:  # SAM counts non-finite ascents on the device; the host looks once per epoch
             skipped = self.sam.counters["nonfinite_ascent_steps"] - nonfinite_before
             if skipped:
                 warnings.warn(
                     f"SAM: in epoch {epoch + 1}, {skipped} of {len(self.train_loader)} ascent gradients were not "
-                    "finite; those steps used no perturbation (fp16 overflow? see counters['nonfinite_ascent_steps']).",
+                    "finite; those steps used no perturbation ("
+                    + ("fp16 overflow? " if cfg.amp == "fp16" else "lr or rho too large? ")
+                    + "see counters['nonfinite_ascent_steps']).",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -455,6 +465,7 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         state = RunFolder(self.run_dir).load_checkpoint(map_location=self.device)
+        check_resumed_config(self.run_dir, state.get("config"), self.cfg)  # a hand-edited config.yaml is refused
         self.model.load_state_dict(state["model"])
         (self.sam or self.optimizer).load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -488,12 +499,22 @@ class Trainer:
         path = self.run_dir / ckpt.NORM_STATS
         rows = [r for r in ckpt.read_jsonl(path) if r["epoch"] < epoch]  # drop rows of epochs being redone
         rows.append({"epoch": epoch, **norm_parameter_stats(self.model)})
-        ckpt.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        ckpt.atomic_write_text(path, "".join(json_dumps(r) + "\n" for r in rows))
 
     # --- the run -----------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        """Train the remaining epochs; returns the summary. Ctrl-C leaves the last checkpoint to resume."""
+        """Train the remaining epochs; returns the summary. Ctrl-C leaves the last checkpoint to resume.
+
+        Raises :class:`~normsam.train.divergence.RunDiverged` when the loss or the weights became non-finite,
+        after writing a summary with ``status: diverged`` (the last good epoch's checkpoint stays)."""
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.cfg
         self._write_run_files()
         if self.dist.is_main:
@@ -523,6 +544,13 @@ class Trainer:
             if self.dist.is_main:
                 done = len(self.history)
                 print(f"\nInterrupted after {done} finished epoch(s). Resume with: normsam train --resume {self.run_dir}")
+            raise
+        except RunDiverged as err:
+            err.run_dir = self.run_dir
+            if self.dist.is_main:
+                sam_steps = self.sam.counters["sam_steps"] if self.sam is not None else 0
+                ckpt.write_json(self.run_dir / ckpt.SUMMARY, diverged_summary(
+                    err, run_dir=self.run_dir, method=cfg.method, history=self.history, sam_steps=sam_steps))
             raise
         summary = self._summary()
         if cfg.sharpness_at_end and self.dist.is_main:
@@ -560,6 +588,7 @@ class Trainer:
         return {
             "run_dir": str(self.run_dir),
             "method": self.cfg.method,
+            "status": "finished",
             "epochs": len(self.history),
             "final_test_acc": last.get("test_acc"),
             "best_test_acc": best.get("test_acc"),
@@ -570,6 +599,7 @@ class Trainer:
             "mean_step_time": sum(r["step_time"] for r in self.history) / len(self.history),
             "total_time": self.elapsed,
             "nonfinite_ascent_steps": self.sam.counters["nonfinite_ascent_steps"] if self.sam else 0,
+            "sam_steps": self.sam.counters["sam_steps"] if self.sam else 0,  # what was trained, not asked for
         }
 
 
@@ -595,6 +625,13 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
             )
         setattr(cfg, key, value)
     if (run_dir / ckpt.SUMMARY).exists():
+        summary = json.loads((run_dir / ckpt.SUMMARY).read_text())
+        if is_diverged(summary):
+            raise RunExistsError(
+                f"{run_dir} diverged ({summary['diverged']['what']} became non-finite in epoch "
+                f"{summary['diverged']['epoch']}); resuming would diverge again: train it anew with a lower lr or "
+                "rho in another out=."
+            )
         raise RunExistsError(f"{run_dir} has already finished (summary.json exists); nothing to resume.")
     return Trainer(cfg, run_dir, resume=True).run()
 

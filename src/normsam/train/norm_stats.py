@@ -21,15 +21,24 @@ BINS = 30
 
 
 def summarize(values: torch.Tensor, bins: int = BINS) -> dict[str, Any]:
-    """Quantiles, mean, std and a histogram of a 1-D tensor."""
+    """Quantiles, mean, std and a histogram of a 1-D tensor, over its finite values; ``nonfinite`` counts the
+    others (NaN, ±inf: a diverged model), and without any finite value the statistics are None."""
     v = values.detach().float().reshape(-1).cpu()
+    finite = torch.isfinite(v)
+    nonfinite = int(v.numel() - finite.sum())
+    if nonfinite:
+        v = v[finite]
+        if v.numel() == 0:
+            return {"n": nonfinite, "nonfinite": nonfinite, "mean": None, "std": None,
+                    "quantiles": {f"{p:g}": None for p in QUANTILES}, "hist": None}
     q = torch.quantile(v, torch.tensor(QUANTILES))
     lo, hi = float(v.min()), float(v.max())
     if hi <= lo:
         hi = lo + 1e-6
     counts = torch.histc(v, bins=bins, min=lo, max=hi)
     return {
-        "n": v.numel(),
+        "n": v.numel() + nonfinite,
+        **({"nonfinite": nonfinite} if nonfinite else {}),
         "mean": float(v.mean()),
         "std": float(v.std()) if v.numel() > 1 else 0.0,
         "quantiles": {f"{p:g}": float(x) for p, x in zip(QUANTILES, q)},

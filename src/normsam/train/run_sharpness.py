@@ -30,6 +30,7 @@ from normsam.sharpness import measure_sharpness
 from normsam.train import checkpoint as ckpt
 from normsam.train.data import DataSplits, make_augment
 from normsam.train.run_folder import RunFolder, resolve_device
+from normsam.train.run_lock import RunLock
 
 __all__ = ["SHARPNESS_FILE", "SETTINGS", "measure_run_sharpness", "read_measurements", "latest_measurement"]
 
@@ -125,6 +126,22 @@ def measure_run_sharpness(
     for name, value in (("m", m), ("n", n)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1 (e.g. m=128, n=1024), got {value!r}.")
+    # a rebuilt model: this measurement writes the folder, so it takes the folder's lock (a run still training
+    # is refused at once) and checks that it can write before it measures; a caller that passes its model
+    # (the runner's sharpness_at_end) holds the lock already
+    lock = RunLock(run_dir, what="sharpness").acquire() if model is None else None
+    try:
+        return _measure(folder, cfg, rho=rho, steps=steps, m=m, n=n, kind=kind, norm=norm, adaptive=adaptive,
+                        scope=scope, logit_normalize=logit_normalize, convention=convention, seed=seed,
+                        model=model, data=data, progress=progress, device=device)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _measure(folder: RunFolder, cfg, *, rho, steps, m, n, kind, norm, adaptive, scope, logit_normalize, convention,
+             seed, model, data, progress, device) -> dict[str, Any]:
+    run_dir = folder.path
     if data is None:
         data = folder.data(cfg)
     if model is None:
@@ -161,7 +178,8 @@ def measure_run_sharpness(
         "seed": seed,
         **{key: measured[key] for key in ("sharpness", "error_sharpness", "max_rel_perturbation", "clean_loss",
                                            "worst_loss")},
-        "epoch": epoch,
+        "epoch": epoch,  # the epochs the measured weights were trained for
+        "run_epochs": cfg.epochs,  # of the run's schedule: a smaller epoch is an unfinished (or stale) run's
         "examples": sum(len(y) for _, y in batches),
         "method": cfg.method,
         "seconds": time.perf_counter() - started,

@@ -1,0 +1,100 @@
+"""The config keys and what they mean, for ``normsam train --help``.
+
+One line per key of :class:`normsam.train.config.TrainConfig`: its default and meaning, grouped as in the
+dataclass. A key added to the config without a line here is still listed (with its default), and
+``tests/test_friction.py`` asks for its line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["DESCRIPTIONS", "config_help"]
+
+#: key -> meaning. Sections follow the dataclass.
+DESCRIPTIONS: dict[str, str] = {
+    # data
+    "data": "fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | synthetic",
+    "data_dir": "where the data lies (default: $NORMSAM_DATA, then the system's copy)",
+    "download": "download the data set through torchvision when it is not found",
+    "subset": "stratified subset of the training set (images; null: all)",
+    "val_split": "share of the training set held out (stratified) as a validation split",
+    "label_noise": "share of training labels flipped to a random other class (val/test stay clean)",
+    "augment": "none | crop | crop-flip | autoaugment; null: crop-flip (crop for mnist)",
+    "image_size": "image side for synthetic and imagefolder data",
+    # model
+    "model": "resnet20/32/56, wrn28-10, vit-small, timm:NAME, torchvision:NAME",
+    "norm": "batch | group | layer | none, for resnet*/wrn*",
+    # base optimizer and schedule
+    "epochs": "epochs to train (the cosine schedule ends with them)",
+    "batch_size": "the whole step's batch (over all processes and micro-batches)",
+    "optimizer": "base optimizer: sgd | adamw | lion",
+    "lr": "peak learning rate (cosine schedule to 0); scientific notation works: 5e-4",
+    "weight_decay": "the base optimizer's weight decay",
+    "momentum": "sgd momentum; beta1 for adamw and lion",
+    "warmup_epochs": "linear warm-up of the learning rate, in epochs (may be fractional)",
+    "label_smoothing": "label smoothing of the training loss",
+    # SAM
+    "scope": "none (plain base optimizer) | all | norm (SAM-ON) | no-norm | random | ssam-f | ssam-d | [glob, ...]",
+    "perturbation": "sam | asam | layerwise | linf | fisher",
+    "rho": "perturbation radius; SAM-ON needs a larger rho than SAM-all (sam: 0.05-0.2 all, 0.5-1 norm)",
+    "eta": "eta of the scaling T (null: 0.01, fisher 1.0)",
+    "normalize_bias": "apply the weight-dependent scaling T to biases too",
+    "norm_over": "perturbed (norm over the perturbed set) | all (SSAM's convention)",
+    "sparsity": "mask scopes only: share of elements NOT perturbed, e.g. 0.9995",
+    "mask_interval": "ssam-d only: SAM steps between mask updates",
+    "fisher_samples": "ssam-f: examples for the Fisher estimate",
+    "mask_refresh_epochs": "ssam-f: epochs between Fisher-mask refreshes",
+    "sam_start": "first epoch (0-based) with SAM steps; must be < epochs",
+    "sam_end": "first epoch after the SAM window; null: until the end",
+    "bn_policy": "running statistics in the second pass: freeze | update",
+    "cheap_ascent": "the first pass computes only the perturbed tensors' gradients",
+    "ascent_interval": "fast mode: a fresh ascent every k-th SAM step, the steps between reuse the last epsilon",
+    "ascent_fraction": "fast mode: the ascent gradient from the first ceil(f * batch) examples",
+    "layerwise_scaling": "layerwise T: additive ||p|| + eta | official ||p|| * (1 + eta)",
+    "scaled_tensors": "weight-dependent T on: not-bias | name-contains-weight (official)",
+    # scale
+    "amp": "off | bf16 | fp16 (with a GradScaler)",
+    "accumulation": "micro-batches per step (batch_size is the whole step's batch)",
+    "clip_grad_norm": "clip the second-pass gradient's norm (null: no clipping)",
+    "sync_ascent": "DDP: all-reduce the ascent gradient of the perturbed tensors",
+    "compile": "torch.compile the model",
+    # analysis
+    "norm_stats": "per-epoch quantiles and histograms of the norm layers' gamma and beta",
+    "sharpness_at_end": "measure adaptive l-inf sharpness after the last epoch",
+    "sharpness_rho": "rho of that measurement",
+    "sharpness_steps": "APGD steps of that measurement",
+    "sharpness_convention": "apgd | reference (the sharpness paper's code; 1 step measures at 0.75 rho)",
+    # run
+    "seed": "seeds data order, augmentation, initialization, subsets and splits",
+    "out": "run folder; null: runs/<data>-<model>-<method>-s<seed>",
+    "device": "auto | cpu | cuda",
+    "threads": "CPU threads (>= 1; null: torch's default)",
+    "eval_batch_size": "batch size of the evaluation",
+    "eval_every": "evaluate every N epochs (and always after the last one)",
+    "eval_subset": "evaluate on a fixed stratified subset of the test set (images)",
+    "progress": "progress bars",
+    "tensorboard": "also log to RUN_DIR/tensorboard",
+}
+
+
+def _default(f: dataclasses.Field) -> str:
+    value = f.default if f.default is not dataclasses.MISSING else None
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def config_help() -> str:
+    """The text ``normsam train --help`` ends with: every config key, its default and its meaning."""
+    from normsam.train.config import TrainConfig
+
+    fields = dataclasses.fields(TrainConfig)
+    width = max(len(f"{f.name}={_default(f)}") for f in fields)
+    lines = ["config keys (key=default: meaning; set them in a YAML file or as key=value):"]
+    for f in fields:
+        key = f"{f.name}={_default(f)}"
+        lines.append(f"  {key:<{width}}  {DESCRIPTIONS.get(f.name, '')}".rstrip())
+    return "\n".join(lines)

@@ -1,0 +1,38 @@
+"""What a run says it was must be what it was trained with.
+
+A run folder's ``config.yaml`` is for people to read; the checkpoint carries its own copy of the config the
+weights were trained with. On ``--resume`` the two are compared (:func:`check_resumed_config`): a
+``config.yaml`` edited since the run started (ρ 0.5 → 2.0) would otherwise make the rest of the run train
+with one setting and the summary and report name another. Only the settings that do not change the result
+(:data:`RESUME_SAFE`) may differ.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESUME_SAFE", "check_resumed_config"]
+
+#: Settings that may change between the start of a run and a resume: they do not change what is trained.
+RESUME_SAFE = frozenset({"progress", "threads", "tensorboard", "device", "out"})
+
+
+def check_resumed_config(run_dir: str | Path, trained: dict[str, Any] | None, cfg: Any) -> None:
+    """Raise ValueError when ``cfg`` (read from ``config.yaml``, plus resume overrides) differs from the config
+    the checkpoint was trained with (``trained``) in a setting outside :data:`RESUME_SAFE`. A checkpoint
+    without its config (written before it carried one) is not checked."""
+    if not trained:
+        return
+    wanted = cfg.to_dict()
+    diffs = [
+        f"{key}: {trained.get(key)!r} in the checkpoint, {wanted[key]!r} in config.yaml"
+        for key in wanted
+        if key not in RESUME_SAFE and key in trained and trained[key] != wanted[key]
+    ]
+    if diffs:
+        raise ValueError(
+            f"{Path(run_dir) / 'config.yaml'} was edited since the run started ({'; '.join(diffs)}): the run "
+            "would go on with one setting and be labelled with another. Restore the file to resume, or train "
+            "the new settings in a new run (`normsam train --config FILE out=NEW_DIR`)."
+        )

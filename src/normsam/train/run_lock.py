@@ -1,0 +1,122 @@
+"""One writer per run folder: an exclusive lock held for the life of the process that writes it.
+
+Two ``normsam train ... out=X`` started together, or ``normsam train --resume X`` while X still trains, would
+otherwise both write X: its config from one, its metrics and checkpoint from the other. So every writer of a
+folder (the runner, ``normsam sharpness``, a sweep or a study on its parent folder) first takes
+:class:`RunLock` on it: ``fcntl.flock(LOCK_EX | LOCK_NB)`` on the file ``normsam.lock`` inside the folder.
+A second writer fails at once with :class:`RunLockedError`, naming the holder (pid, host, start time and
+command, written into the lock file by the holder).
+
+The operating system releases a ``flock`` when its holder exits in any way (an exception, Ctrl-C, SIGTERM,
+``kill -9``, a crash), so a dead holder never blocks a resume: the lock file itself stays behind, and a stale
+holder record in it is simply overwritten by the next writer. (On network file systems without ``flock``
+support the lock degrades to the local machine's processes; the holder's host name in the message shows it.)
+
+Locks are per open file, not per process: a second :class:`RunLock` on the same folder in the same process
+is refused too. A writer that already holds the folder's lock and calls another writer (the runner's
+``sharpness_at_end``) passes its own work on without locking again.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from normsam.files import check_writable
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; the lock then records the holder only
+    fcntl = None  # type: ignore[assignment]
+
+__all__ = ["LOCK_FILE", "RunLock", "RunLockedError", "holder_info"]
+
+LOCK_FILE = "normsam.lock"
+
+
+class RunLockedError(ValueError):
+    """The folder is being written by another process (or another writer in this one)."""
+
+
+def holder_info(folder: str | Path) -> dict[str, Any] | None:
+    """The holder record in ``folder``'s lock file (pid, host, started, command), or None."""
+    try:
+        return json.loads((Path(folder) / LOCK_FILE).read_text() or "null")
+    except (OSError, ValueError):
+        return None
+
+
+def _describe(info: dict[str, Any] | None) -> str:
+    if not info:
+        return "another process (it has not written its details yet)"
+    text = f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}"
+    if info.get("command"):
+        text += f" ({info['command']})"
+    return text
+
+
+class RunLock:
+    """An exclusive lock on a folder (created if needed); use as a context manager or acquire()/release().
+
+    Args:
+        folder: the run folder (or a sweep's or study's parent folder).
+        what: the kind of writer, for messages ("run", "sweep", "study").
+    """
+
+    def __init__(self, folder: str | Path, *, what: str = "run"):
+        self.folder = Path(folder)
+        self.what = what
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> RunLock:
+        if self._file is not None:
+            return self
+        check_writable(self.folder, what=f"{self.what} folder")
+        path = self.folder / LOCK_FILE
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the life of the lock
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise RunLockedError(
+                    f"{self.folder} is in use by {_describe(holder_info(self.folder))}: wait for it to finish or "
+                    f"stop it, then run again (a stopped run resumes with `normsam train --resume {self.folder}`); "
+                    "or choose another out=."
+                ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+            "what": self.what,
+        }
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(info))
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        handle, self._file = self._file, None
+        if handle is not None:
+            handle.close()  # closing the file releases the flock
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:  # a Trainer dropped without run(): let the folder go with it
+        self.release()
