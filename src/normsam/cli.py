@@ -19,12 +19,35 @@ def _train(args: argparse.Namespace) -> int:
     from normsam.train.config import load_config, parse_overrides
     from normsam.train.loop import Trainer, resume
 
+    if args.world_size is not None and not args.dry_run:
+        raise ValueError("--world-size only plans (with --dry-run); a real run takes its processes from torchrun.")
+    if args.resume and args.dry_run:
+        raise ValueError("--dry-run plans a new run from --config; drop --resume.")
     if args.resume:
         if args.config:
             raise ValueError("--resume takes the run's saved config; drop --config.")
         resume(args.resume, parse_overrides(args.overrides))
         return 0
-    Trainer(load_config(args.config, args.overrides)).run()
+    cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from normsam.train.plan import plan_run
+
+        print(plan_run(cfg, world_size=args.world_size).text())
+        return 0
+    Trainer(cfg).run()
+    return 0
+
+
+def _make_shards(args: argparse.Namespace) -> int:
+    from normsam.train.data.make_shards import make_shards
+
+    manifest = make_shards(args.image_folder, args.out, shard_size=args.shard_size, seed=args.seed,
+                           skip_corrupt=args.skip_corrupt)
+    for split, entry in manifest["splits"].items():
+        skipped = f", {len(entry['skipped'])} undecodable files skipped" if entry["skipped"] else ""
+        print(f"{split}: {entry['count']:,} images of {len(manifest['classes'])} classes in {len(entry['shards'])} "
+              f"shards {Path(args.out) / entry['pattern']}{skipped}")
+    print(f"Manifest: {Path(args.out) / 'manifest.json'}; train with data=webdataset data_dir={args.out}")
     return 0
 
 
@@ -121,10 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run (YAML config + key=value overrides)", epilog=config_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a preset (quick, paper-cifar100-wrn) or a YAML file")
+    p.add_argument("--config", help="a preset (quick, paper-cifar100-wrn, paper-imagenet-resnet50, paper-imagenet-vit-s32) "
+                                     "or a YAML file")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its checkpoint")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan (data, steps, rho, batch per rank, expected memory) and exit")
+    p.add_argument("--world-size", type=int, help="--dry-run: plan for this many processes (default: $WORLD_SIZE or 1)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. scope=norm rho=0.5 epochs=20")
     p.set_defaults(func=_train)
+
+    p = sub.add_parser("make-shards", help="webdataset shards (+ manifest.json) from an ImageNet-style folder")
+    p.add_argument("image_folder", help="a folder with train/<class>/<image> and val/<class>/<image> (or test/)")
+    p.add_argument("out", help="an empty or new folder for the shards")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="order of the training images across shards (default 0)")
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="leave out images that do not decode (listed in the manifest) instead of stopping")
+    p.set_defaults(func=_make_shards)
 
     p = sub.add_parser("compare", help="SGD vs SAM-all vs SAM-ON on Fashion-MNIST (the demo)")
     p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")

@@ -86,12 +86,17 @@ def _sweep(args: argparse.Namespace) -> int:
     from normsam.train.config import sweep_file
 
     sweep = load_sweep(sweep_file(args.sweep_file))  # a file, or the name of a packaged example
+    if args.status:
+        from normsam.analysis.executors import status_table, sweep_status
+
+        print(status_table(sweep_status(sweep)))
+        return 0
     if args.dry_run:
         for run in sweep.runs:
             print(f"{run.folder}  {' '.join(f'{k}={v}' for k, v in run.overrides.items())}")
         print(f"{len(sweep.runs)} runs")
         return 0
-    sweep = run_sweep(sweep, workers=args.workers)
+    sweep = run_sweep(sweep, workers=args.workers, executor=args.executor, wait=args.wait)
     return 1 if sweep.failed else 0
 
 
@@ -106,6 +111,11 @@ def _add_sweep(sub) -> None:
                    help="a sweep file, or an example shipped with normsam: sweep-tiny, sweep-fmnist-small, sweep-fmnist")
     p.add_argument("--workers", type=int, help="runs in parallel, one process each (default: the file's, or 1)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their folders, train nothing")
+    p.add_argument("--executor", choices=("local", "slurm", "submitit-local"),
+                   help="where the runs train (default: the file's executor:, or local): slurm submits jobs")
+    p.add_argument("--wait", action="store_true", help="with a job executor: return when every job has ended")
+    p.add_argument("--status", action="store_true",
+                   help="print every run's state (pending, running, done, failed, ...) with job id and log; train nothing")
     p.set_defaults(func=_sweep)
 
 

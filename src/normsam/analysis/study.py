@@ -49,7 +49,7 @@ from normsam.train import checkpoint as ckpt
 
 __all__ = ["STUDY_KEYS", "load_study", "choose_rho", "norm_sparsity", "resolve_grid", "run_study"]
 
-STUDY_KEYS = ("preset", "base", "out", "workers", "pilot", "phases")
+STUDY_KEYS = ("preset", "base", "out", "workers", "pilot", "phases", "executor", "slurm")
 _PHASE_KEYS = ("name", "seeds", "grid")
 _PLACEHOLDER_KINDS = ("rho", "sparsity")
 
@@ -91,7 +91,7 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
 def _sweep_spec(spec: Mapping[str, Any], name: str, seeds: Any, grid: Any) -> dict[str, Any]:
     out = {"out": str(Path(spec["out"]) / name), "seeds": seeds, "grid": grid, "workers": spec.get("workers", 1)}
-    for key in ("preset", "base"):
+    for key in ("preset", "base", "executor", "slurm"):
         if spec.get(key) is not None:
             out[key] = spec[key]
     return out
@@ -206,7 +206,7 @@ def run_study(
         ckpt.atomic_write_text(sweep_file, yaml.safe_dump(sweep_spec, sort_keys=False))
         started = time.time()
         print(f"study {out}: phase {name} ({sweep_file})", flush=True)
-        sweep = run_sweep(load_sweep(sweep_file), workers=workers)
+        sweep = run_sweep(load_sweep(sweep_file), workers=workers, wait=True)  # wait: later phases need its results
         entry = record["phases"].setdefault(name, {"wall_clock_s": 0.0})
         entry["wall_clock_s"] = round(entry["wall_clock_s"] + time.time() - started, 1)
         entry["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

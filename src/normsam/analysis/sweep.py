@@ -12,6 +12,8 @@ A sweep file is YAML with these top-level keys::
     out: runs/my-sweep # the parent folder of the run folders (relative to the working directory)
     preset: quick      # optional: a preset name or YAML config file the base is layered on; default none
     workers: 1         # optional: runs in parallel (processes); default 1 = in this process
+    executor: local    # optional: local (default) | slurm | submitit-local (see normsam.analysis.executors)
+    slurm: {...}       # optional: SLURM options for executor: slurm (partition, gpus_per_node, time, ...)
 
 ``grid`` may also be a list of such mappings; the runs are then the union of their products. That avoids
 training the same SGD baseline once per ρ::
@@ -69,7 +71,7 @@ from normsam.train.run_lock import RunLock
 __all__ = ["SWEEP_KEYS", "SWEEP_FILE", "Sweep", "SweepRun", "load_sweep", "run_sweep", "point_name"]
 
 #: The top-level keys of a sweep file.
-SWEEP_KEYS = ("base", "grid", "seeds", "out", "preset", "workers")
+SWEEP_KEYS = ("base", "grid", "seeds", "out", "preset", "workers", "executor", "slurm")
 
 #: The sweep's record of its runs, written into ``out``.
 SWEEP_FILE = "sweep.json"
@@ -128,11 +130,13 @@ class Sweep:
     preset: str | None = None
     workers: int = 1
     source: str | None = None
+    executor: str = "local"
+    slurm: dict[str, Any] | None = None
 
     def counts(self) -> dict[str, int]:
         counts = {status: 0 for status in ("done", "skipped", "failed", "diverged", "interrupted", "pending")}
         for run in self.runs:
-            counts[run.status] += 1
+            counts[run.status] = counts.get(run.status, 0) + 1
         return counts
 
     @property
@@ -305,7 +309,12 @@ def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
                 except ValueError as err:
                     raise ValueError(f"Sweep run {name}: {err}") from None
                 runs.append(SweepRun(name, folder, overrides, config))
-    return Sweep(out, runs, preset=preset, workers=_workers(spec.get("workers", 1)), source=described)
+    from normsam.analysis.executors import check_executor, slurm_parameters
+
+    executor = check_executor(spec.get("executor", "local"))
+    slurm_parameters(spec.get("slurm"))  # unknown SLURM options fail here, before anything is submitted
+    return Sweep(out, runs, preset=preset, workers=_workers(spec.get("workers", 1)), source=described,
+                 executor=executor, slurm=spec.get("slurm"))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -427,7 +436,8 @@ def _run_parallel(sweep: Sweep, todo: list[SweepRun], workers: int) -> None:
             raise
 
 
-def run_sweep(source: str | Path | Mapping[str, Any] | Sweep, *, workers: int | None = None) -> Sweep:
+def run_sweep(source: str | Path | Mapping[str, Any] | Sweep, *, workers: int | None = None,
+              executor: str | None = None, wait: bool = False) -> Sweep:
     """Train every run of a sweep that has not finished yet; returns the sweep with each run's status.
 
     Args:
@@ -438,8 +448,18 @@ def run_sweep(source: str | Path | Mapping[str, Any] | Sweep, *, workers: int | 
 
     Ctrl-C stops the sweep (``KeyboardInterrupt``), leaving every unfinished run's last checkpoint; running
     the sweep again resumes them. Failed runs are listed in the summary and in ``out/sweep.json``.
+
+    ``executor`` (default: the sweep's ``executor:``): ``slurm`` or ``submitit-local`` submit the runs as jobs
+    instead (:mod:`normsam.analysis.executors`) and return at once, or with ``wait`` when every job has ended.
     """
     sweep = source if isinstance(source, Sweep) else load_sweep(source)
+    from normsam.analysis.executors import check_executor, submit_sweep
+
+    executor = check_executor(sweep.executor if executor is None else executor)
+    if executor != "local":
+        return submit_sweep(sweep, executor, wait=wait)
+    if sweep.slurm:
+        print("note: the sweep's slurm: options are not used with executor: local.", flush=True)
     workers = _workers(sweep.workers if workers is None else workers)
     with RunLock(sweep.out, what="sweep"):  # one sweep process per folder (each run has its own lock too)
         return _run_sweep_locked(sweep, workers)

@@ -43,7 +43,7 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adamw", "lion")
 DEVICES = ("auto", "cpu", "cuda")
-PRESETS = ("quick", "paper-cifar100-wrn")
+PRESETS = ("quick", "paper-cifar100-wrn", "paper-imagenet-resnet50", "paper-imagenet-vit-s32")
 #: Example sweep files shipped with the package (src/normsam/presets/sweeps/, copied in the repository's configs/).
 SWEEP_EXAMPLES = ("sweep-tiny", "sweep-fmnist-small", "sweep-fmnist")
 
@@ -60,7 +60,12 @@ class TrainConfig:
     val_split: float = 0.0  # stratified validation split taken from the training set
     label_noise: float = 0.0  # share of training labels flipped to a random other class (val/test clean)
     augment: Union[str, None] = None  # none | crop | crop-flip | autoaugment; None: crop-flip (crop for mnist)
-    image_size: Union[int, None] = None  # synthetic and imagefolder only
+    image_size: Union[int, None] = None  # synthetic, imagefolder and webdataset (streamed default: 224)
+    # streamed data (normsam.train.data.streamed): data=webdataset, or data=imagefolder loader=stream
+    loader: Union[str, None] = None  # memory | stream; None: stream for webdataset, memory otherwise
+    workers: Union[int, None] = None  # streamed: DataLoader worker processes (None: 2; 0: the main process)
+    val_data_dir: Union[str, None] = None  # webdataset: validation shard pattern when data_dir is a train pattern
+    shuffle_buffer: int = 1000  # webdataset: samples in each worker's shuffle buffer
     # model
     model: str = "resnet20"
     norm: Union[str, None] = None  # batch | group | layer | none, for resnet*/wrn*

@@ -41,6 +41,7 @@ from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
+from normsam.train.data.streamed import make_streamed_loaders
 from normsam.train.divergence import RunDiverged, check_loss, check_weights, diverged_summary, is_diverged
 from normsam.train.identity import check_resumed_config
 from normsam.train.norm_stats import norm_parameter_stats
@@ -206,6 +207,9 @@ class Trainer:
                 f"batch_size={cfg.batch_size} (the global batch) is not divisible by the {self.dist.world_size} "
                 "processes; choose a multiple."
             )
+        if getattr(data, "streamed", False):  # decoded per sample in loader workers (train/data/streamed.py)
+            return make_streamed_loaders(cfg, data, rank=self.dist.rank, world_size=self.dist.world_size,
+                                         batch_size=per_rank, device=self.device)
         train = BatchLoader(
             data.train,
             per_rank,

@@ -21,6 +21,7 @@ from torch import nn
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file
 from normsam.train.data import DataSplits, load_data
+from normsam.train.data.streamed import StreamedData, check_streamed_config, is_streamed, load_streamed_data
 from normsam.train.models import build_model
 
 __all__ = ["RunFolder", "load_run_data", "build_run_model", "resolve_device"]
@@ -35,8 +36,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_run_data(cfg: TrainConfig) -> DataSplits:
-    """The data of a run: the same subset and split for the same config (and seed)."""
+def load_run_data(cfg: TrainConfig) -> DataSplits | StreamedData:
+    """The data of a run: the same subset and split for the same config (and seed); streamed data sets
+    (:mod:`normsam.train.data.streamed`) are described, not loaded."""
+    check_streamed_config(cfg)
+    if is_streamed(cfg):
+        return load_streamed_data(cfg)
     return load_data(
         cfg.data,
         data_dir=cfg.data_dir,

@@ -1,0 +1,151 @@
+"""Sweeps as jobs through submitit: options, the local executor's real subprocesses, kill + resubmit, requeue."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from normsam import cli
+from normsam.analysis import executors
+from normsam.analysis.executors import slurm_parameters, sweep_status
+from normsam.analysis.sweep import load_sweep, run_sweep
+from normsam.train import checkpoint as ckpt
+from normsam.train.loop import run_or_resume
+
+BASE = dict(data="synthetic", image_size=8, subset=256, batch_size=32, eval_batch_size=256, epochs=6, threads=1,
+            progress=False, model="resnet8", norm_stats=False, device="cpu", scope="norm", rho=0.5)
+
+
+def _spec(tmp_path: Path, **extra) -> dict:
+    return {"base": BASE, "seeds": [0], "out": str(tmp_path / "sweep"), "executor": "submitit-local",
+            "slurm": {"time": 10, "cpus_per_task": 1}, **extra}
+
+
+def test_slurm_options_map_to_submitit_and_unknown_ones_are_refused():
+    params, own = slurm_parameters({"partition": "gpu", "account": "lab", "nodes": 2, "gpus_per_node": 4,
+                                    "time": "1-02:30:00", "mem": "64G", "cpus_per_task": 8, "array": True,
+                                    "setup": ["module load cuda"], "additional": {"exclusive": True}})
+    assert params == {"slurm_partition": "gpu", "slurm_account": "lab", "nodes": 2, "gpus_per_node": 4,
+                      "tasks_per_node": 4, "timeout_min": 1590, "mem_gb": 64.0, "cpus_per_task": 8,
+                      "slurm_setup": ["module load cuda"], "slurm_additional_parameters": {"exclusive": True}}
+    assert own == {"array": True, "max_requeues": 3}
+    assert slurm_parameters({"time": 90, "mem": "512M"})[0] == {"timeout_min": 90, "mem_gb": 0.5, "tasks_per_node": 1}
+    with pytest.raises(ValueError, match=r"Unknown SLURM option 'partion' in slurm:\. Did you mean 'partition'\?"):
+        slurm_parameters({"partion": "gpu"})
+    with pytest.raises(ValueError, match="slurm.time must be minutes or HH:MM:SS"):
+        slurm_parameters({"time": "soon"})
+    with pytest.raises(ValueError, match="slurm.gpus_per_node must be GPUs per node"):
+        slurm_parameters({"gpus_per_node": "4"})
+
+
+def test_sweep_files_check_executor_and_slurm_options_before_submitting(tmp_path):
+    with pytest.raises(ValueError, match="Invalid executor: 'pbs'.*local"):
+        load_sweep(_spec(tmp_path, executor="pbs"))
+    with pytest.raises(ValueError, match="Unknown SLURM option 'gpus'"):
+        load_sweep(_spec(tmp_path, slurm={"gpus": 2}))
+
+
+def test_slurm_without_slurm_is_a_one_line_error_naming_executor_local(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(executors.shutil, "which", lambda name: None)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(_spec(tmp_path, executor="slurm")))
+    assert cli.main(["sweep", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sbatch is not on this machine's PATH" in err and "executor: local" in err
+    assert not list((tmp_path / "sweep").rglob(executors.JOB_FILE))
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _wait_for(predicate, timeout: float = 120.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _epochs_done(folder: Path) -> int:
+    return len(ckpt.read_jsonl(folder / "metrics.jsonl")) if (folder / "metrics.jsonl").exists() else 0
+
+
+def _same_metrics(a: Path, b: Path) -> None:
+    rows_a, rows_b = ckpt.read_jsonl(a / "metrics.jsonl"), ckpt.read_jsonl(b / "metrics.jsonl")
+    assert len(rows_a) == len(rows_b) == BASE["epochs"]
+    for x, y in zip(rows_a, rows_b):
+        for key in ("train_loss", "train_loss_perturbed", "test_loss", "test_acc", "lr"):
+            assert x[key] == y[key], (x["epoch"], key)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("reference") / "seed=0"
+    run_or_resume(folder, {**BASE, "seed": 0})
+    return folder
+
+
+def test_a_killed_job_resubmitted_resumes_and_ends_as_an_uninterrupted_run(tmp_path, uninterrupted):
+    sweep = run_sweep(load_sweep(_spec(tmp_path)))  # returns once submitted
+    run = sweep.runs[0]
+    assert run.status == "submitted"
+    record = json.loads((run.folder / executors.JOB_FILE).read_text())
+    assert Path(record["log_out"]).parent == run.folder / "jobs"  # the job's log lives in the run folder
+    _wait_for(lambda: _epochs_done(run.folder) >= 1, what="the first epoch")
+    assert sweep_status(sweep)[0]["status"] == "running"
+    controller = int(record["job_id"])
+    for pid in _children(controller) + [controller]:  # kill -9 the task and its controller: a dead node
+        os.kill(pid, signal.SIGKILL)
+    _wait_for(lambda: not executors._alive(str(controller)), what="the kill")
+    done_before = _epochs_done(run.folder)
+    assert 1 <= done_before < BASE["epochs"] and not (run.folder / "summary.json").exists()
+    state = sweep_status(sweep)[0]
+    assert state["status"] == "interrupted" and state["job_id"] == record["job_id"]
+
+    again = run_sweep(load_sweep(_spec(tmp_path)), wait=True)  # resubmitted: resumes from the checkpoint
+    assert again.runs[0].resumed and again.runs[0].status == "done"
+    assert json.loads((run.folder / executors.JOB_FILE).read_text())["job_id"] != record["job_id"]
+    _same_metrics(run.folder, uninterrupted)
+    skipped = run_sweep(load_sweep(_spec(tmp_path)))  # finished: nothing is submitted again
+    assert skipped.runs[0].status == "skipped"
+
+
+def test_a_preempted_job_is_requeued_by_submitit_and_resumes(tmp_path, uninterrupted, capsys):
+    sweep = run_sweep(load_sweep(_spec(tmp_path)))
+    run = sweep.runs[0]
+    record = json.loads((run.folder / executors.JOB_FILE).read_text())
+    _wait_for(lambda: _epochs_done(run.folder) >= 1, what="the first epoch")
+    task = _children(int(record["job_id"]))[0]
+    os.kill(task, signal.SIGUSR2)  # what SLURM sends before a time-out or a pre-emption
+    executors.wait_for_runs([run.folder], poll_s=0.2)
+    assert "Requeued" in Path(record["log_err"]).read_text() + Path(record["log_out"]).read_text()
+    _same_metrics(run.folder, uninterrupted)
+    capsys.readouterr()
+    assert cli.main(["sweep", str(_write(tmp_path)), "--status"]) == 0
+    table = capsys.readouterr().out
+    assert "seed=0" in table and "done" in table and record["job_id"] in table and record["log_out"] in table
+
+
+def _write(tmp_path: Path) -> Path:
+    path = tmp_path / "sweep.yaml"
+    path.write_text(json.dumps(_spec(tmp_path)))
+    return path
+
+
+def test_a_failing_job_is_reported_failed_with_its_error(tmp_path):
+    base = {k: v for k, v in BASE.items() if k != "image_size"}
+    spec = _spec(tmp_path, base={**base, "data": "fashion-mnist", "data_dir": str(tmp_path / "nowhere")})
+    sweep = run_sweep(load_sweep(spec), wait=True)
+    assert sweep.runs[0].status == "failed"
+    state = sweep_status(sweep)[0]
+    assert state["status"] == "failed" and "Fashion-MNIST not found" in state["error"]
