@@ -134,9 +134,11 @@ def _contexts(groups: Sequence[Group], keys: Sequence[str]) -> list[Context]:
 
 
 def _plain(g: Group) -> bool:
-    """An arm without a late/early SAM window or an ascent every k steps (those are variants of a role)."""
+    """An arm without a late/early SAM window, an ascent every k steps or the momentum ascent (those are
+    variants of a role)."""
     s = g.settings
-    return not s.get("sam_start") and s.get("sam_end") is None and (s.get("ascent_interval") or 1) <= 1
+    return (not s.get("sam_start") and s.get("sam_end") is None and (s.get("ascent_interval") or 1) <= 1
+            and s.get("ascent", "gradient") == "gradient")
 
 
 def _choose(role: str, groups: Sequence[Group], named: Sequence[str], source: str) -> RoleChoice:

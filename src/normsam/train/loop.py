@@ -253,6 +253,7 @@ class Trainer:
             bn_policy=cfg.bn_policy,
             sync_ascent=cfg.sync_ascent,
             ascent_interval=cfg.ascent_interval,
+            ascent=cfg.ascent,
             layerwise_scaling=cfg.layerwise_scaling,
             scaled_tensors=cfg.scaled_tensors,
             **mask_kw,
