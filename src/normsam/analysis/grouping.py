@@ -24,7 +24,7 @@ METHOD_KEYS = ("optimizer", "scope", "perturbation", "rho")
 #: Settings that never split groups: the seed (we average over it) and settings that do not change results.
 _NOT_GROUPED = frozenset({
     "seed", "out", "progress", "threads", "device", "tensorboard", "data_dir", "download", "eval_batch_size",
-    "compile", "norm_stats", "sharpness_at_end", "sharpness_rho", "sharpness_steps",
+    "compile", "norm_stats", "memorization", "sharpness_at_end", "sharpness_rho", "sharpness_steps",
     "sharpness_convention",
 })
 

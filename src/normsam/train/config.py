@@ -99,6 +99,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # analysis
     norm_stats: bool = True  # per-epoch quantiles and histograms of the norm layers' γ and β
+    memorization: bool = True  # label noise: score the flipped training examples too (normsam.train.memorization)
     sharpness_at_end: bool = False  # measure adaptive ℓ∞ sharpness after the last epoch
     sharpness_rho: float = 0.003  # the poster's ρ for 20 steps (SPEC §3)
     sharpness_steps: int = 20

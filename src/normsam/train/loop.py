@@ -41,6 +41,7 @@ from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
+from normsam.train.memorization import flipped_eval_sets
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
 
 __all__ = [
@@ -218,6 +219,9 @@ class Trainer:
         evals = {"test": BatchLoader(test, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)}
         if data.val is not None:
             evals["val"] = BatchLoader(data.val, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)
+        if cfg.memorization:  # label noise: the flipped training examples (normsam.train.memorization)
+            for name, split in flipped_eval_sets(data).items():
+                evals[name] = BatchLoader(split, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)
         return train, evals
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
@@ -567,6 +571,8 @@ class Trainer:
             "best_epoch": best["epoch"],
             "final_train_loss": last["train_loss"],
             "final_val_acc": last.get("val_acc"),
+            "final_flipped_acc": last.get("flipped_acc"),  # label noise: memorized share of the flipped labels
+            "final_flipped_clean_acc": last.get("flipped_clean_acc"),
             "mean_epoch_time": sum(r["epoch_time"] for r in self.history) / len(self.history),
             "mean_step_time": sum(r["step_time"] for r in self.history) / len(self.history),
             "total_time": self.elapsed,
