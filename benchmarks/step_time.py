@@ -7,7 +7,8 @@ Usage:
     add --smoke to any mode for a run of seconds on tiny inputs (it checks the script, not the speed)
 
 Modes and their targets (printed as PASS/FAIL; the exit status is 1 when one fails):
-- cpu: SAM-ON / hand-written SAM-ON <= 1.03; SAM-all / SGD <= 2.05; SAM-ON with ascent_interval=4 / SGD <= 1.30.
+- cpu: SAM-ON / hand-written SAM-ON <= 1.03; SAM-all / SGD <= 2.05; SAM-ON with ascent_interval=4 / SGD <= 1.30;
+  SAM-ON with ascent=momentum / SGD <= 1.05.
 - host-overhead: the step is so small that Python and kernel-launch overhead dominate, as on a fast GPU;
   SAM-ON / hand-written SAM-ON <= 1.03 and SAM-all / pytorch_optimizer.SAM <= 1.02.
 - gpu: WRN-28-10 (32×32), ResNet-56 (32×32), ViT-S/32 and ResNet-50 (224×224), one table, no targets.
@@ -24,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from normsam.bench import (
-    FLOOR, FLOOR_ALL, PEER, SAM_ALL, SAM_ON, SGD, BenchResult, StepContext, Target, default_variants,
+    FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SGD, BenchResult, StepContext, Target, default_variants,
     _fmt_bytes, interval_name, run_benchmark,
 )
 from normsam.train.models import build_model
@@ -73,7 +74,8 @@ THREADS = {"cpu": 2, "host-overhead": 1}
 
 def targets(mode: str, k: int) -> list[Target]:
     if mode == "cpu":
-        return [Target(SAM_ON, FLOOR, 1.03), Target(SAM_ALL, SGD, 2.05), Target(interval_name(k), SGD, 1.30)]
+        return [Target(SAM_ON, FLOOR, 1.03), Target(SAM_ALL, SGD, 2.05), Target(interval_name(k), SGD, 1.30),
+                Target(MOMENTUM, SGD, 1.05)]
     if mode == "host-overhead":
         return [Target(SAM_ON, FLOOR, 1.03), Target(SAM_ALL, PEER, 1.02)]
     return []
@@ -168,10 +170,10 @@ def _memory_note(result: BenchResult) -> None:
 
 def gpu_table(results: dict[str, BenchResult], k: int) -> str:
     """One row per model: SGD's step time, every other variant as ×SGD with its extra memory, key ratios."""
-    columns = [PEER, SAM_ALL, SAM_ON, interval_name(k), FLOOR, FLOOR_ALL]
+    columns = [PEER, SAM_ALL, SAM_ON, interval_name(k), MOMENTUM, FLOOR, FLOOR_ALL]
     columns = [c for c in columns if any(c in r for r in results.values())]
     short = {PEER: "peer", FLOOR: "floor (hand-written SAM-ON)", FLOOR_ALL: "hand-written SAM-all",
-             interval_name(k): f"SAM-ON, k={k}"}
+             interval_name(k): f"SAM-ON, k={k}", MOMENTUM: "SAM-ON, momentum ascent"}
     lines = [
         "| model | SGD (ms) | " + " | ".join(f"{short.get(c, c)} ×SGD, extra memory" for c in columns)
         + " | SAM-ON / floor | SAM-all / peer |",

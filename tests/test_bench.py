@@ -16,7 +16,7 @@ from torch import nn
 
 from normsam import cli
 from normsam.bench import (
-    FLOOR, PEER, SAM_ALL, SAM_ON, SAM_ON_CLASSIC, SGD, BenchResult, StepContext, Target, VariantResult,
+    FLOOR, MOMENTUM, PEER, SAM_ALL, SAM_ON, SAM_ON_CLASSIC, SGD, BenchResult, StepContext, Target, VariantResult,
     default_variants, interval_name, run_benchmark, sam_supports_ascent_interval,
 )
 
@@ -198,8 +198,9 @@ def test_ratios_are_medians_of_per_round_ratios_and_targets_print_pass_or_fail()
 
 def test_bf16_context_and_variant_list():
     assert [v.name for v in default_variants(handwritten=False, peer=False, ascent_interval=None)] == [
-        SGD, SAM_ALL, SAM_ON_CLASSIC, SAM_ON]
-    assert [v.name for v in default_variants(classic=False)] == [SGD, PEER, SAM_ALL, SAM_ON, interval_name(4), FLOOR]
+        SGD, SAM_ALL, SAM_ON_CLASSIC, SAM_ON, MOMENTUM]
+    assert [v.name for v in default_variants(classic=False)] == [SGD, PEER, SAM_ALL, SAM_ON, interval_name(4), MOMENTUM,
+                                                                 FLOOR]
     x, y = _data()
     result = run_benchmark(_tiny, x, y, context=StepContext(amp="bf16"),
                            variants=default_variants(False, peer=False, ascent_interval=None),

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 
 from normsam.analysis import stats
 from normsam.analysis.stats import (
-    CONTRADICTED, INCONCLUSIVE, NOT_TESTED, SUPPORTED, Arm, Interval, combine, describe, evaluate_claims, paired,
-    t_quantile, verdict,
+    CONTRADICTED, INCONCLUSIVE, MAX_SEEDS, NOT_TESTED, SUPPORTED, Arm, Interval, combine, describe, evaluate_claims,
+    paired, seeds_to_decide, t_quantile, verdict,
 )
 
 T2 = 4.302652729749464  # t(0.975, df=2), the half-width factor for three seeds
-
-
-@pytest.fixture
-def no_scipy(monkeypatch):
-    """The t quantile from the module's own table: scipy is not a dependency."""
-    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # `from scipy.stats import t` raises ImportError
 
 
 def _t_mass(x: float, df: int, steps: int = 4000) -> tuple[float, float]:
@@ -36,13 +29,13 @@ def _t_mass(x: float, df: int, steps: int = 4000) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("df", [*range(1, 31), 31, 40, 100, 1000])
-def test_t_quantiles_without_scipy(no_scipy, df):
+def test_t_quantiles_from_scipy_match_the_density(df):
     q = t_quantile(df)
     mass, density = _t_mass(q, df)
     assert abs((0.475 - mass) / density) < 2e-6  # the quantile error, to first order
 
 
-def test_describe_by_hand(no_scipy):
+def test_describe_by_hand():
     ci = describe([80.0, 81.0, 82.0, None])  # None: a run without the value
     assert (ci.n, ci.mean, ci.std) == (3, 81.0, 1.0)
     assert ci.lo == pytest.approx(81.0 - T2 / math.sqrt(3), rel=1e-9)
@@ -57,6 +50,49 @@ def test_describe_by_hand(no_scipy):
     assert one.text(2) == "5.00 [n/a]" and one.ci_text() == "[n/a]" and one.half_width is None
     assert describe([]) == Interval(0, None, None, None, None) and describe([]).text() == ""
     assert describe([0.5, 0.5, 0.5]).text(2, signed=True) == "+0.50 [+0.50, +0.50]"
+
+
+def _interval(n, mean, std):
+    half = t_quantile(n - 1) * std / math.sqrt(n)
+    return Interval(n, mean, std, mean - half, mean + half)
+
+
+def test_seeds_to_decide_by_hand():
+    # mean 1, s = 1, "a > b": t(0.975, 5)/√6 = 2.5706/2.4495 = 1.049 > 1, t(0.975, 6)/√7 = 2.4469/2.6458 = 0.925 < 1
+    open_ = _interval(3, 1.0, 1.0)
+    assert verdict(open_, ">") == INCONCLUSIVE and seeds_to_decide(open_, ">") == 7
+    assert verdict(_interval(7, 1.0, 1.0), ">") == SUPPORTED and verdict(_interval(6, 1.0, 1.0), ">") == INCONCLUSIVE
+    # the same spread below zero would be decided the other way, as soon
+    assert seeds_to_decide(_interval(3, -1.0, 1.0), ">") == 7
+    # ">=" with δ = 0.5 at mean −0.2: the bound is −δ, the gap 0.3
+    n = seeds_to_decide(_interval(4, -0.2, 1.0), ">=", 0.5)
+    assert verdict(_interval(n, -0.2, 1.0), ">=", 0.5) == SUPPORTED
+    assert verdict(_interval(n - 1, -0.2, 1.0), ">=", 0.5) == INCONCLUSIVE
+    # "~" with δ = 0.2: at mean 0.5 it would be contradicted (gap 0.3), at mean 0.1 supported (gap 0.1)
+    for mean, outcome in ((0.5, CONTRADICTED), (0.1, SUPPORTED)):
+        n = seeds_to_decide(_interval(3, mean, 0.4), "~", 0.2)
+        assert verdict(_interval(n, mean, 0.4), "~", 0.2) == outcome
+        assert verdict(_interval(n - 1, mean, 0.4), "~", 0.2) == INCONCLUSIVE
+
+
+def test_seeds_to_decide_where_it_cannot_be_said():
+    assert seeds_to_decide(describe([1.0]), ">") is None  # one seed: no standard deviation
+    assert seeds_to_decide(_interval(5, 0.0, 1.0), ">") is None  # the mean on the bound
+    assert seeds_to_decide(_interval(5, 0.01, 1.0), ">") is None  # ≈ 38,000 seeds: more than MAX_SEEDS
+    assert MAX_SEEDS == 10_000
+    assert seeds_to_decide(Interval(2, 0.5, 0.0, 0.5, 0.5), ">") == 2
+    with pytest.raises(ValueError, match="Unknown relation"):
+        seeds_to_decide(_interval(3, 1.0, 1.0), "!=")
+
+
+def test_inconclusive_claim_parts_say_how_many_seeds_would_decide():
+    arms = {"sam-on": Arm("ON", {"final_test_acc": {0: 81.0, 1: 80.0, 2: 82.5}}),
+            "sam-all": Arm("all", {"final_test_acc": {0: 80.0, 1: 80.5, 2: 80.0}})}
+    results = {claim.name: parts for claim, _, parts in evaluate_claims(arms, margin=0.2)}
+    part = results["C1"][0]  # SAM-ON ≥ SAM-all: differences 1, −0.5, 2.5
+    assert part.verdict == INCONCLUSIVE
+    assert part.seeds_needed == seeds_to_decide(part.paired.interval, ">=", 0.2) and part.seeds_needed > 3
+    assert results["C1"][1].seeds_needed is None  # not tested (no SGD arm): nothing to count
 
 
 def test_t_quantile_errors():

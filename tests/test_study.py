@@ -86,7 +86,7 @@ def test_study_end_to_end_and_restart(tmp_path, capsys):
         "base": dict(TINY),
         "out": str(tmp_path / "study"),
         "workers": 1,
-        "pilot": {"seeds": [7], "grid": [{"scope": ["norm"], "rho": [0.05, 0.5]}]},
+        "pilot": {"seeds": [7], "grid": [{"scope": ["norm"], "rho": [0.05, 0.5]}], "max_extensions": 0},
         "phases": [{"name": "main", "seeds": [0, 1],
                     "grid": [{"scope": ["none"]}, {"scope": ["norm"], "rho": ["@rho:norm"]}]},
                    {"name": "extra", "seeds": [0],

@@ -42,6 +42,7 @@ __all__ = [
     "Variant", "VariantUnavailable", "BenchResult", "Target", "default_variants", "run_benchmark",
     "sam_supports_ascent_interval",
     "SGD", "PEER", "SAM_ALL", "SAM_ON", "SAM_ON_CLASSIC", "FLOOR", "FLOOR_ALL", "interval_name", "fraction_name",
+    "MOMENTUM", "sam_supports_momentum_ascent",
 ]
 StepFn = Callable[[Tensor, Tensor], None]
 
@@ -53,6 +54,7 @@ SAM_ON_CLASSIC = "SAM-ON (classic first pass)"
 SAM_ON = "SAM-ON (cheap ascent)"
 FLOOR = "hand-written SAM-ON"
 FLOOR_ALL = "hand-written SAM-all"
+MOMENTUM = "SAM-ON, ascent=momentum"
 
 
 _INTERVAL_PREFIX = "SAM-ON, ascent_interval="
@@ -197,6 +199,27 @@ def _interval_variant(k: int) -> Callable[[nn.Module, StepContext], StepFn]:
     return build
 
 
+def sam_supports_momentum_ascent() -> bool:
+    """Whether this normsam's ``SAM`` takes ``ascent="momentum"`` (Momentum-SAM, no ascent pass)."""
+    return "ascent" in inspect.signature(SAM.__init__).parameters
+
+
+def _momentum_variant(model: nn.Module, ctx: StepContext) -> StepFn:
+    """SAM-ON with ε from the base SGD's momentum (``ascent="momentum"``): one forward-backward at w + ε, the
+    restore and the base step; the running statistics are updated in that pass (``bn_policy="update"``)."""
+    if not sam_supports_momentum_ascent():
+        raise VariantUnavailable("not available: this normsam's SAM has no ascent='momentum' option")
+    if ctx.perturbation == "fisher":
+        raise VariantUnavailable("perturbation='fisher' needs the ascent gradient, which ascent='momentum' never computes")
+    sam, scaler = ctx.sam(model, "norm", ascent="momentum"), ctx.scaler()
+
+    def step(x, y):
+        sam.first_step(zero_grad=True)  # no pass at w: ε = -ρ·v/‖v‖ from the momentum buffers
+        _descent(sam, _loss(model, x, y, ctx), scaler)
+
+    return step
+
+
 def _fraction_variant(f: float) -> Callable[[nn.Module, StepContext], StepFn]:
     """SAM-ON whose ascent gradient comes from the first ⌈f·B⌉ examples of the batch (the runner's
     ``ascent_fraction``): the first forward-backward runs on a sub-batch."""
@@ -285,10 +308,12 @@ def default_variants(
     ascent_interval: int | None = 4,
     handwritten_all: bool = False,
     ascent_fraction: float | None = None,
+    momentum: bool = True,
 ) -> list[Variant]:
-    """SGD first (the baseline of the ratios), then the peer, SAM-all, SAM-ON and the floor.
+    """SGD first (the baseline of the ratios), then the peer, SAM-all, SAM-ON, the fast modes
+    (``ascent_interval``, ``ascent_fraction``, the momentum ascent) and the floor.
 
-    ``peer`` and ``ascent_interval`` are listed even where they cannot run (the table says why)."""
+    ``peer``, ``ascent_interval`` and ``momentum`` are listed even where they cannot run (the table says why)."""
     variants = [Variant(SGD, _sgd_variant)]
     if peer:
         variants.append(Variant(PEER, _peer_variant))
@@ -302,6 +327,8 @@ def default_variants(
         )
     if ascent_fraction is not None:
         variants.append(Variant(fraction_name(ascent_fraction), _fraction_variant(ascent_fraction)))
+    if momentum:
+        variants.append(Variant(MOMENTUM, _momentum_variant))
     if handwritten:
         variants.append(Variant(FLOOR, _handwritten_variant("norm")))
     if handwritten_all:

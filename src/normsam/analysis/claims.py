@@ -134,9 +134,11 @@ def _contexts(groups: Sequence[Group], keys: Sequence[str]) -> list[Context]:
 
 
 def _plain(g: Group) -> bool:
-    """An arm without a late/early SAM window or an ascent every k steps (those are variants of a role)."""
+    """An arm without a late/early SAM window, an ascent every k steps or the momentum ascent (those are
+    variants of a role)."""
     s = g.settings
-    return not s.get("sam_start") and s.get("sam_end") is None and (s.get("ascent_interval") or 1) <= 1
+    return (not s.get("sam_start") and s.get("sam_end") is None and (s.get("ascent_interval") or 1) <= 1
+            and s.get("ascent", "gradient") == "gradient")
 
 
 def _choose(role: str, groups: Sequence[Group], named: Sequence[str], source: str) -> RoleChoice:
@@ -283,7 +285,8 @@ def claim_rows(contexts: Sequence[Context]) -> list[dict[str, Any]]:
                     "test": p.test, "arm_a": p.arm_a, "arm_b": p.arm_b, "metric": p.part.metric,
                     "relation": p.part.relation, "margin": p.margin,
                     "seeds": " ".join(map(str, p.paired.seeds)) if p.paired else "",
-                    **_interval_row("diff", interval), "verdict": p.verdict, "note": p.note,
+                    **_interval_row("diff", interval), "verdict": p.verdict, "seeds_needed": p.seeds_needed,
+                    "note": p.note,
                 })
     return rows
 
@@ -344,16 +347,20 @@ def _statistics_markdown(contexts: Sequence[Context], margin: float,
                     f"**{outcome}**" if i == 0 else "", _md(p.test),
                     _md(f"{p.arm_a or '–'} − {p.arm_b or '–'}"),
                     interval.text(4 if p.part.metric == "sharpness" else 2, signed=True) if interval else "",
-                    str(interval.n) if interval else "", _md(rule), p.verdict, _md(p.note),
+                    str(interval.n) if interval else "", _md(rule), p.verdict, _seeds_needed_text(p), _md(p.note),
                 ])
         header = ["claim", "statement", "verdict", "test", "a − b", "mean [95% CI]", "n", "rule", "part verdict",
-                  "note"]
+                  "seeds to decide", "note"]
         lines += [_markdown_table(header, rows, numeric_from=len(header)), ""]
     lines += ["Rules (lo, hi: the 95% interval of a − b): "
               + "; ".join(f"“{sign}” ({what}): {rule}" for sign, (what, rule) in stats.RULES.items())
               + ". δ applies to accuracy only; sharpness is compared strictly. A claim is contradicted if a part is, "
               "not tested if a part is (an arm missing), supported if every part is, else inconclusive (an interval "
-              "across the bounds, or n/a with one common seed).",
+              "across the bounds, or n/a with one common seed). *Seeds to decide*, for an inconclusive part: the "
+              "fewest paired seeds whose 95% interval, with the observed mean difference and paired standard "
+              "deviation, would clear the bound (`scipy.stats.t`); a large number says the effect is small against "
+              "the seed-to-seed spread, not only that seeds are missing; “–” where it cannot be said (one seed, "
+              "a mean on the bound, or more than 10,000 seeds).",
               "",
               "Arms of the roles, unless named under `arms:` in a " + CLAIMS_FILE + " in a folder given to the report: "
               "SGD = the runs without SAM, SAM-all/SAM-ON/no-norm/random mask/SSAM-F = the arms of that scope with SAM "
@@ -361,3 +368,10 @@ def _statistics_markdown(contexts: Sequence[Context], margin: float,
               "highest sparsity, then the arm with the best mean validation accuracy is taken (the best mean test "
               "accuracy, marked as such, when there is no validation split).", ""]
     return "\n".join(lines)
+
+
+def _seeds_needed_text(p: stats.PartResult) -> str:
+    """The *seeds to decide* cell: blank unless the part is inconclusive."""
+    if p.verdict != stats.INCONCLUSIVE:
+        return ""
+    return "–" if p.seeds_needed is None else str(p.seeds_needed)

@@ -24,7 +24,7 @@ METHOD_KEYS = ("optimizer", "scope", "perturbation", "rho")
 #: Settings that never split groups: the seed (we average over it) and settings that do not change results.
 _NOT_GROUPED = frozenset({
     "seed", "out", "progress", "threads", "device", "tensorboard", "data_dir", "download", "eval_batch_size",
-    "compile", "norm_stats", "sharpness_at_end", "sharpness_rho", "sharpness_steps",
+    "compile", "norm_stats", "memorization", "sharpness_at_end", "sharpness_rho", "sharpness_steps",
     "sharpness_convention",
 })
 
@@ -32,6 +32,7 @@ _NOT_GROUPED = frozenset({
 _SAM_KEYS = frozenset({
     "perturbation", "rho", "eta", "normalize_bias", "norm_over", "sparsity", "mask_interval", "fisher_samples",
     "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
+    "ascent_fraction", "ascent",
 })
 
 #: The names of the scopes in every table and figure (see :func:`arm_label`), shared with the plots.
@@ -155,7 +156,7 @@ def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: boo
             details.append(settings["perturbation"])
         if rho and settings.get("rho") is not None:
             details.append(f"ρ={_text(settings['rho'])}")
-        shown |= {"sparsity", "sam_start", "sam_end", "ascent_interval"}
+        shown |= {"sparsity", "sam_start", "sam_end", "ascent_interval", "ascent"}
         if scope in MASK_SCOPES and settings.get("sparsity") is not None:
             details.append(f"sparsity {_text(settings['sparsity'])}")
         start, end = settings.get("sam_start") or 0, settings.get("sam_end")
@@ -166,6 +167,8 @@ def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: boo
         every = settings.get("ascent_interval")
         if every is not None and every > 1:
             details.append(f"ascent every {every}")
+        if settings.get("ascent") == "momentum":
+            details.append("momentum ascent")
     details += [f"{k}={_text(settings[k])}" for k in keys if k not in shown and settings.get(k) is not None]
     return name + (f" ({', '.join(details)})" if details else "")
 

@@ -5,11 +5,11 @@ Everything here works on plain numbers (values per seed), so it can be checked b
 * :func:`describe`: mean, sample standard deviation and a two-sided 95% Student-t interval of the mean;
 * :func:`paired`: the differences ``a[s] − b[s]`` over the seeds both have, described the same way;
 * :func:`verdict`: whether an interval supports, contradicts or leaves open a comparison (:data:`RULES`);
+* :func:`seeds_to_decide`: for a verdict left open, how many seeds the observed paired standard deviation
+  would need to decide it at the observed mean difference;
 * :func:`evaluate_claims`: the paper's claims (:data:`CLAIMS`) from the values of the arms that play each role.
 
-The t quantile comes from ``scipy.stats.t`` when scipy is installed (it is not a dependency); otherwise from
-:data:`T975` for 1–30 degrees of freedom and from the asymptotic expansion in 1/df around the normal quantile
-above that (within 2e-6 of the exact value for df > 30).
+The t quantile is ``scipy.stats.t``'s.
 """
 
 from __future__ import annotations
@@ -19,24 +19,16 @@ import statistics
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from scipy import stats as scipy_stats
+
 __all__ = [
-    "CONFIDENCE", "T975", "RULES", "SUPPORTED", "CONTRADICTED", "INCONCLUSIVE", "NOT_TESTED",
-    "Interval", "Paired", "t_quantile", "describe", "paired", "verdict", "combine",
+    "CONFIDENCE", "RULES", "SUPPORTED", "CONTRADICTED", "INCONCLUSIVE", "NOT_TESTED",
+    "Interval", "Paired", "t_quantile", "describe", "paired", "verdict", "seeds_to_decide", "combine",
     "ROLE_NAMES", "CLAIMS", "Claim", "Part", "Arm", "PartResult", "evaluate_claims",
 ]
 
 #: The level of every interval in the report.
 CONFIDENCE = 0.95
-
-#: The 0.975 quantile of Student's t for 1, 2, …, 30 degrees of freedom (two-sided 95%).
-T975 = (
-    12.7062047, 4.3026527, 3.1824463, 2.7764451, 2.5705818, 2.4469119, 2.3646243, 2.3060041, 2.2621572,
-    2.2281389, 2.2009852, 2.1788128, 2.1603687, 2.1447867, 2.1314495, 2.1199053, 2.1098155, 2.1009220,
-    2.0930241, 2.0859634, 2.0796138, 2.0738731, 2.0686576, 2.0638986, 2.0595386, 2.0555294, 2.0518305,
-    2.0484071, 2.0452296, 2.0422725,
-)
-
-_Z975 = 1.959963984540054  # the normal distribution's 0.975 quantile
 
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, NOT_TESTED = "supported", "contradicted", "inconclusive", "not tested"
 
@@ -56,20 +48,7 @@ def t_quantile(df: int) -> float:
     """The 0.975 quantile of Student's t with ``df`` degrees of freedom (the half-width factor of a 95% CI)."""
     if isinstance(df, bool) or not isinstance(df, int) or df < 1:
         raise ValueError(f"Degrees of freedom must be an integer >= 1, got {df!r}; a 95% interval needs n >= 2.")
-    try:
-        from scipy.stats import t
-    except ImportError:
-        return _t_quantile_fallback(df)
-    return float(t.ppf(0.5 + CONFIDENCE / 2, df))
-
-
-def _t_quantile_fallback(df: int) -> float:
-    if df <= len(T975):
-        return T975[df - 1]
-    # the expansion of t in powers of 1/df around the normal quantile (Abramowitz & Stegun 26.7.5)
-    z = _Z975
-    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+    return float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df))
 
 
 @dataclass(frozen=True)
@@ -149,6 +128,46 @@ def verdict(interval: Interval, relation: str, margin: float = 0.0) -> str:
         "~": (-d < lo and hi < d, lo > d or hi < -d),
     }[relation]
     return SUPPORTED if supported else CONTRADICTED if contradicted else INCONCLUSIVE
+
+
+#: :func:`seeds_to_decide` searches up to this many seeds; beyond it, more seeds are not the answer.
+MAX_SEEDS = 10_000
+
+
+def _decision_gap(mean: float, relation: str, margin: float) -> float:
+    """How far the mean lies from the bound the interval must clear to decide (see :data:`RULES`): the
+    verdict is decided exactly when the half-width is below this gap (0: never, at this mean)."""
+    d = margin
+    return {
+        ">": abs(mean), "<": abs(mean),
+        ">=": abs(mean + d),  # supported if mean − h > −δ, contradicted if mean + h < −δ
+        "<=": abs(mean - d),  # supported if mean + h < δ, contradicted if mean − h > δ
+        "~": abs(abs(mean) - d),  # supported if |mean| + h < δ, contradicted if |mean| − h > δ
+    }[relation]
+
+
+def seeds_to_decide(interval: Interval, relation: str, margin: float = 0.0) -> int | None:
+    """For an open verdict: the fewest paired seeds n whose 95% interval, with the observed mean difference
+    and standard deviation, would decide ``relation`` (``t(0.975, n−1)·s/√n`` below the gap between the mean
+    and the deciding bound). ``None`` when it cannot be said: fewer than 2 seeds (no standard deviation), a
+    mean exactly on the bound, or more than :data:`MAX_SEEDS` seeds needed. Which way it would be decided
+    is the side the mean is on; the real seeds may of course fall otherwise."""
+    if relation not in RULES:
+        raise ValueError(f"Unknown relation {relation!r}; use one of {', '.join(RULES)}.")
+    if interval.std is None or interval.mean is None:
+        return None
+    gap = _decision_gap(interval.mean, relation, margin)
+    if gap <= 0:
+        return None
+    if interval.std == 0:
+        return 2
+    z = scipy_stats.norm.ppf(0.5 + CONFIDENCE / 2)  # t > z, so n ≥ (z·s/gap)²: start there
+    n = max(2, math.ceil((z * interval.std / gap) ** 2))
+    while n <= MAX_SEEDS:
+        if t_quantile(n - 1) * interval.std / math.sqrt(n) < gap:
+            return n
+        n += 1
+    return None
 
 
 def combine(verdicts: Iterable[str]) -> str:
@@ -231,6 +250,7 @@ class PartResult:
     paired: Paired | None
     verdict: str
     note: str
+    seeds_needed: int | None = None  # inconclusive: the seeds that would decide it (see seeds_to_decide)
 
 
 def evaluate_claims(arms: Mapping[str, Arm | None], margin: float) -> list[tuple[Claim, str, list[PartResult]]]:
@@ -267,4 +287,5 @@ def _evaluate_part(claim: Claim, part: Part, arms: Mapping[str, Arm | None], mar
         return untested(f"no seed with {name} in both {a.label} and {b.label}")
     outcome = verdict(pairs.interval, part.relation, delta)
     note = "one common seed: no interval" if pairs.interval.lo is None else ""
-    return PartResult(claim.name, part, test, *labels, delta, pairs, outcome, note)
+    needed = seeds_to_decide(pairs.interval, part.relation, delta) if outcome == INCONCLUSIVE else None
+    return PartResult(claim.name, part, test, *labels, delta, pairs, outcome, note, needed)

@@ -22,14 +22,24 @@ A study is a few sweeps (:mod:`normsam.analysis.sweep`) run one after another in
         grid:
           - {scope: [random], rho: ["@rho:norm"], sparsity: ["@sparsity:norm"]}
 
+With label noise in the recipe, a ``gate:`` runs first (:mod:`normsam.analysis.gate`): SGD alone on the noisy
+and on the clean labels; the study stops with :class:`~normsam.analysis.gate.RegimeGateNotMet` before any other
+run when the noise costs SGD less than the gate's margin.
+
 After the pilot, ``@rho:SCOPE`` stands for the pilot's ρ with the best mean final *validation* accuracy among
-the pilot's runs with that scope (the test set plays no part in the choice), and ``@sparsity:SCOPE`` for the
+the pilot's runs with that scope (the test set plays no part in the choice; ``@rho:norm/momentum`` for the runs
+with ``ascent: momentum``, whose ρ lives on another scale), and ``@sparsity:SCOPE`` for the
 share of the model's trainable elements that ``SCOPE`` does *not* select (SAM-ON's sparsity for ``norm``), so a
 mask scope can be compared at SAM-ON's sparsity. The choice, with every pilot run's validation accuracy, is
 written to ``out/choice.json`` and ``out/choice.md``; each phase's generated sweep file to
 ``out/sweeps/<phase>.yaml``; the wall-clock of each phase to ``out/study.json``. Like sweeps, a study can be
 stopped and started again: finished runs are skipped, interrupted ones resumed, and the choice is recomputed
 from the same pilot runs (so it is the same).
+
+A chosen ρ at an edge of its grid (the largest, or the smallest above 0) says the best ρ may lie outside it:
+the pilot then adds the next value out, at the ratio of the grid's two outermost values, and runs again, up to
+``max_extensions`` times per scope (pilot key, default 3); ``choice.json`` lists the values added and any
+choice still at an edge.
 """
 
 from __future__ import annotations
@@ -49,7 +59,8 @@ from normsam.train import checkpoint as ckpt
 
 __all__ = ["STUDY_KEYS", "load_study", "choose_rho", "norm_sparsity", "resolve_grid", "run_study"]
 
-STUDY_KEYS = ("preset", "base", "out", "workers", "pilot", "phases", "executor", "slurm")
+STUDY_KEYS = ("preset", "base", "out", "workers", "gate", "pilot", "phases", "executor", "slurm")
+_PILOT_KEYS = ("seeds", "grid", "max_extensions")
 _PHASE_KEYS = ("name", "seeds", "grid")
 _PLACEHOLDER_KINDS = ("rho", "sparsity")
 
@@ -72,6 +83,12 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError("The study has no out: add its parent folder, e.g. out: runs/my-study.")
     if not isinstance(spec.get("pilot"), Mapping) or not spec["pilot"].get("grid"):
         raise ValueError("The study needs a pilot: with seeds: and a grid: of the ρ values to choose from.")
+    bad = [k for k in spec["pilot"] if k not in _PILOT_KEYS]
+    if bad:
+        raise ValueError(f"Unknown key {bad[0]!r} in pilot:; valid keys are {', '.join(_PILOT_KEYS)}.")
+    limit = spec["pilot"].get("max_extensions", 3)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+        raise ValueError(f"pilot: max_extensions must be an int >= 0 (0: never extend the grid), got {limit!r}.")
     phases = spec.get("phases") or []
     if not isinstance(phases, list) or not phases:
         raise ValueError("The study needs phases: a list of {name, seeds, grid} with the reported runs.")
@@ -97,10 +114,16 @@ def _sweep_spec(spec: Mapping[str, Any], name: str, seeds: Any, grid: Any) -> di
     return out
 
 
-def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str, dict[str, Any]]:
-    """Per scope, the ρ whose pilot runs have the best mean ``metric`` (ties: the smaller ρ).
+def choice_key(scope: str, ascent: str = "gradient") -> str:
+    """The name of a pilot arm's ρ choice: its scope, with ``/momentum`` for the momentum ascent."""
+    return scope if ascent == "gradient" else f"{scope}/{ascent}"
 
-    Returns ``{scope: {"rho": ρ, "candidates": {ρ: [values over seeds]}}}`` for every scope with a ρ.
+
+def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str, dict[str, Any]]:
+    """Per scope (and ascent, see :func:`choice_key`), the ρ whose pilot runs have the best mean ``metric``
+    (ties: the smaller ρ).
+
+    Returns ``{key: {"rho": ρ, "candidates": {ρ: [values over seeds]}}}`` for every scope with a ρ.
     """
     from normsam.train.config import config_from_file
 
@@ -116,7 +139,8 @@ def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str
                 f"Pilot run {run} has no {metric}: the pilot must train with val_split > 0 so that ρ is "
                 "chosen on validation data, never on the test set."
             )
-        table.setdefault(cfg.scope, {}).setdefault(float(cfg.rho), []).append(float(value))
+        key = choice_key(cfg.scope, getattr(cfg, "ascent", "gradient"))
+        table.setdefault(key, {}).setdefault(float(cfg.rho), []).append(float(value))
     if not table:
         raise ValueError(f"No finished pilot run with a ρ under {pilot_dir}: run the pilot first.")
     choice = {}
@@ -124,6 +148,52 @@ def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str
         best = max(sorted(by_rho), key=lambda r: sum(by_rho[r]) / len(by_rho[r]))  # sorted: ties → smaller ρ
         choice[scope] = {"rho": best, "candidates": {str(r): v for r, v in sorted(by_rho.items())}}
     return choice
+
+
+def _grid_entries(grid: Any) -> list[dict[str, Any]]:
+    return [dict(entry) for entry in (grid if isinstance(grid, list) else [grid])]
+
+
+def _template(grid: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The pilot grid entry that holds the arm ``key`` (scope, and ascent), to copy for a new ρ."""
+    scope, _, ascent = key.partition("/")
+    for entry in grid:
+        if scope in entry.get("scope", []) and (ascent or "gradient") in entry.get("ascent", ["gradient"]):
+            return entry
+    return None
+
+
+def _round(value: float) -> float:
+    return float(f"{value:.4g}")
+
+
+def edge_extensions(choice: Mapping[str, Any], grid: Any, original: Any, limit: int) -> list[dict[str, Any]]:
+    """Grid entries that extend the pilot where a chosen ρ lies at an edge of its candidates: one more ρ
+    outwards, at the ratio of the two outermost values; at most ``limit`` added per arm beyond ``original``."""
+    entries, base = _grid_entries(grid), _grid_entries(original)
+    out = []
+    for key, entry in choice.items():
+        rhos = sorted(float(r) for r in entry["candidates"])
+        template = _template(base, key)
+        if len(rhos) < 2 or template is None:
+            continue
+        originally = {float(r) for e in base if e is template for r in e.get("rho", [])}
+        if len(set(rhos) - originally) >= limit:
+            continue
+        best = float(entry["rho"])
+        if best == rhos[-1]:
+            new = _round(best * rhos[-1] / rhos[-2])
+        elif best == rhos[0] and best > 0:
+            new = _round(best * rhos[0] / rhos[1])
+        else:
+            continue
+        scope, _, ascent = key.partition("/")
+        extra = {**template, "scope": [scope], "rho": [new]}
+        if ascent:
+            extra["ascent"] = [ascent]
+        if extra not in entries:
+            out.append(extra)
+    return out
 
 
 def norm_sparsity(spec: Mapping[str, Any], scope: str = "norm") -> float:
@@ -216,11 +286,28 @@ def run_study(
         if sweep.failed:
             raise RuntimeError(f"Phase {name}: {len(sweep.failed)} run(s) failed; see {sweep.out / 'sweep.json'}.")
 
+    if spec.get("gate") is not None:  # first, and decided by SGD alone: is there damage for SAM to undo?
+        _run_gate(spec, out, timed, phases)
+        if phases is not None and set(phases) <= {"gate"}:
+            return record
+
     pilot = spec["pilot"]
-    if phases is None or "pilot" in phases:
-        timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), pilot["grid"]))
     metric = "final_val_acc"
-    choice = choose_rho(out / "pilot", metric)
+    grid = _grid_entries(pilot["grid"])
+    extended: list[dict[str, Any]] = []
+    while True:
+        if phases is None or "pilot" in phases:
+            timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), grid))
+        choice = choose_rho(out / "pilot", metric)
+        more = edge_extensions(choice, grid, pilot["grid"], pilot.get("max_extensions", 3))
+        if not more or not (phases is None or "pilot" in phases):
+            break
+        print("study: ρ at the edge of the pilot grid, adding " + ", ".join(
+            f"{e['scope'][0]}{'/' + e['ascent'][0] if 'ascent' in e else ''} ρ={e['rho'][0]:g}" for e in more),
+            flush=True)
+        grid += more
+        extended += more
+    at_edge = [key for key in choice if edge_extensions({key: choice[key]}, grid, grid, 1)]
     values: dict[str, Any] = {f"@rho:{scope}": entry["rho"] for scope, entry in choice.items()}
     needed = set().union(*(_placeholders(p["grid"]) for p in spec["phases"]))
     for name in sorted(needed):
@@ -229,7 +316,11 @@ def run_study(
             values[name] = norm_sparsity(spec, scope)
         elif kind not in _PLACEHOLDER_KINDS:
             raise ValueError(f"Unknown placeholder {name!r}; use @rho:SCOPE or @sparsity:SCOPE.")
-    ckpt.write_json(out / "choice.json", {"metric": metric, "choice": choice, "values": values})
+    ckpt.write_json(out / "choice.json", {"metric": metric, "choice": choice, "values": values,
+                                          "extended": extended, "at_edge": at_edge})
+    if at_edge:
+        print(f"study: warning: the chosen ρ of {', '.join(at_edge)} is still at an edge of the pilot grid "
+              "(max_extensions reached); see choice.md.", flush=True)
     ckpt.atomic_write_text(out / "choice.md", _choice_markdown(choice, metric))
     print("study: chosen " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
@@ -244,4 +335,50 @@ def run_study(
 
         dirs = [out / str(p.get("name", f"phase{i + 1}")) for i, p in enumerate(spec["phases"])]
         make_report([str(d) for d in dirs if d.exists()], out=str(out / "report"))
+        if spec.get("gate") is not None:
+            _add_gate_to_report(out, out / "report")
     return record
+
+
+def _noisy_label_noise(spec: Mapping[str, Any]) -> float:
+    from normsam.train.config import load_config
+
+    return float(load_config(spec.get("preset"), dict(spec.get("base") or {})).label_noise)
+
+
+def _run_gate(spec: Mapping[str, Any], out: Path, timed, phases: list[str] | None) -> None:
+    """The regime gate (normsam.analysis.gate): SGD on noisy and clean labels; stop when the cost is too small."""
+    from normsam.analysis import gate as gatelib
+
+    noise = _noisy_label_noise(spec)
+    settings = gatelib.check_gate_spec(spec["gate"], noise)
+    if phases is None or "gate" in phases or not (out / "gate").exists():
+        grid = gatelib.gate_sweep_grid(settings, noise)
+        sweep = _sweep_spec(spec, "gate", settings["seeds"], grid)
+        varied = {key for entry in grid for key in entry}
+        if "base" in sweep:  # the grid sets label_noise (and the clean twin's keys) itself
+            sweep["base"] = {k: v for k, v in sweep["base"].items() if k not in varied}
+        timed("gate", sweep)
+    result = gatelib.evaluate_gate(out / "gate", settings["margin"], noise)
+    gatelib.write_gate(out, result, noise)
+    for line in gatelib.gate_summary_lines(result):
+        print(line, flush=True)
+    if not result.passed:
+        raise gatelib.RegimeGateNotMet(gatelib.gate_failure_message(result, noise, out))
+
+
+def _add_gate_to_report(out: Path, report_dir: Path) -> None:
+    """The gate's section and figure in the study report, before its results."""
+    import shutil
+
+    gate_md, figure = out / "gate.md", out / "gate_curves.png"
+    report = report_dir / "report.md"
+    if not (gate_md.is_file() and report.is_file()):
+        return
+    if figure.is_file():
+        shutil.copyfile(figure, report_dir / figure.name)
+    section = "#" + gate_md.read_text()  # its "# Regime gate" heading becomes a section of the report
+    text = report.read_text()
+    marker = "## Results"
+    text = text.replace(marker, section + "\n" + marker, 1) if marker in text else text + "\n" + section
+    ckpt.atomic_write_text(report, text)

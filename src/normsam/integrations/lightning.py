@@ -27,7 +27,12 @@ as usual. Per step, the mixin
    second pass (full backward at :math:`w + \varepsilon`, Lightning's gradient clipping and
    ``on_before_optimizer_step``), then restores :math:`w_S` and steps the base optimizer.
 
-``training_step`` thus runs twice per step; :attr:`SAMModule.sam_pass` says which pass it is in
+With ``ascent="momentum"`` (Momentum-SAM: ε from the optimizer's momentum, :mod:`normsam.optim.ascent`) or on a
+step that reuses ε (``ascent_interval``) there is no ascent pass: the mixin perturbs, and ``optimizer.step``
+runs the closure once at :math:`w + \varepsilon` (:attr:`SAMModule.sam_pass` is ``"single"``, its logs are
+kept), then restores and steps.
+
+``training_step`` thus runs twice per step (once without an ascent pass); :attr:`SAMModule.sam_pass` says which pass it is in
 (``"ascent"`` or ``"second"``), and ``self.log`` calls of the second pass are dropped, so the logged values are
 those at :math:`w`, one per step, as without SAM. ``accumulate_grad_batches > 1`` is refused (the ascent
 would see the last micro-batch only).
@@ -77,6 +82,7 @@ class SAMModule:
     @property
     def sam_pass(self) -> str | None:
         """``"ascent"`` in the first run of ``training_step`` of a SAM step, ``"second"`` in the second,
+        ``"single"`` in the only run of a step without an ascent pass (``ascent="momentum"``, a reused ε),
         ``None`` outside a SAM step (validation, a plain optimizer)."""
         return self._sam_pass
 
@@ -88,6 +94,13 @@ class SAMModule:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
         if optimizer_closure is None:
             raise ValueError("SAMModule.optimizer_step needs Lightning's closure: call it with optimizer_closure=.")
+        if self.trainer.accumulate_grad_batches != 1 and not sam.needs_ascent:
+            raise ValueError(
+                f"SAMModule does not support accumulate_grad_batches={self.trainer.accumulate_grad_batches}: "
+                "Lightning runs the earlier micro-batches before optimizer_step, so they would see w, not w + ε. "
+                "Use a larger batch, or manual optimization: sam.first_step() once, then every micro-batch's "
+                "backward, then opt.step()."
+            )
         if self.trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"SAMModule does not support accumulate_grad_batches={self.trainer.accumulate_grad_batches}: the "
@@ -98,6 +111,11 @@ class SAMModule:
         no_sync = getattr(strategy, "block_backward_sync", None) or contextlib.nullcontext
         self._sam_active = sam
         try:
+            if not sam.needs_ascent:  # the momentum ascent or a reused ε: one pass, at w + ε
+                self._sam_pass = "single"
+                sam.first_step()
+                optimizer.step(closure=optimizer_closure)
+                return
             self._sam_pass = "ascent"
             with no_sync():  # the ascent is each worker's own, as in the original SAM
                 optimizer_closure()

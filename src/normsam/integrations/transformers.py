@@ -24,6 +24,11 @@ One optimizer step with ``gradient_accumulation_steps = k`` (micro-batches :math
 3. the Trainer clips the gradients and calls ``optimizer.step()``, which restores :math:`w_S` and steps the
    base optimizer.
 
+With ``sam=dict(ascent="momentum")`` (Momentum-SAM: ε from the optimizer's momentum, see
+:mod:`normsam.optim.ascent`), or on a step that reuses ε (``ascent_interval``), there is no ascent pass: the
+first micro-batch of the step perturbs :math:`w_S`, every micro-batch runs once at :math:`w + \varepsilon`
+(one forward-backward each, the logged loss is this one) and ``optimizer.step()`` restores and steps.
+
 So the perturbation is the one a single large batch would give; the micro-batches' inputs are kept on the
 device until the step ends (token ids: small). Under DDP the ascent is each worker's own (SAM's default; pass
 ``sync_ascent=True`` in ``sam=`` to average it) and the second pass reduces the gradients once per step.
@@ -150,6 +155,8 @@ class SAMTrainer(Trainer):
         model.train()
         sam = self.sam
         inputs = self._prepare_inputs(inputs)
+        if sam.is_perturbed or (not sam.needs_ascent and not self._sam_pending):
+            return self._single_pass(model, sam, inputs, num_items_in_batch)
         loss = self._micro_batch_loss(model, inputs, num_items_in_batch)
         # norm_over="all" needs the full gradient's norm, so then every gradient is computed
         ascent_inputs = sam.perturbed_parameters() if sam.norm_over == "perturbed" else None
@@ -158,6 +165,16 @@ class SAMTrainer(Trainer):
         self._sam_pending.append((inputs, num_items_in_batch))
         if self.accelerator.sync_gradients:
             self._second_pass(model, sam)
+        return loss.detach()
+
+    def _single_pass(self, model: nn.Module, sam: SAM, inputs: dict[str, Any], num_items_in_batch: Any) -> torch.Tensor:
+        """A step without an ascent pass (the momentum ascent, a reused ε): perturb on the step's first
+        micro-batch, then each micro-batch is one forward-backward at w + ε (the Trainer's accumulation and
+        DDP sync as for a plain optimizer); ``optimizer.step()`` restores w and steps."""
+        if not sam.is_perturbed:
+            sam.first_step()
+        loss = self._micro_batch_loss(model, inputs, num_items_in_batch)
+        self.accelerator.backward(loss)
         return loss.detach()
 
     def _second_pass(self, model: nn.Module, sam: SAM) -> None:

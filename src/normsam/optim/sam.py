@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normsam.optim import masks as masklib
+from normsam.optim.ascent import make_ascent
 from normsam.optim.perturbations import (
     SCALED_TENSORS,
     _epsilon_flat,
@@ -95,6 +96,10 @@ class SAM(torch.optim.Optimizer):
         foreach: use the ``torch._foreach_*`` path (default) or the per-tensor reference loop.
         sync_ascent: under ``torch.distributed``, average the ascent gradient over workers (only the perturbed
             tensors are communicated). Default: each worker uses its own, as in the original SAM.
+        ascent: where the ascent direction comes from: ``"gradient"`` (this step's gradient, a pass at w) or
+            ``"momentum"`` (Momentum-SAM: minus the base optimizer's momentum, no pass at w, ≈ the cost of the
+            base optimizer; the first step is a plain step; needs ``bn_policy="update"``, its default then). See
+            :mod:`normsam.optim.ascent`.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay`` …).
 
     Use either ``step(closure)``, the classic two passes (``loss.backward(); first_step(zero_grad=True);
@@ -125,6 +130,7 @@ class SAM(torch.optim.Optimizer):
         foreach: bool = True,
         sync_ascent: bool = False,
         ascent_interval: int = 1,
+        ascent: str = "gradient",
         layerwise_scaling: str = "additive",
         scaled_tensors: str = "not-bias",
         **base_kwargs: Any,
@@ -176,8 +182,8 @@ class SAM(torch.optim.Optimizer):
         self.mask_total_steps = mask_total_steps
         self.drop_rate = drop_rate
 
-        if bn_policy is None:
-            bn_policy = "freeze" if model is not None else "update"
+        if bn_policy is None:  # the momentum ascent's only pass is at w + ε: its statistics are the step's
+            bn_policy = "freeze" if model is not None and ascent != "momentum" else "update"
         elif bn_policy == "freeze" and model is None:
             raise ValueError(
                 "bn_policy='freeze' needs the model to find its running statistics: pass the model as params "
@@ -201,6 +207,11 @@ class SAM(torch.optim.Optimizer):
             group.setdefault("perturb", True)
             _check_rho(group["rho"], "rho of a param group")
         self.base_optimizer = base_optimizer(groups, **base_kwargs)
+        self.ascent = ascent
+        self.ascent_source = make_ascent(
+            ascent, self.base_optimizer, foreach=foreach, perturbation=self.perturbation_model.name, scope=scope,
+            ascent_interval=ascent_interval, sync_ascent=sync_ascent, bn_policy=bn_policy,
+        )
         # the base's defaults too: schedulers such as OneCycleLR(cycle_momentum=True) look for betas/momentum there
         super().__init__(self.base_optimizer.param_groups, {**self.base_optimizer.defaults, "rho": rho, "perturb": True})
         self.param_groups = self.base_optimizer.param_groups  # shared: schedulers work on either object
@@ -397,12 +408,13 @@ class SAM(torch.optim.Optimizer):
 
     @property
     def needs_ascent(self) -> bool:
-        """Whether the next :meth:`first_step` computes a fresh ε (always, unless ``ascent_interval > 1``).
+        """Whether the next :meth:`first_step` needs an ascent pass at w (always, unless ``ascent_interval > 1``
+        or ``ascent="momentum"``, which never does).
 
-        On the other steps ``first_step()`` applies the stored ε and ignores any loss or gradient, so a
-        training loop can skip the first forward-backward pass: ``if sam.needs_ascent: ... first_step(loss)``
-        ``else: first_step()``."""
-        return (
+        On the other steps ``first_step()`` applies the stored ε (or the momentum's) and ignores any loss or
+        gradient, so a training loop can skip the first forward-backward pass: ``if sam.needs_ascent: ...
+        first_step(loss)`` ``else: first_step()``."""
+        return self.ascent_source.needs_pass and (
             self.ascent_interval == 1
             or self._eps is None
             or self.counters["sam_steps"] % self.ascent_interval == 0
@@ -420,7 +432,8 @@ class SAM(torch.optim.Optimizer):
             loss: ``None`` to use the ``.grad`` the caller computed (classic API), or the loss tensor of the
                 first forward pass: then only the gradients of the perturbed tensors are computed (the cheap
                 ascent) and no ``.grad`` is written. It may be the loss of a sub-batch (``ascent_fraction``).
-                Ignored, like ``.grad``, on a step that reuses ε (see :attr:`needs_ascent`).
+                Ignored, like ``.grad``, on a step that reuses ε and with ``ascent="momentum"`` (see
+                :attr:`needs_ascent`).
             zero_grad: zero every gradient afterwards, ready for the second backward pass.
             grad_scaler: a ``torch.amp.GradScaler`` (or a number) whose scale the ascent gradient carries;
                 it is divided out before use, on the device.
@@ -439,7 +452,7 @@ class SAM(torch.optim.Optimizer):
             )
         if plan.flat is not None:  # the backup in one kernel, before ε: the flat path reads w from it
             torch.cat(plan.params, out=plan.flat.backup)
-        if self.needs_ascent:
+        if self.needs_ascent or not self.ascent_source.needs_pass:  # a fresh ε (from the momentum: no pass)
             eps = self._fresh_epsilon(plan, loss, grad_scaler)
             self._eps, self._eps_params = (eps, plan.params) if self.ascent_interval > 1 else (None, None)
         else:
@@ -467,19 +480,8 @@ class SAM(torch.optim.Optimizer):
             self.zero_grad()
 
     def _fresh_epsilon(self, plan: _Plan, loss, grad_scaler) -> list[Tensor | None]:
-        """ε from this step's ascent gradient, aligned with ``plan.params`` (None where there is no gradient)."""
-        grads, extra_grads = self._ascent_gradients(loss, plan)
-        if plan.params and all(g is None for g in grads):  # ε would be 0 and the step counted as a SAM step
-            raise ValueError(
-                f"first_step(): none of the {len(plan.params)} perturbed tensors has an ascent gradient: "
-                + ("the loss does not depend on them." if loss is not None else
-                   "call loss.backward() before first_step() (a step(closure) closure must call backward()), "
-                   "or pass the loss: first_step(loss).")
-            )
-        if grad_scaler is not None:
-            grads, extra_grads = _unscale(grads, grad_scaler), _unscale(extra_grads, grad_scaler)
-        if self.sync_ascent:
-            grads = self._all_reduce_mean(grads, plan.params)
+        """ε from this step's ascent direction, aligned with ``plan.params`` (None where there is none)."""
+        grads, extra_grads = self.ascent_source.directions(self, plan, loss, grad_scaler)
         self.counters["sam_steps"] += 1
         self.counters["ascent_steps"] += 1
 
@@ -532,6 +534,23 @@ class SAM(torch.optim.Optimizer):
         for i, e in zip(live, live_eps):
             eps[i] = e
         return eps
+
+    def _gradient_directions(self, plan: _Plan, loss, grad_scaler) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """The direction of ``ascent="gradient"``: this step's ascent gradients, unscaled, averaged over
+        workers with ``sync_ascent``."""
+        grads, extra_grads = self._ascent_gradients(loss, plan)
+        if plan.params and all(g is None for g in grads):  # ε would be 0 and the step counted as a SAM step
+            raise ValueError(
+                f"first_step(): none of the {len(plan.params)} perturbed tensors has an ascent gradient: "
+                + ("the loss does not depend on them." if loss is not None else
+                   "call loss.backward() before first_step() (a step(closure) closure must call backward()), "
+                   "or pass the loss: first_step(loss).")
+            )
+        if grad_scaler is not None:
+            grads, extra_grads = _unscale(grads, grad_scaler), _unscale(extra_grads, grad_scaler)
+        if self.sync_ascent:
+            grads = self._all_reduce_mean(grads, plan.params)
+        return grads, extra_grads
 
     def _flat_epsilon(self, plan: _Plan, grads: list[Tensor], rho: float) -> list[Tensor]:
         """The flat path (SAM-ON with an elementwise T and one ρ): ε computed in ``plan.flat.epsilon`` from
@@ -682,7 +701,7 @@ class SAM(torch.optim.Optimizer):
                 "first_step() and second_step() yourself."
             )
         closure = torch.enable_grad()(closure)
-        if not self.needs_ascent:  # ascent_interval: reuse ε, one pass at w + ε
+        if not self.needs_ascent:  # ascent_interval's reused ε or the momentum ascent: one pass at w + ε
             self.first_step()
             loss = closure()
             self.second_step()
@@ -875,7 +894,8 @@ class SAM(torch.optim.Optimizer):
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         return (
             f"SAM(base={type(self.base_optimizer).__name__}, perturbation={self.perturbation_model.name!r}, "
-            f"scope={self.scope!r}, rho={self.defaults['rho']}, eta={self.eta}, perturbed={perturbed:,}/{total:,})"
+            f"scope={self.scope!r}, rho={self.defaults['rho']}, eta={self.eta}, perturbed={perturbed:,}/{total:,}"
+            + (f", ascent={self.ascent!r})" if self.ascent != "gradient" else ")")
             + self._no_model_note()
         )
 

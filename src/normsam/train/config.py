@@ -23,6 +23,7 @@ import yaml
 
 from normsam.files import read_yaml
 from normsam.optim.amp import AMP_MODES, autocast
+from normsam.optim.ascent import ASCENTS
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, SCOPES
@@ -95,6 +96,7 @@ class TrainConfig:
     cheap_ascent: bool = True  # first pass computes only the perturbed tensors' gradients
     ascent_interval: int = 1  # fast mode: a fresh ascent every k-th SAM step, the steps between reuse the last ε
     ascent_fraction: float = 1.0  # fast mode: the ascent gradient from the first ceil(f * batch) examples
+    ascent: str = "gradient"  # gradient | momentum (Momentum-SAM: ε from the base optimizer's momentum, no ascent pass)
     layerwise_scaling: str = "additive"  # layerwise T: additive ||p|| + eta | official ||p|| * (1 + eta)
     scaled_tensors: str = "not-bias"  # weight-dependent T on: not-bias | name-contains-weight (official)
     # scale
@@ -105,6 +107,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     # analysis
     norm_stats: bool = True  # per-epoch quantiles and histograms of the norm layers' γ and β
+    memorization: bool = True  # label noise: score the flipped training examples too (normsam.train.memorization)
     sharpness_at_end: bool = False  # measure adaptive ℓ∞ sharpness after the last epoch
     sharpness_rho: float = 0.003  # the poster's ρ for 20 steps (SPEC §3)
     sharpness_steps: int = 20
@@ -132,6 +135,8 @@ class TrainConfig:
             label += f"-ascent{self.ascent_interval}"
         if self.ascent_fraction != 1.0:
             label += f"-frac{self.ascent_fraction:g}"
+        if self.ascent != "gradient":
+            label += f"-{self.ascent}"
         if self.layerwise_scaling != "additive":
             label += f"-lw-{self.layerwise_scaling}"
         if self.scaled_tensors != "not-bias":
@@ -162,6 +167,9 @@ class TrainConfig:
                 "gradient gives the ascent, e.g. ascent_fraction=0.25 (1: the whole batch)."
             )
         _one_of("sharpness_convention", self.sharpness_convention, ("apgd", "reference"))
+        _one_of("ascent", self.ascent, ASCENTS)
+        if self.ascent == "momentum":
+            _check_momentum_ascent(self)
         if isinstance(self.scope, str):
             _one_of("scope", self.scope, ("none",) + SCOPES)
         elif not self.scope or not all(isinstance(p, str) for p in self.scope):
@@ -214,6 +222,29 @@ class TrainConfig:
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 (or null to disable), got {self.clip_grad_norm}.")
         return self
+
+
+def _check_momentum_ascent(cfg: TrainConfig) -> None:
+    """``ascent=momentum``: the settings it cannot run with, refused before any training (SAM refuses them
+    too, later; see normsam.optim.ascent)."""
+    conflicts = [
+        (cfg.scope == "none", "ascent=momentum chooses SAM's ascent direction, and scope=none trains without SAM: "
+                              "drop ascent or set a scope (scope=norm: SAM-ON)"),
+        (cfg.ascent_interval != 1 or cfg.ascent_fraction != 1.0,
+         "ascent=momentum has no ascent pass, so ascent_interval and ascent_fraction have nothing to save: drop them"),
+        (cfg.bn_policy == "freeze", "ascent=momentum's only forward pass is at w + ε, so bn_policy=freeze would never "
+                                    "update BatchNorm's running statistics: set bn_policy=update (as Momentum-SAM)"),
+        (cfg.optimizer in ("sgd", "adamw") and cfg.momentum == 0,
+         f"ascent=momentum perturbs along the base optimizer's momentum, and optimizer={cfg.optimizer} with "
+         "momentum=0 keeps none: set momentum=0.9"),
+        (cfg.sync_ascent, "ascent=momentum: the momentum is already the same on every worker; drop sync_ascent"),
+        (cfg.perturbation == "fisher" or cfg.scope == "ssam-d",
+         "ascent=momentum computes no ascent gradient, which perturbation=fisher and scope=ssam-d need: use "
+         "another perturbation (sam, asam, layerwise, linf) or mask scope (random, ssam-f)"),
+    ]
+    for conflict, message in conflicts:
+        if conflict:
+            raise ValueError(message + ".")
 
 
 def _one_of(key: str, value: Any, valid: tuple) -> None:

@@ -44,6 +44,7 @@ from normsam.train.data import BatchLoader, make_augment, stratified_subset_indi
 from normsam.train.data.streamed import make_streamed_loaders
 from normsam.train.divergence import RunDiverged, check_loss, check_weights, diverged_summary, is_diverged
 from normsam.train.identity import check_resumed_config
+from normsam.train.memorization import flipped_eval_sets
 from normsam.train.norm_stats import norm_parameter_stats
 from normsam.train.run_lock import RunLock
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
@@ -228,6 +229,9 @@ class Trainer:
         evals = {"test": BatchLoader(test, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)}
         if data.val is not None:
             evals["val"] = BatchLoader(data.val, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)
+        if cfg.memorization:  # label noise: the flipped training examples (normsam.train.memorization)
+            for name, split in flipped_eval_sets(data).items():
+                evals[name] = BatchLoader(split, cfg.eval_batch_size, shuffle=False, augment=plain, device=self.device)
         return train, evals
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
@@ -263,6 +267,7 @@ class Trainer:
             bn_policy=cfg.bn_policy,
             sync_ascent=cfg.sync_ascent,
             ascent_interval=cfg.ascent_interval,
+            ascent=cfg.ascent,
             layerwise_scaling=cfg.layerwise_scaling,
             scaled_tensors=cfg.scaled_tensors,
             **mask_kw,
@@ -599,6 +604,8 @@ class Trainer:
             "best_epoch": best["epoch"],
             "final_train_loss": last["train_loss"],
             "final_val_acc": last.get("val_acc"),
+            "final_flipped_acc": last.get("flipped_acc"),  # label noise: memorized share of the flipped labels
+            "final_flipped_clean_acc": last.get("flipped_clean_acc"),
             "mean_epoch_time": sum(r["epoch_time"] for r in self.history) / len(self.history),
             "mean_step_time": sum(r["step_time"] for r in self.history) / len(self.history),
             "total_time": self.elapsed,
