@@ -44,8 +44,10 @@ from typing import Any
 
 import yaml
 
+from normsam.analysis.study_plan import check_plan
 from normsam.files import read_yaml
 from normsam.train import checkpoint as ckpt
+from normsam.train.run_lock import RunLock
 
 __all__ = ["STUDY_KEYS", "load_study", "choose_rho", "norm_sparsity", "resolve_grid", "run_study"]
 
@@ -197,6 +199,15 @@ def run_study(
     if out is not None:
         spec["out"] = str(out)
     out = Path(spec["out"])
+    check_plan(spec, phases)  # the whole plan, before the pilot trains for hours
+    with RunLock(out, what="study"):
+        return _run_phases(spec, out, workers=workers, phases=phases, report=report)
+
+
+def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases: list[str] | None,
+                report: bool) -> dict[str, Any]:
+    from normsam.analysis.sweep import load_sweep, run_sweep
+
     (out / "sweeps").mkdir(parents=True, exist_ok=True)
     record_path = out / "study.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"phases": {}}
