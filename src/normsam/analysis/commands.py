@@ -155,6 +155,9 @@ def _report(args: argparse.Namespace) -> int:
     from normsam.analysis.report import make_report
     from normsam.files import check_writable
 
+    for path in args.run_dirs:  # before the output folder is made, which could be below a mistyped path
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} does not exist; pass run folders or folders that contain them.")
     out = report_folder(args.run_dirs, args.out, overwrite=args.overwrite)
     check_writable(out, what="report folder", hint="choose another --out")  # before reading every run
     paths = make_report(args.run_dirs, out=out, include_diverged=args.include_diverged)

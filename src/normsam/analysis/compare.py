@@ -60,6 +60,14 @@ def compare(
     """
     from normsam.analysis.plots import method_label, plot_curves
 
+    fixed = sorted({key for m in methods for key in m.overrides} | {"out"})
+    ignored = sorted(set(overrides or {}) & set(fixed))
+    if ignored:  # each arm sets these itself: an override would be silently replaced
+        raise ValueError(
+            f"compare sets {', '.join(fixed)} itself for its arms ({', '.join(m.label for m in methods)}), so "
+            f"{', '.join(f'{k}={(overrides or {})[k]}' for k in ignored)} would be ignored: drop it (--out sets the "
+            "folder); train other arms with `normsam train` or `normsam sweep`."
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"Compare folder: {out}", flush=True)

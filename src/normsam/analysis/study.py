@@ -44,10 +44,11 @@ choice still at an edge.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,9 @@ import yaml
 
 from normsam.files import read_yaml
 from normsam.train import checkpoint as ckpt
+from normsam.train.run_lock import RunLock
 
-__all__ = ["STUDY_KEYS", "load_study", "choose_rho", "norm_sparsity", "resolve_grid", "run_study"]
+__all__ = ["STUDY_KEYS", "load_study", "check_plan", "choose_rho", "norm_sparsity", "resolve_grid", "run_study"]
 
 STUDY_KEYS = ("preset", "base", "out", "workers", "gate", "pilot", "phases", "executor", "slurm")
 _PILOT_KEYS = ("seeds", "grid", "max_extensions")
@@ -244,6 +246,72 @@ def _choice_markdown(choice: Mapping[str, Any], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _phase_names(spec: Mapping[str, Any]) -> list[str]:
+    return [str(p.get("name", f"phase{i + 1}")) for i, p in enumerate(spec["phases"])]
+
+
+def check_plan(spec: Mapping[str, Any], phases: Sequence[str] | None = None) -> None:
+    """Check a loaded study ``spec`` before anything trains; raise ValueError naming the phase and the fix.
+
+    A study runs its pilot (hours) before it resolves the phases' ``@rho:SCOPE`` placeholders, so a mistake in a
+    phase would otherwise show only after the pilot has trained. This finds, up front:
+
+    * ``--phase`` names that are not ``pilot`` or a phase of the file (a typo would run nothing and exit 0);
+    * a pilot without a validation split (ρ is chosen on validation accuracy, never on the test set);
+    * a placeholder ``@rho:SCOPE`` for a scope the pilot trains no ρ for, ``@sparsity:SCOPE`` for a scope that is
+      not a parameter scope, or an unknown placeholder kind;
+    * any config error in any run of any phase (unknown keys, wrong types, an option that would be ignored),
+      by building every phase's sweep with each placeholder replaced by a value of its kind.
+    """
+    from normsam.analysis.sweep import load_sweep
+    from normsam.optim.scopes import PARAMETER_SCOPES
+
+    names = ["pilot", *_phase_names(spec)]
+    for wanted in phases or []:
+        if wanted not in names:
+            close = difflib.get_close_matches(wanted, names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"--phase {wanted!r} is not a phase of this study ({', '.join(names)}).{hint}")
+
+    pilot_spec = spec["pilot"]
+    pilot = load_sweep(_sweep_spec(spec, "pilot", pilot_spec.get("seeds", [0]), pilot_spec["grid"]))
+    no_val = [run.name for run in pilot.runs if not run.config.val_split > 0]
+    if no_val:
+        raise ValueError(
+            f"The study's pilot run {no_val[0]} has val_split=0, but ρ is chosen on validation accuracy (never on "
+            "the test set): set val_split in the study's base (e.g. base: {val_split: 0.1})."
+        )
+    rhos: dict[str, float] = {}
+    for run in pilot.runs:
+        if isinstance(run.config.scope, str) and run.config.scope != "none":
+            rhos.setdefault(run.config.scope, run.config.rho)
+
+    values: dict[str, Any] = {}
+    for name, phase in zip(_phase_names(spec), spec["phases"]):
+        for placeholder in sorted(_placeholders(phase["grid"])):
+            kind, _, scope = placeholder[1:].partition(":")
+            if kind == "rho":
+                if scope not in rhos:
+                    trained = ", ".join(sorted(rhos)) or "none"
+                    raise ValueError(
+                        f"Phase {name} uses {placeholder}, but the pilot trains no run with scope={scope} (it "
+                        f"trains ρ for: {trained}); add {{scope: [{scope}], rho: [...]}} to the pilot's grid."
+                    )
+                values[placeholder] = rhos[scope]
+            elif kind == "sparsity":
+                if scope not in PARAMETER_SCOPES:
+                    raise ValueError(
+                        f"Phase {name} uses {placeholder}; @sparsity: takes one of {', '.join(PARAMETER_SCOPES)}."
+                    )
+                values[placeholder] = 0.5  # a stand-in of the right kind: the real value needs the model
+            else:
+                raise ValueError(f"Phase {name}: unknown placeholder {placeholder!r}; use @rho:SCOPE or @sparsity:SCOPE.")
+        try:
+            load_sweep(_sweep_spec(spec, name, phase.get("seeds", [0]), resolve_grid(phase["grid"], values)))
+        except ValueError as err:
+            raise ValueError(f"Phase {name}: {err}") from None
+
+
 def run_study(
     source: str | Path | Mapping[str, Any],
     *,
@@ -267,6 +335,15 @@ def run_study(
     if out is not None:
         spec["out"] = str(out)
     out = Path(spec["out"])
+    check_plan(spec, phases)  # the whole plan, before the pilot trains for hours
+    with RunLock(out, what="study"):
+        return _run_phases(spec, out, workers=workers, phases=phases, report=report)
+
+
+def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases: list[str] | None,
+                report: bool) -> dict[str, Any]:
+    from normsam.analysis.sweep import load_sweep, run_sweep
+
     (out / "sweeps").mkdir(parents=True, exist_ok=True)
     record_path = out / "study.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"phases": {}}

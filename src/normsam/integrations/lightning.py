@@ -57,6 +57,7 @@ from lightning.pytorch.core.optimizer import LightningOptimizer
 from torch import Tensor
 
 from normsam.optim.sam import SAM
+from normsam.integrations._checks import check_sam_trains
 
 __all__ = ["SAMModule"]
 
@@ -94,6 +95,9 @@ class SAMModule:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)  # type: ignore[misc]
         if optimizer_closure is None:
             raise ValueError("SAMModule.optimizer_step needs Lightning's closure: call it with optimizer_closure=.")
+        if getattr(self, "_sam_checked", None) != id(sam):  # once per optimizer: it must train this module
+            check_sam_trains(sam, self, "SAMModule")
+            self._sam_checked = id(sam)
         if self.trainer.accumulate_grad_batches != 1 and not sam.needs_ascent:
             raise ValueError(
                 f"SAMModule does not support accumulate_grad_batches={self.trainer.accumulate_grad_batches}: "

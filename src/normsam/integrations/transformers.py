@@ -52,6 +52,7 @@ import torch
 from torch import nn
 
 from normsam.optim.sam import SAM
+from normsam.integrations._checks import check_sam_trains
 
 __all__ = ["SAMTrainer"]
 
@@ -154,6 +155,9 @@ class SAMTrainer(Trainer):
         """The cheap ascent on this micro-batch; after the step's last one, perturb and run the second pass."""
         model.train()
         sam = self.sam
+        if not getattr(self, "_sam_checked", False):  # once: the optimizer must train this model
+            check_sam_trains(sam, self.accelerator.unwrap_model(model), "SAMTrainer")
+            self._sam_checked = True
         inputs = self._prepare_inputs(inputs)
         if sam.is_perturbed or (not sam.needs_ascent and not self._sam_pending):
             return self._single_pass(model, sam, inputs, num_items_in_batch)

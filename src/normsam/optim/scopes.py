@@ -17,6 +17,7 @@ A ``Linear`` called ``bn_proj`` is therefore not selected, and an unnamed ``Batc
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -133,6 +134,22 @@ def _as_predicate(rule: Any, what: str) -> Predicate:
     )
 
 
+def _check_patterns_match(rule: Any, what: str, infos: list[ParamInfo]) -> None:
+    """Every glob pattern of a rule must match a trainable parameter: a typo would otherwise be ignored."""
+    if rule is None or isinstance(rule, str) or callable(rule):
+        return
+    names = [info.name for info in infos]
+    for pattern in rule:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            close = difflib.get_close_matches(pattern, names, n=1, cutoff=0.4)
+            like = f"; the closest name is {close[0]!r}" if close else f"; names look like {names[0]!r}"
+            raise ValueError(
+                f"The {what} pattern {pattern!r} selects no parameters: it matches no trainable parameter "
+                f"name{like}. Fix the pattern "
+                "(`normsam inspect MODEL --scope all --all` lists every name) or drop it."
+            )
+
+
 def _describe_rule(rule: Any) -> str:
     if isinstance(rule, str):
         return f"scope={rule!r}"
@@ -159,6 +176,8 @@ def select(
     chosen = _as_predicate(scope, "scope")
     added = _as_predicate(include, "include") if include is not None else (lambda info: False)
     removed = _as_predicate(exclude, "exclude") if exclude is not None else (lambda info: False)
+    for rule, what in ((scope, "scope"), (include, "include"), (exclude, "exclude")):
+        _check_patterns_match(rule, what, infos)
     selected, rest = [], []
     for info in infos:
         (selected if (chosen(info) or added(info)) and not removed(info) else rest).append(info)

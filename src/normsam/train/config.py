@@ -180,14 +180,9 @@ class TrainConfig:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
         for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "rho", "sharpness_rho"):
             if not 0 <= getattr(self, key) < math.inf:
-                raise ValueError(f"{key} must be a finite number >= 0, got {getattr(self, key)}.")
+                raise ValueError(f"{key} must be >= 0 and finite, got {getattr(self, key)}.")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}.")
-        if self.sam_start >= self.epochs and self.scope != "none":
-            raise ValueError(
-                f"sam_start={self.sam_start} with epochs={self.epochs}: the SAM window starts after the last epoch, "
-                "so no SAM step would run; lower sam_start (0-based) or train with scope=none."
-            )
         if self.sparsity is not None and self.scope not in MASK_SCOPES:
             raise ValueError(
                 f"sparsity={self.sparsity} is only used by the element-mask scopes {', '.join(MASK_SCOPES)}; "

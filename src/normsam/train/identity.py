@@ -5,6 +5,11 @@ weights were trained with. On ``--resume`` the two are compared (:func:`check_re
 ``config.yaml`` edited since the run started (ρ 0.5 → 2.0) would otherwise make the rest of the run train
 with one setting and the summary and report name another. Only the settings that do not change the result
 (:data:`RESUME_SAFE`) may differ.
+
+A run labelled with SAM must take SAM steps: :func:`check_sam_window` refuses a SAM window that starts after
+the last epoch (``sam_start=5`` with ``epochs=1`` would train plain SGD under the name ``norm-sam-rho0.5``),
+and the summary records ``sam_steps``, the SAM steps actually taken. The check is the runner's, not the
+config's, so that run folders written before it stay readable.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESUME_SAFE", "check_resumed_config"]
+__all__ = ["RESUME_SAFE", "check_resumed_config", "check_sam_window"]
 
 #: Settings that may change between the start of a run and a resume: they do not change what is trained.
 RESUME_SAFE = frozenset({"progress", "threads", "tensorboard", "device", "out"})
@@ -35,4 +40,14 @@ def check_resumed_config(run_dir: str | Path, trained: dict[str, Any] | None, cf
             f"{Path(run_dir) / 'config.yaml'} was edited since the run started ({'; '.join(diffs)}): the run "
             "would go on with one setting and be labelled with another. Restore the file to resume, or train "
             "the new settings in a new run (`normsam train --config FILE out=NEW_DIR`)."
+        )
+
+
+def check_sam_window(cfg: Any) -> None:
+    """Raise ValueError when a SAM run's window starts at or after its last epoch: no SAM step would run."""
+    if cfg.scope != "none" and cfg.sam_start >= cfg.epochs:
+        raise ValueError(
+            f"sam_start={cfg.sam_start} with epochs={cfg.epochs}: the SAM window starts after the last epoch, so no "
+            "SAM step would run and the run would be plain SGD labelled as SAM; lower sam_start (0-based) or "
+            "train with scope=none."
         )

@@ -43,7 +43,7 @@ from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
 from normsam.train.data.streamed import make_streamed_loaders
 from normsam.train.divergence import RunDiverged, check_loss, check_weights, diverged_summary, is_diverged
-from normsam.train.identity import check_resumed_config
+from normsam.train.identity import check_resumed_config, check_sam_window
 from normsam.train.memorization import flipped_eval_sets
 from normsam.train.norm_stats import norm_parameter_stats
 from normsam.train.run_lock import RunLock
@@ -145,8 +145,8 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.out or f"runs/{cfg.data}-{cfg.model}-{cfg.method}-s{cfg.seed}")
         self.dist = _Distributed()
-        # one writer per run folder (rank 0 writes it); held until run() ends or this process exits
-        self._lock = RunLock(self.run_dir).acquire() if self.dist.is_main else None
+        check_sam_window(cfg)
+        self._lock: RunLock | None = None
         self._check_run_dir(resume)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -179,9 +179,14 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.start_epoch = 0
         self.elapsed = 0.0
-        if resume:
-            self._load_checkpoint()
-        self.tb = self._tensorboard()
+        self._lock_run_dir(resume)
+        try:
+            if resume:
+                self._load_checkpoint()
+            self.tb = self._tensorboard()
+        except BaseException:
+            self._release_run_dir()
+            raise
 
     # --- setup --------------------------------------------------------------------------------------
 
@@ -198,6 +203,22 @@ class Trainer:
                 f"{self.run_dir} already holds a run; resume it with `normsam train --resume {self.run_dir}` "
                 "or choose another out=."
             )
+
+    def _lock_run_dir(self, resume: bool) -> None:
+        """One writer per run folder: rank 0 (which writes it) holds its lock until run() ends or the process
+        exits, and checks the folder again under the lock (another writer may have finished meanwhile)."""
+        if not self.dist.is_main:
+            return
+        self._lock = RunLock(self.run_dir).acquire()
+        try:
+            self._check_run_dir(resume)
+        except BaseException:
+            self._release_run_dir()
+            raise
+
+    def _release_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _make_loaders(self) -> tuple[BatchLoader, dict[str, BatchLoader]]:
         cfg, data = self.cfg, self.data
@@ -520,8 +541,7 @@ class Trainer:
         try:
             return self._run()
         finally:
-            if self._lock is not None:
-                self._lock.release()
+            self._release_run_dir()
 
     def _run(self) -> dict[str, Any]:
         cfg = self.cfg
