@@ -391,6 +391,14 @@ class SAM(torch.optim.Optimizer):
         them is the cheap ascent for callers that accumulate gradients over micro-batches."""
         return self._targets()
 
+    def ascent_inputs(self) -> list[Tensor]:
+        """What to pass to ``loss.backward(inputs=...)`` for a cheap ascent by hand (micro-batch accumulation,
+        then ``first_step()``): the perturbed tensors, or under FSDP2 the unsharded parameters autograd sees
+        in the current pass (call it after the forward), whose gradients FSDP2 reduces into the perturbed
+        tensors' ``.grad``."""
+        plan = self._get_plan()
+        return list(plan.params) if plan.sharding is None else plan.sharding.ascent_inputs(plan.params)
+
     def _scaled(self, entries) -> list[bool]:
         model, nb, rule = self.perturbation_model, self.normalize_bias, self.scaled_tensors
         return [model.applies_to(name, normalize_bias=nb, scaled_tensors=rule) for _, _, name in entries]

@@ -190,14 +190,7 @@ class ShardedTensors:
     ) -> tuple[list[Tensor | None], list[Tensor | None]]:
         """The cheap ascent: gradients of ``params`` and ``others`` only, through FSDP2's own reduce-scatter."""
         tensors = list(params) + list(others)
-        inputs = []
-        for p in tensors:
-            if self.is_shard(p):
-                fsdp_param = self._fsdp_params[id(p)]
-                if hasattr(fsdp_param, "_unsharded_param"):  # absent: not all-gathered, not in this pass
-                    inputs.append(fsdp_param.unsharded_param)
-            else:
-                inputs.append(p)
+        inputs = self.ascent_inputs(tensors)
         saved = [p.grad for p in tensors]  # the caller's gradients (micro-batch accumulation) are put back
         for p in tensors:
             p.grad = None
@@ -211,6 +204,20 @@ class ShardedTensors:
                 p.grad = g
         local = self._localize(tensors, grads)
         return local[: len(params)], local[len(params) :]
+
+    def ascent_inputs(self, params: Sequence[Tensor]) -> list[Tensor]:
+        """What ``loss.backward(inputs=...)`` needs for the gradients of ``params``: a shard's unsharded
+        parameter (the tensor autograd saw in this pass; FSDP2 then reduce-scatters its gradient into the
+        shard's ``.grad``), a plain tensor itself. Call it after the forward pass."""
+        inputs = []
+        for p in params:
+            if self.is_shard(p):
+                fsdp_param = self._fsdp_params[id(p)]
+                if hasattr(fsdp_param, "_unsharded_param"):  # absent: never all-gathered, not in any pass yet
+                    inputs.append(fsdp_param.unsharded_param)
+            else:
+                inputs.append(p)
+        return inputs
 
     def _localize(self, params: Sequence[Tensor], grads: Sequence[Tensor | None]) -> list[Tensor | None]:
         out = [g._local_tensor if g is not None and self.is_shard(p) else g for p, g in zip(params, grads)]
