@@ -289,6 +289,17 @@ def refusals(mesh) -> dict:
         return normsam.SAM(model, torch.optim.SGD, scope="all")
 
     attempt("tensor_parallel", tensor_parallel)
+
+    def sharded_after_sam():
+        model = make_model()
+        sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
+        shard(model, mesh)
+        for group in sam.param_groups:  # what accelerate does: the optimizer's tensors swapped for the shards
+            group["params"] = [dict(model.named_parameters())[n] for n in group["param_names"]]
+        x, y = batches(0)
+        sam.first_step(F.cross_entropy(model(my_half(x)), my_half(y)))
+
+    attempt("sharded_after_sam", sharded_after_sam)
     assert DTensor is not None
     return out
 

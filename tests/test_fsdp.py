@@ -114,6 +114,7 @@ def test_running_statistics_freeze_under_fsdp2(results):
         ("ascent_interval", "ascent_interval > 1 is not supported on FSDP2"),
         ("no_model", "DTensor parameters but no model"),
         ("tensor_parallel", "tensor parallelism .* not supported"),
+        ("sharded_after_sam", "became DTensors after SAM was built.*build SAM after fully_shard"),
     ],
 )
 def test_unsupported_sharded_setups_are_refused(results, name, message):
@@ -122,7 +123,7 @@ def test_unsupported_sharded_setups_are_refused(results, name, message):
     record = _case(results, "refusals")
     assert record[name] is not None, f"{name} was accepted"
     assert re.search(message, record[name]), record[name]
-    if name != "mask_scope" and name != "ascent_interval" and name != "sync_ascent_false":
+    if name in ("no_model", "tensor_parallel", "sharded_after_sam"):
         assert "fully_shard" in record[name]  # names what works
 
 
@@ -153,3 +154,14 @@ def test_fsdp1_flat_parameters_are_refused():
         p._fsdp_flattened = True  # what FSDP1 marks its managed parameters with
     with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
         normsam.SAM(list(model.parameters()), torch.optim.SGD, lr=0.1)
+
+
+def test_sam_trainer_refuses_accelerate_fsdp_when_built(tmp_path):
+    pytest.importorskip("accelerate")
+    pytest.importorskip("transformers")
+    from normsam.integrations.transformers import SAMTrainer
+    from tests.test_integration_transformers import TokenData, arguments, llama
+
+    args = arguments(tmp_path, fsdp="full_shard", fsdp_config={"fsdp_version": 2})
+    with pytest.raises(ValueError, match="does not support accelerate's FSDP.*fully_shard.*examples/fsdp_sam_on.py"):
+        SAMTrainer(model=llama(), args=args, train_dataset=TokenData(), sam=dict(scope="norm", rho=0.5))

@@ -37,7 +37,7 @@ from normsam.optim.perturbations import (
 )
 from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, RunningStatsSwap, running_stat_modules
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
-from normsam.optim.sharded import ShardedTensors, check_sharded_options, sharding_for
+from normsam.optim.sharded import ShardedTensors, check_sharded_options, refuse_late_sharding, sharding_for
 
 __all__ = ["SAM"]
 
@@ -337,6 +337,8 @@ class SAM(torch.optim.Optimizer):
         others = self._entries(False) if self.norm_over == "all" else []
         params = [p for p, _, _ in entries]
         sharding = self._sharding
+        if sharding is None:
+            refuse_late_sharding(params + [p for p, _, _ in others])
         data = params if sharding is None else sharding.local(params)  # what ε and the backup act on
         others_data = [p for p, _, _ in others] if sharding is None else sharding.local(p for p, _, _ in others)
         scaled, others_scaled = self._scaled(entries), self._scaled(others)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from normsam.optim.perturbations import PerturbationModel, _grouped
 
-__all__ = ["ShardedTensors", "check_sharded_options", "sharding_for"]
+__all__ = ["ShardedTensors", "check_sharded_options", "refuse_late_sharding", "sharding_for"]
 
 SUPPORTED = (
     "normsam.SAM supports FSDP2 (torch.distributed.fsdp.fully_shard on a 1-D device mesh, parameters as DTensor "
@@ -133,6 +133,17 @@ def sharding_for(model: nn.Module | None, params: Sequence[Tensor]) -> ShardedTe
             "(world_size,)))."
         )
     return ShardedTensors(managed, next(iter(meshes.values())).get_group())
+
+
+def refuse_late_sharding(params: Sequence[Tensor]) -> None:
+    """SAM was built on plain tensors that are DTensors now (the model was sharded after ``SAM(...)``, or a
+    framework swapped the optimizer's parameters): the plan would treat shards as whole tensors."""
+    dtensor = _dtensor_type()
+    if dtensor is not None and any(isinstance(p, dtensor) for p in params):
+        raise ValueError(
+            "SAM's parameters became DTensors after SAM was built (the model was sharded after SAM(...)): build "
+            "SAM after fully_shard, on the sharded model: fully_shard(...); sam = SAM(model, ...)."
+        )
 
 
 def check_sharded_options(mask_scope: str | None, ascent_interval: int, sync_ascent: bool | None) -> None:
