@@ -32,7 +32,9 @@ first micro-batch of the step perturbs :math:`w_S`, every micro-batch runs once 
 So the perturbation is the one a single large batch would give; the micro-batches' inputs are kept on the
 device until the step ends (token ids: small). Under DDP the ascent is each worker's own (SAM's default; pass
 ``sync_ascent=True`` in ``sam=`` to average it) and the second pass reduces the gradients once per step.
-DeepSpeed and optimizer factories (``optim="muon"`` …) are not supported.
+DeepSpeed, accelerate's FSDP (``TrainingArguments(fsdp=...)``, refused when the Trainer is built; for FSDP2
+use :class:`normsam.SAM` on a ``fully_shard``-ed model in your own loop, see ``examples/fsdp_sam_on.py``) and
+optimizer factories (``optim="muon"`` …) are not supported.
 """
 
 from __future__ import annotations
@@ -78,6 +80,19 @@ class _UndoSkippedStep(TrainerCallback):
             sam.restore()
 
 
+def _refuse_fsdp(training_args: Any) -> None:
+    """accelerate's FSDP (1 or 2) is refused when the Trainer is built: SAMTrainer has not been tested under
+    it (accelerate runs FSDP on accelerators only), and a SAM that silently trains as the plain optimizer is
+    worse than none."""
+    fsdp = getattr(training_args, "fsdp", None)
+    if fsdp or (getattr(training_args, "fsdp_config", None) or {}).get("fsdp_version"):
+        raise ValueError(
+            f"SAMTrainer does not support accelerate's FSDP (TrainingArguments fsdp={fsdp!r}) yet. For SAM and SAM-ON "
+            "on a sharded model, shard it with torch.distributed.fsdp.fully_shard and train with normsam.SAM in "
+            "your own loop (examples/fsdp_sam_on.py, run with torchrun), or use SAMTrainer with DDP."
+        )
+
+
 class SAMTrainer(Trainer):
     """A ``transformers.Trainer`` that trains with :class:`normsam.SAM` and the cheap ascent.
 
@@ -98,6 +113,7 @@ class SAMTrainer(Trainer):
                 "passes the model and builds the base optimizer from TrainingArguments (optim=...)."
             )
         self._sam_pending: list[tuple[dict[str, Any], Any]] = []
+        _refuse_fsdp(kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
         if self.optimizer is not None:
             if _unwrap_sam(self.optimizer) is None:

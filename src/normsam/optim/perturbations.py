@@ -103,6 +103,7 @@ def _fisher_scale_foreach(ws: list[Tensor], gs: list[Tensor], eta: float) -> lis
 
 
 ScaleFn = Callable[[Tensor, Tensor, float], Tensor]
+NormFn = Callable[[Sequence[Tensor]], Tensor]  # tensors → their ℓ2 norm, a 0-d float64 tensor
 ScaleForeachFn = Callable[[list[Tensor], list[Tensor], float], list[Tensor]]
 
 
@@ -193,6 +194,7 @@ def perturbation(
     extra_weights: Sequence[Tensor] = (),
     extra_scaled: Sequence[bool] = (),
     foreach: bool = True,
+    norm_of: NormFn | None = None,
 ) -> list[Tensor]:
     """ε for each perturbed tensor.
 
@@ -206,15 +208,20 @@ def perturbation(
         extra_grads, extra_weights, extra_scaled: gradients outside the perturbed set that enter the
             ℓ2 norm only (``norm_over="all"``); empty for ``norm_over="perturbed"``.
         foreach: use the ``torch._foreach_*`` path instead of the plain loop.
+        norm_of: the ℓ2 norm of ``T⊙g`` over ``grads + extra_grads`` (in that order), a 0-d float64 tensor;
+            ``None``: the local norm. Under FSDP2 it is the global norm over every rank's shards
+            (:mod:`normsam.optim.sharded`).
     """
     if not (len(grads) == len(weights) == len(rhos) == len(scaled)):
         raise ValueError("perturbation(): grads, weights, rhos and scaled must have the same length.")
     if not (len(extra_grads) == len(extra_weights) == len(extra_scaled)):
         raise ValueError("perturbation(): extra_grads, extra_weights and extra_scaled must have the same length.")
     if not foreach:
-        return _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled)
+        return _perturbation_loop(
+            grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, norm_of
+        )
     return _perturbation_foreach(
-        grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled
+        grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, norm_of=norm_of
     )[0]
 
 
@@ -277,7 +284,7 @@ def _epsilon_flat(
     return norm
 
 
-def _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled):
+def _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, norm_of=None):
     def times_scale(x: Tensor, w: Tensor, g: Tensor, apply: bool) -> Tensor:
         return x * model.scale(w, g, eta) if apply else x
 
@@ -288,10 +295,13 @@ def _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, ex
     # ℓ2: u = T⊙g, ε = ρ·T⊙u / ‖u‖
     u = [times_scale(g, w, g, s) for g, w, s in zip(grads, weights, scaled)]
     u_extra = [times_scale(g, w, g, s) for g, w, s in zip(extra_grads, extra_weights, extra_scaled)]
-    device = _norm_device(grads)
-    squares = [torch.zeros((), dtype=torch.float64, device=device)]
-    squares += [torch.sum(x.double() * x.double()).to(device) for x in u + u_extra]
-    norm = torch.sqrt(torch.stack(squares).sum())
+    if norm_of is not None:
+        norm = norm_of(u + u_extra)
+    else:
+        device = _norm_device(grads)
+        squares = [torch.zeros((), dtype=torch.float64, device=device)]
+        squares += [torch.sum(x.double() * x.double()).to(device) for x in u + u_extra]
+        norm = torch.sqrt(torch.stack(squares).sum())
     eps = []
     for x, g, w, rho, s in zip(u, grads, weights, rhos, scaled):
         coef = _coefficient(rho, norm, g)
@@ -343,7 +353,8 @@ def _by_rho(idx: list[int], rhos: Sequence[float]) -> dict[float, list[int]]:
 
 
 def _perturbation_foreach(
-    grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, groups=None, extra_groups=None
+    grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, groups=None, extra_groups=None,
+    norm_of=None,
 ) -> tuple[list[Tensor], Tensor | None]:
     """ε as new tensors (never the caller's gradients), and for ℓ2 models the norm ‖T⊙g‖ over the perturbed
     (and extra) tensors, a 0-d float64 tensor the caller may reuse. ``groups``: indices per (device, dtype),
@@ -371,7 +382,7 @@ def _perturbation_foreach(
     # ℓ2: u = T⊙g, ε = ρ·T⊙u / ‖u‖ (the norm also over the extra gradients for norm_over="all")
     u = _times_scales(grads, scales, groups)
     u_extra = _times_scales(extra, _scales_foreach(list(extra_weights), extra, extra_scaled, model, eta, extra_groups), extra_groups)
-    norm = _total_norm(
+    norm = norm_of(u + u_extra) if norm_of is not None else _total_norm(
         [[u[i] for i in idx] for idx in groups] + [[u_extra[i] for i in idx] for idx in extra_groups],
         _norm_device(grads),
     )

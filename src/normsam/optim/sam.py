@@ -39,6 +39,7 @@ from normsam.optim.perturbations import (
 )
 from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, RunningStatsSwap, running_stat_modules
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
+from normsam.optim.sharded import ShardedTensors, check_sharded_options, refuse_late_sharding, sharding_for
 
 __all__ = ["SAM"]
 
@@ -94,8 +95,10 @@ class SAM(torch.optim.Optimizer):
             ``"update"``. Needs the model: pass it as ``params`` or ``model=``.
         model: the model, when ``params`` are tensors or groups: for ``scope``, ``bn_policy`` and ``ssam-f``.
         foreach: use the ``torch._foreach_*`` path (default) or the per-tensor reference loop.
-        sync_ascent: under ``torch.distributed``, average the ascent gradient over workers (only the perturbed
-            tensors are communicated). Default: each worker uses its own, as in the original SAM.
+        sync_ascent: under DDP, average the ascent gradient over workers (only the perturbed tensors are
+            communicated). Default: each worker uses its own, as in the original SAM. Under FSDP2 the ascent
+            gradient is always the global batch's (FSDP2 reduces it; see :mod:`normsam.optim.sharded`), and
+            ``sync_ascent=False`` is refused.
         ascent: where the ascent direction comes from: ``"gradient"`` (this step's gradient, a pass at w) or
             ``"momentum"`` (Momentum-SAM: minus the base optimizer's momentum, no pass at w, ≈ the cost of the
             base optimizer; the first step is a plain step; needs ``bn_policy="update"``, its default then). See
@@ -128,7 +131,7 @@ class SAM(torch.optim.Optimizer):
         bn_policy: str | None = None,
         model: nn.Module | None = None,
         foreach: bool = True,
-        sync_ascent: bool = False,
+        sync_ascent: bool | None = None,
         ascent_interval: int = 1,
         ascent: str = "gradient",
         layerwise_scaling: str = "additive",
@@ -206,6 +209,10 @@ class SAM(torch.optim.Optimizer):
             group.setdefault("rho", rho)
             group.setdefault("perturb", True)
             _check_rho(group["rho"], "rho of a param group")
+        # FSDP2: ε and the backup on local shards, global norms; other sharding schemes are refused here
+        self._sharding = sharding_for(model, [p for group in groups for p in group["params"]])
+        if self._sharding is not None:
+            check_sharded_options(self.mask_scope, ascent_interval, sync_ascent)
         self.base_optimizer = base_optimizer(groups, **base_kwargs)
         self.ascent = ascent
         self.ascent_source = make_ascent(
@@ -337,11 +344,18 @@ class SAM(torch.optim.Optimizer):
         plan = self._plan
         if plan is not None and plan.key == key:
             first, saved = plan.params[0], plan.backup[0]
-            if first.device == saved.device and first.dtype == saved.dtype:
+            if first.device == saved.device and first.dtype == saved.dtype and (
+                plan.sharding is None or plan.sharding.is_current(plan.params, plan.data)
+            ):
                 return plan
         entries = self._entries(True)
         others = self._entries(False) if self.norm_over == "all" else []
         params = [p for p, _, _ in entries]
+        sharding = self._sharding
+        if sharding is None:
+            refuse_late_sharding(params + [p for p, _, _ in others])
+        data = params if sharding is None else sharding.local(params)  # what ε and the backup act on
+        others_data = [p for p, _, _ in others] if sharding is None else sharding.local(p for p, _, _ in others)
         scaled, others_scaled = self._scaled(entries), self._scaled(others)
         groups = list(_grouped(params).values())
         plain_norms = (
@@ -356,6 +370,7 @@ class SAM(torch.optim.Optimizer):
         flat = None
         if (
             self.foreach
+            and sharding is None
             and self.mask_scope is None
             and self.perturbation_model.elementwise
             and not others
@@ -373,9 +388,15 @@ class SAM(torch.optim.Optimizer):
             groups=groups,
             others_groups=list(_grouped([p for p, _, _ in others]).values()),
             backup=(flat.backup_views if flat is not None
-                    else [torch.empty_like(p, memory_format=torch.preserve_format) for p in params]),
+                    else [torch.empty_like(p, memory_format=torch.preserve_format) for p in data]),
             plain_norms=plain_norms,
             flat=flat,
+            data=data,
+            others_data=others_data,
+            sharding=sharding,
+            perturbation_model=(self.perturbation_model if sharding is None
+                                else sharding.perturbation_model(self.perturbation_model, params + [p for p, _, _ in others],
+                                                                 data + others_data)),
         )
         return self._plan
 
@@ -386,6 +407,14 @@ class SAM(torch.optim.Optimizer):
         """The tensors SAM perturbs (the candidates, for a mask scope). ``loss.backward(inputs=...)`` with
         them is the cheap ascent for callers that accumulate gradients over micro-batches."""
         return self._targets()
+
+    def ascent_inputs(self) -> list[Tensor]:
+        """What to pass to ``loss.backward(inputs=...)`` for a cheap ascent by hand (micro-batch accumulation,
+        then ``first_step()``): the perturbed tensors, or under FSDP2 the unsharded parameters autograd sees
+        in the current pass (call it after the forward), whose gradients FSDP2 reduces into the perturbed
+        tensors' ``.grad``."""
+        plan = self._get_plan()
+        return list(plan.params) if plan.sharding is None else plan.sharding.ascent_inputs(plan.params)
 
     def _scaled(self, entries) -> list[bool]:
         model, nb, rule = self.perturbation_model, self.normalize_bias, self.scaled_tensors
@@ -466,12 +495,12 @@ class SAM(torch.optim.Optimizer):
         ]
         if self._live_groups is plan.groups and len(plan.groups) == 1:  # the usual case: the plan's own lists
             if plan.flat is None:  # (the flat path's backup is already filled)
-                _copy_group(plan.backup, plan.params, self.foreach)
-            _add_group(plan.params, eps, self.foreach)
+                _copy_group(plan.backup, plan.data, self.foreach)
+            _add_group(plan.data, eps, self.foreach)
         else:
             for idx in self._live_groups:  # each already one (device, dtype): no regrouping on the hot path
                 if idx:
-                    params = [plan.params[i] for i in idx]
+                    params = [plan.data[i] for i in idx]
                     if plan.flat is None:
                         _copy_group([plan.backup[i] for i in idx], params, self.foreach)
                     _add_group(params, [eps[i] for i in idx], self.foreach)
@@ -492,8 +521,12 @@ class SAM(torch.optim.Optimizer):
             if len(rhos) == 1:
                 return self._flat_epsilon(plan, grads, rhos.pop())
         raw = [grads[i] for i in live] + [extra_grads[j] for j in extra_live]
-        finite = None if plan.plain_norms else self._finite_flag(raw)
-        extra = [(plan.others[j], plan.others_scaled[j], extra_grads[j]) for j in extra_live]
+        norm_of = None if plan.sharding is None else plan.sharding.norm_of(
+            [plan.sharding.is_shard(plan.params[i]) for i in live]
+            + [plan.sharding.is_shard(plan.others[j]) for j in extra_live]
+        )
+        finite = None if plan.plain_norms else self._finite_flag(raw, norm_of)
+        extra = [(plan.others_data[j], plan.others_scaled[j], extra_grads[j]) for j in extra_live]
         extra_groups = plan.others_groups if len(extra_live) == len(plan.others) else None
         if self.mask_scope is not None:
             masked = self._apply_masks(plan, grads, finite)
@@ -502,26 +535,26 @@ class SAM(torch.optim.Optimizer):
                 extra_groups = None
             grads = masked
         if not live:
-            finite = self._finite_flag(raw) if finite is None else finite
+            finite = self._finite_flag(raw, norm_of) if finite is None else finite
             if finite is not None:
                 self.counters.count_nonfinite(finite)
             return [None] * len(plan.params)
         same = len(live) == len(plan.params)  # the usual case: no copies of the plan's lists
         g_live = grads if same else [grads[i] for i in live]
-        w_live = plan.params if same else [plan.params[i] for i in live]
+        w_live = plan.data if same else [plan.data[i] for i in live]
         scaled = plan.scaled if same else [plan.scaled[i] for i in live]
         rhos = [plan.groups_of[i]["rho"] for i in live]  # read every step: ρ may be scheduled
         extra_g, extra_w, extra_s = [g for _, _, g in extra], [w for w, _, _ in extra], [s for _, s, _ in extra]
         if self.foreach:
             live_eps, norm = _perturbation_foreach(
-                g_live, w_live, self.perturbation_model, rhos, self.eta, scaled, extra_g, extra_w, extra_s,
-                groups=plan.groups if same else None, extra_groups=extra_groups,
+                g_live, w_live, plan.perturbation_model, rhos, self.eta, scaled, extra_g, extra_w, extra_s,
+                groups=plan.groups if same else None, extra_groups=extra_groups, norm_of=norm_of,
             )
             zero_these, zero_groups = live_eps, plan.groups if same else list(_grouped(live_eps).values())
         else:
             live_eps = perturbation(
-                g_live, w_live, model=self.perturbation_model, rhos=rhos, eta=self.eta, scaled=scaled,
-                extra_grads=extra_g, extra_weights=extra_w, extra_scaled=extra_s, foreach=False,
+                g_live, w_live, model=plan.perturbation_model, rhos=rhos, eta=self.eta, scaled=scaled,
+                extra_grads=extra_g, extra_weights=extra_w, extra_scaled=extra_s, foreach=False, norm_of=norm_of,
             )
             zero_these, zero_groups = live_eps, list(_grouped(live_eps).values())
         if finite is None:  # plain_norms: ‖T⊙g‖ with T = 1 and no mask is the gradient's own norm
@@ -548,7 +581,7 @@ class SAM(torch.optim.Optimizer):
             )
         if grad_scaler is not None:
             grads, extra_grads = _unscale(grads, grad_scaler), _unscale(extra_grads, grad_scaler)
-        if self.sync_ascent:
+        if self.sync_ascent and plan.sharding is None:  # (under FSDP2 the ascent gradient is already global)
             grads = self._all_reduce_mean(grads, plan.params)
         return grads, extra_grads
 
@@ -590,6 +623,8 @@ class SAM(torch.optim.Optimizer):
             )
 
     def _ascent_gradients(self, loss, plan: _Plan) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        if loss is None and plan.sharding is not None:
+            return plan.sharding.gradients(plan.params), plan.sharding.gradients(plan.others)
         if loss is None:
             return [p.grad for p in plan.params], [p.grad for p in plan.others]
         if not isinstance(loss, Tensor) or not loss.requires_grad:
@@ -597,15 +632,20 @@ class SAM(torch.optim.Optimizer):
                 "first_step(loss) needs the loss tensor of the first forward pass, computed with gradients "
                 "enabled; call first_step() without a loss to use the .grad from your own backward()."
             )
+        if plan.sharding is not None:
+            return plan.sharding.ascent_gradients(loss, plan.params, plan.others)
         inputs = plan.params + plan.others
         with torch.enable_grad():
             grads = torch.autograd.grad(loss, inputs, allow_unused=True)
         return list(grads[: len(plan.params)]), list(grads[len(plan.params) :])
 
     @staticmethod
-    def _finite_flag(grads: list[Tensor]) -> Tensor | None:
+    def _finite_flag(grads: list[Tensor], norm_of=None) -> Tensor | None:
         """A 0-d bool tensor on the device, no host sync: are all gradients finite? (A norm that overflows
-        counts as not finite.) ``None`` without gradients."""
+        counts as not finite.) ``None`` without gradients. ``norm_of``: the global norm under FSDP2, so that
+        every rank skips the same steps."""
+        if norm_of is not None:
+            return torch.isfinite(norm_of(grads))
         if not grads:
             return None
         parts = [[grads[i] for i in idx] for idx in _grouped(grads).values()]
@@ -654,7 +694,7 @@ class SAM(torch.optim.Optimizer):
         plan = self._plan
         for idx in self._live_groups:
             if idx:
-                _copy_group([plan.params[i] for i in idx], [plan.backup[i] for i in idx], self.foreach)
+                _copy_group([plan.data[i] for i in idx], [plan.backup[i] for i in idx], self.foreach)
         if self._running_stats is not None:
             self._running_stats.restore()
         self._perturbed = False
@@ -955,6 +995,10 @@ class _Plan:
     backup: list[Tensor]  # the persistent copy of params, refilled each step (views of flat.backup if flat)
     plain_norms: bool  # T = 1 everywhere, no mask, foreach: ε's norms are the gradients' own
     flat: _FlatBuffers | None  # SAM-ON with an elementwise T: ε and the backup as flat buffers
+    data: list[Tensor]  # what ε and the backup act on: params themselves, or their local shards (FSDP2)
+    others_data: list[Tensor]
+    sharding: ShardedTensors | None  # FSDP2: local shards, global norms and ascent gradient
+    perturbation_model: Any  # the SAM's model; under FSDP2 with whole-tensor norms (layerwise)
 
 
 @dataclass

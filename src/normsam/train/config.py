@@ -44,6 +44,7 @@ __all__ = [
 
 OPTIMIZERS = ("sgd", "adamw", "lion")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL_MODES = ("ddp", "fsdp")
 PRESETS = ("quick", "paper-cifar100-wrn", "paper-imagenet-resnet50", "paper-imagenet-vit-s32")
 #: Example sweep files shipped with the package (src/normsam/presets/sweeps/, copied in the repository's configs/).
 SWEEP_EXAMPLES = ("sweep-tiny", "sweep-fmnist-small", "sweep-fmnist")
@@ -103,7 +104,8 @@ class TrainConfig:
     amp: str = "off"  # off | bf16 | fp16
     accumulation: int = 1  # micro-batches per step (batch_size is the whole step's batch)
     clip_grad_norm: Union[float, None] = None  # on the second-pass gradient
-    sync_ascent: bool = False  # DDP: all-reduce the ascent gradient of the perturbed tensors
+    sync_ascent: bool = False  # DDP: all-reduce the ascent gradient of the perturbed tensors (FSDP2: always)
+    parallel: str = "ddp"  # under torchrun: ddp | fsdp (FSDP2 fully_shard per block, sharded checkpoints)
     compile: bool = False  # torch.compile the model
     # analysis
     norm_stats: bool = True  # per-epoch quantiles and histograms of the norm layers' γ and β
@@ -214,6 +216,14 @@ class TrainConfig:
             raise ValueError(f"scope={self.scope} needs sparsity=<share of elements not perturbed>, e.g. 0.9995.")
         if self.scope == "ssam-d" and self.mask_interval is None:
             raise ValueError("scope=ssam-d needs mask_interval=<SAM steps between mask updates>, e.g. 100.")
+        _one_of("parallel", self.parallel, PARALLEL_MODES)
+        if self.parallel == "fsdp":
+            self.sync_ascent = True  # FSDP2 reduces every gradient: the ascent gradient is the global batch's
+        if self.parallel == "fsdp" and (self.amp == "fp16" or self.compile):
+            raise ValueError(
+                f"parallel=fsdp does not support {'amp=fp16 (its GradScaler needs a sharded one)' if self.amp == 'fp16' else 'compile=true'} "
+                "yet: use amp=bf16 or amp=off, compile=false, or parallel=ddp."
+            )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 (or null to disable), got {self.clip_grad_norm}.")
         return self

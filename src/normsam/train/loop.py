@@ -116,10 +116,10 @@ class _Distributed:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def init(self, device: torch.device) -> None:
+    def init(self, device: torch.device, *, always: bool = False) -> None:
         import torch.distributed as dist
 
-        if self.enabled and not dist.is_initialized():
+        if (self.enabled or always) and not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
     def barrier(self) -> None:
@@ -154,7 +154,13 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
-        self.dist.init(self.device)
+        self.fsdp = cfg.parallel == "fsdp"
+        if self.fsdp and "RANK" not in os.environ:
+            raise ValueError(
+                "parallel=fsdp shards the model over processes: start the run with torchrun, e.g. "
+                "`torchrun --standalone --nproc_per_node=2 -m normsam train ... parallel=fsdp`."
+            )
+        self.dist.init(self.device, always=self.fsdp)
         seed_everything(cfg.seed)
 
         self.data = load_run_data(cfg)
@@ -256,9 +262,14 @@ class Trainer:
         return train, evals
 
     def _wrap_model(self, model: nn.Module) -> nn.Module:
-        """DDP first, then torch.compile (PyTorch's recommended order); SAM keeps the plain module."""
+        """DDP first, then torch.compile (PyTorch's recommended order); SAM keeps the plain module. With
+        parallel=fsdp the model is sharded in place (normsam.train.fsdp)."""
         wrapped = model
         self.ddp = None
+        if self.fsdp:
+            from normsam.train import fsdp
+
+            return fsdp.shard_model(model, self.device)
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -286,7 +297,7 @@ class Trainer:
             normalize_bias=cfg.normalize_bias,
             norm_over=cfg.norm_over,
             bn_policy=cfg.bn_policy,
-            sync_ascent=cfg.sync_ascent,
+            sync_ascent=True if self.fsdp else cfg.sync_ascent,  # FSDP2 reduces the ascent gradient anyway
             ascent_interval=cfg.ascent_interval,
             ascent=cfg.ascent,
             layerwise_scaling=cfg.layerwise_scaling,
@@ -344,12 +355,13 @@ class Trainer:
         (``sync_ascent`` averages them inside SAM instead). Descent: every gradient, DDP syncs on the last
         micro-batch.
         """
-        inputs = self.sam.perturbed_parameters() if ascent and self.cfg.cheap_ascent else None
+        cheap = ascent and self.cfg.cheap_ascent
         total, logits_all = 0.0, []
         for last, xi, yi in self._micro_batches(x, y):
             with self._no_sync(ascent or not last):
                 loss, logits = self._loss(xi, yi)
-                self._backward(loss, xi.shape[0] / x.shape[0], inputs)
+                # after the forward: under FSDP2 the inputs are the unsharded parameters of this pass
+                self._backward(loss, xi.shape[0] / x.shape[0], self.sam.ascent_inputs() if cheap else None)
             total += loss.item() * xi.shape[0]
             logits_all.append(logits.detach())
         return total / x.shape[0], torch.cat(logits_all)
@@ -480,12 +492,17 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------
 
-    def _checkpoint_state(self, epoch: int) -> dict[str, Any]:
+    def _checkpoint_state(self, epoch: int, tensors: bool = True) -> dict[str, Any]:
+        """``tensors=False`` (parallel=fsdp): without model and optimizer, which go to DCP shards; SAM's
+        own part (counters) instead."""
+        if tensors:
+            shards = {"model": self.model.state_dict(), "optimizer": (self.sam or self.optimizer).state_dict()}
+        else:
+            shards = {"sam": self.sam.state_dict()["sam"] if self.sam is not None else None}
         return {
             "format": 1,
             "epoch": epoch,  # epochs completed
-            "model": self.model.state_dict(),
-            "optimizer": (self.sam or self.optimizer).state_dict(),
+            **shards,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "history": self.history,
@@ -493,11 +510,39 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
+    def _save_checkpoint(self, epoch: int) -> None:
+        """Rank 0 writes checkpoint.pt; under parallel=fsdp every rank writes its shards (normsam.train.fsdp)."""
+        if not self.fsdp:
+            if self.dist.is_main:
+                ckpt.save_checkpoint(self.run_dir / ckpt.CHECKPOINT, self._checkpoint_state(epoch))
+            return
+        from normsam.train import fsdp
+
+        fsdp.save(self.run_dir, self.model, self.optimizer, self._checkpoint_state(epoch, tensors=False))
+
+    def _full_model(self) -> nn.Module | None:
+        """The model with whole tensors, on rank 0 (under parallel=fsdp a collective gather into a fresh
+        copy; otherwise the model itself), for norm statistics and sharpness."""
+        if not self.fsdp:
+            return self.model if self.dist.is_main else None
+        from normsam.train import fsdp
+
+        return fsdp.full_copy(self.model, build_run_model(self.cfg, self.data))
+
     def _load_checkpoint(self) -> None:
-        state = RunFolder(self.run_dir).load_checkpoint(map_location=self.device)
-        check_resumed_config(self.run_dir, state.get("config"), self.cfg)  # a hand-edited config.yaml is refused
-        self.model.load_state_dict(state["model"])
-        (self.sam or self.optimizer).load_state_dict(state["optimizer"])
+        if self.fsdp:
+            from normsam.train import fsdp
+
+            state = fsdp.load(self.run_dir, self.model, self.optimizer)
+            check_resumed_config(self.run_dir, state.get("config"), self.cfg)  # a hand-edited config.yaml is refused
+            if self.sam is not None:  # SAM's counters, and its param_groups re-linked to the base's
+                self.sam.load_state_dict({**self.optimizer.state_dict(), "sam": state["sam"]})
+                self.optimizer = self.sam.base_optimizer
+        else:
+            state = RunFolder(self.run_dir).load_checkpoint(map_location=self.device)
+            check_resumed_config(self.run_dir, state.get("config"), self.cfg)  # a hand-edited config.yaml is refused
+            self.model.load_state_dict(state["model"])
+            (self.sam or self.optimizer).load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
@@ -526,9 +571,12 @@ class Trainer:
     def _record_norm_stats(self, epoch: int) -> None:
         if not self.cfg.norm_stats:
             return
+        model = self._full_model()  # collective under parallel=fsdp
+        if model is None:
+            return
         path = self.run_dir / ckpt.NORM_STATS
         rows = [r for r in ckpt.read_jsonl(path) if r["epoch"] < epoch]  # drop rows of epochs being redone
-        rows.append({"epoch": epoch, **norm_parameter_stats(self.model)})
+        rows.append({"epoch": epoch, **norm_parameter_stats(model)})
         ckpt.atomic_write_text(path, "".join(json_dumps(r) + "\n" for r in rows))
 
     # --- the run -----------------------------------------------------------------------------------
@@ -548,7 +596,7 @@ class Trainer:
         self._write_run_files()
         if self.dist.is_main:
             print(f"Run folder: {self.run_dir}", flush=True)
-        if self.start_epoch == 0 and self.dist.is_main:
+        if self.start_epoch == 0:
             self._record_norm_stats(0)
         try:
             for epoch in range(self.start_epoch, cfg.epochs):
@@ -556,16 +604,17 @@ class Trainer:
                 row = {"epoch": epoch + 1, **self.train_epoch(epoch)}
                 scored = (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs
                 for split, loader in self.eval_loaders.items():
-                    if self.dist.is_main and scored:
+                    # FSDP2's forward is collective: every rank evaluates, rank 0 records
+                    if (self.dist.is_main or self.fsdp) and scored:
                         row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(loader)
                 row["lr"] = self.optimizer.param_groups[0]["lr"]
                 row["rho"] = self.sam.param_groups[0]["rho"] if self.sam is not None else 0.0
                 self.elapsed += time.perf_counter() - started
                 row["elapsed"] = self.elapsed
                 self.history.append(row)
+                self._record_norm_stats(epoch + 1)
+                self._save_checkpoint(epoch + 1)
                 if self.dist.is_main:
-                    self._record_norm_stats(epoch + 1)
-                    ckpt.save_checkpoint(self.run_dir / ckpt.CHECKPOINT, self._checkpoint_state(epoch + 1))
                     ckpt.write_metrics(self.run_dir, self.history)
                     self._log(row)
                 self.dist.barrier()
@@ -582,11 +631,12 @@ class Trainer:
                     err, run_dir=self.run_dir, method=cfg.method, history=self.history, sam_steps=sam_steps))
             raise
         summary = self._summary()
+        full_model = self._full_model() if cfg.sharpness_at_end else None  # collective under parallel=fsdp
         if cfg.sharpness_at_end and self.dist.is_main:
             from normsam.train.run_sharpness import measure_run_sharpness
 
             summary["sharpness"] = measure_run_sharpness(
-                self.run_dir, rho=cfg.sharpness_rho, steps=cfg.sharpness_steps, model=self.model, data=self.data,
+                self.run_dir, rho=cfg.sharpness_rho, steps=cfg.sharpness_steps, model=full_model, data=self.data,
                 convention=cfg.sharpness_convention,
                 progress=cfg.progress,
             )["sharpness"]

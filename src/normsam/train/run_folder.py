@@ -4,7 +4,8 @@ The training loop (:mod:`normsam.train.loop`) writes run folders and reads them 
 analysis (``normsam sharpness``, reports) reads them. Both go through this module, which depends only on
 the config, data, model and checkpoint layers, so neither needs the other.
 
-Checkpoints: ``checkpoint.pt`` is the newest, ``checkpoint.prev.pt`` the one before. When the newest cannot
+Checkpoints: ``checkpoint.pt`` is the newest, ``checkpoint.prev.pt`` the one before (``parallel=fsdp`` runs:
+the sharded ``checkpoint.dcp/`` and ``checkpoint.prev.dcp/``, see :mod:`normsam.train.fsdp`). When the newest cannot
 be read (a crash or a full disk while it was written, a truncated copy), :meth:`RunFolder.load_checkpoint`
 says so and falls back to the previous one, so at most one epoch is lost.
 """
@@ -84,7 +85,10 @@ class RunFolder:
 
     def has_checkpoint(self) -> bool:
         """A checkpoint (the newest or the previous one) exists: the run can be resumed."""
-        return self.file(ckpt.CHECKPOINT).is_file() or self.file(ckpt.PREVIOUS_CHECKPOINT).is_file()
+        from normsam.train import fsdp
+
+        return (self.file(ckpt.CHECKPOINT).is_file() or self.file(ckpt.PREVIOUS_CHECKPOINT).is_file()
+                or fsdp.has_checkpoint(self.path))
 
     def is_finished(self) -> bool:
         return self.file(ckpt.SUMMARY).is_file()
@@ -108,6 +112,10 @@ class RunFolder:
         """The newest readable checkpoint: ``checkpoint.pt``, or ``checkpoint.prev.pt`` (with a warning) when
         the newest is missing or damaged. Raises a one-line error naming both files when neither is readable."""
         newest, previous = self.file(ckpt.CHECKPOINT), self.file(ckpt.PREVIOUS_CHECKPOINT)
+        from normsam.train import fsdp
+
+        if not newest.is_file() and not previous.is_file() and fsdp.has_checkpoint(self.path):
+            return fsdp.read_checkpoint(self.path)  # a parallel=fsdp run: sharded, read in this one process
         if not newest.is_file() and not previous.is_file():
             raise FileNotFoundError(
                 f"{self.path} has no {ckpt.CHECKPOINT}: the run has not finished an epoch yet; start it again with "

@@ -1,0 +1,148 @@
+"""``normsam train ... parallel=fsdp`` under torchrun (2 gloo processes): sharded checkpoints, resume, analysis."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from normsam.train import checkpoint as ckpt
+from normsam.train import fsdp
+from normsam.train.run_folder import RunFolder
+
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="needs torchrun")
+
+ARGS = [f"{k}={v}" for k, v in dict(
+    data="synthetic", image_size=8, subset=64, batch_size=32, eval_batch_size=256, threads=1, progress=False,
+    model="resnet20", norm="group", scope="norm", perturbation="asam", rho=2.0, parallel="fsdp",
+).items()]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TIMING = ("epoch_time", "step_time", "images_per_s", "elapsed")
+
+
+def _train(args: list[str], cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["timeout", "280", TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "normsam", "train", *args],
+        cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+
+
+def _strip(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def test_fsdp_run_writes_a_sharded_checkpoint_that_analysis_reads(tmp_path):
+    run = tmp_path / "run"
+    done = _train([*ARGS, "epochs=2", f"out={run}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert fsdp.is_complete(run / fsdp.CHECKPOINT_DIR) and fsdp.is_complete(run / fsdp.PREVIOUS_DIR)
+    assert not (run / ckpt.CHECKPOINT).exists()  # no single-file checkpoint: every rank wrote its shards
+    assert len(list((run / fsdp.CHECKPOINT_DIR).glob("*.distcp"))) == 2
+    rows = ckpt.read_jsonl(run / ckpt.METRICS_JSONL)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(r["sam"] for r in rows)
+    assert len(ckpt.read_jsonl(run / ckpt.NORM_STATS)) == 3  # epochs 0, 1, 2, from the gathered weights
+    assert RunFolder(run).config().sync_ascent is True  # recorded as what FSDP2 does
+    # one process, no torchrun: the full model from the shards (what `normsam sharpness` uses)
+    model, epoch = RunFolder(run).model("cpu")
+    assert epoch == 2
+    assert all(type(p) is torch.nn.Parameter for p in model.parameters())
+    from normsam.analysis.run_sharpness import measure_run_sharpness
+
+    result = measure_run_sharpness(run, rho=0.003, steps=2, n=32, m=16, progress=False)
+    assert result["sharpness"] == result["sharpness"]  # a number, not NaN
+    # resuming with another number of processes is refused: each rank's data order depends on it
+    (run / ckpt.SUMMARY).unlink()
+    other = subprocess.run(
+        ["timeout", "200", TORCHRUN, "--standalone", "--nproc_per_node=1", "-m", "normsam", "train", "--resume",
+         str(run)], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=240,
+    )
+    assert other.returncode != 0
+    assert "trained by 2 processes" in other.stderr and "--nproc_per_node=2" in other.stderr
+
+
+def test_fsdp_without_torchrun_is_refused(tmp_path):
+    from normsam.train.config import load_config, parse_overrides
+    from normsam.train.loop import Trainer
+
+    env = {k: os.environ.pop(k) for k in ("RANK", "WORLD_SIZE") if k in os.environ}
+    try:
+        with pytest.raises(ValueError, match="start the run with torchrun"):
+            Trainer(load_config(None, {**parse_overrides(ARGS), "out": str(tmp_path / "r")}))
+    finally:
+        os.environ.update(env)
+
+
+@pytest.mark.parametrize("key, value", [("amp", "fp16"), ("compile", True)])
+def test_fsdp_refuses_what_it_cannot_run(key, value):
+    from normsam.train.config import load_config
+
+    with pytest.raises(ValueError, match=f"parallel=fsdp does not support {key}"):
+        load_config(None, {"parallel": "fsdp", key: value})
+
+
+def test_incomplete_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    """A crash between DCP's writes and rank 0's seal leaves checkpoint.dcp/ without normsam.pt."""
+    for name in (fsdp.CHECKPOINT_DIR, fsdp.PREVIOUS_DIR):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ".metadata").write_bytes(b"x")
+    torch.save({"epoch": 1, "world_size": 2}, tmp_path / fsdp.PREVIOUS_DIR / "normsam.pt")
+    assert fsdp.newest_complete(tmp_path) == tmp_path / fsdp.PREVIOUS_DIR
+    (tmp_path / fsdp.PREVIOUS_DIR / "normsam.pt").unlink()
+    assert fsdp.newest_complete(tmp_path) is None
+
+
+def test_blocks_are_the_elements_of_containers():
+    from torch import nn
+
+    from normsam.train.models import build_model
+
+    resnet = build_model("resnet20", num_classes=3, in_channels=3, image_size=8, norm="group")
+    chosen = fsdp.blocks(resnet)
+    assert len(chosen) == 9 and all(type(b).__name__ == "BasicBlock" for b in chosen)
+    mlp = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.LayerNorm(3), nn.Linear(3, 2))
+    assert fsdp.blocks(mlp) == [mlp[0], mlp[2], mlp[3]]
+
+
+@pytest.mark.slow
+def test_fsdp_run_equals_ddp_synced_run_and_resumes_exactly_after_kill_9(tmp_path):
+    """parallel=fsdp trains the same run as DDP with sync_ascent=true; killed (SIGKILL to every process)
+    after its first checkpoint and resumed, it ends with the metrics of an uninterrupted run."""
+    straight = _train([*ARGS, "epochs=3", f"out={tmp_path / 'a'}"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    ddp_args = [a for a in ARGS if not a.startswith("parallel=")] + ["sync_ascent=true"]
+    ddp = _train([*ddp_args, "epochs=3", f"out={tmp_path / 'ddp'}"], tmp_path)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    a, d = (ckpt.read_jsonl(tmp_path / r / ckpt.METRICS_JSONL) for r in ("a", "ddp"))
+    for ra, rd in zip(a, d):
+        for key in ("train_loss", "test_loss", "train_loss_perturbed"):
+            assert ra[key] == pytest.approx(rd[key], rel=1e-5, abs=1e-6), key
+
+    proc = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "normsam", "train", *ARGS, "epochs=3",
+         f"out={tmp_path / 'b'}"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 200
+    while not fsdp.is_complete(tmp_path / "b" / fsdp.CHECKPOINT_DIR) and time.time() < deadline:
+        time.sleep(0.01)
+    psutil = pytest.importorskip("psutil")
+    everyone = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    for p in everyone:  # kill -9 of the agent and both workers (torchrun starts them in their own sessions)
+        p.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    if (tmp_path / "b" / ckpt.SUMMARY).exists():
+        pytest.skip("the run finished before the kill arrived")
+    resumed = subprocess.run(
+        ["timeout", "280", TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "normsam", "train", "--resume",
+         str(tmp_path / "b")], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    b = ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS_JSONL)
+    assert _strip(a) == _strip(b)
