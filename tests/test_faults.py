@@ -17,7 +17,7 @@ from normsam import cli
 from normsam.analysis import study as study_module
 from normsam.train import checkpoint as ckpt
 from normsam.train import data as D
-from normsam.train.compare import compare
+from normsam.analysis.compare import compare
 from normsam.train.config import load_config
 from normsam.train.loop import Trainer
 from tests.conftest import make_cnn
