@@ -149,3 +149,20 @@ def test_a_failing_job_is_reported_failed_with_its_error(tmp_path):
     assert sweep.runs[0].status == "failed"
     state = sweep_status(sweep)[0]
     assert state["status"] == "failed" and "Fashion-MNIST not found" in state["error"]
+
+
+@pytest.mark.slow  # two tasks and a reference run: 10-40 s on the shared 2-core machine
+def test_a_two_task_job_trains_like_torchrun_and_equals_one_process(tmp_path):
+    """tasks_per_node=2: each task sets RANK/WORLD_SIZE/MASTER_ADDR from submitit's job environment and the
+    two join one gloo process group; with the ascent synced it equals one process on the global batch."""
+    base = {**BASE, "epochs": 2, "subset": 64, "norm": "group", "sync_ascent": True}
+    spec = {**_spec(tmp_path), "base": base, "slurm": {"time": 10, "tasks_per_node": 2}}
+    sweep = run_sweep(load_sweep(spec), wait=True)
+    assert sweep.runs[0].status == "done"
+    folder = sweep.runs[0].folder
+    assert json.loads((folder / "environment.json").read_text())["world_size"] == 2
+    single = tmp_path / "single"
+    run_or_resume(single, {**base, "seed": 0})
+    for a, b in zip(ckpt.read_jsonl(folder / "metrics.jsonl"), ckpt.read_jsonl(single / "metrics.jsonl")):
+        for key in ("train_loss", "train_loss_perturbed", "test_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key

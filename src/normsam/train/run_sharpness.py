@@ -41,6 +41,9 @@ SETTINGS = ("rho", "steps", "m", "n", "kind", "norm", "adaptive", "scope", "logi
 
 def _batches(data: DataSplits, *, n: int, m: int, seed: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
     """``min(n, len(train))`` training examples (a permutation seeded by ``seed``), normalized, in batches of m."""
+    if getattr(data, "streamed", False):
+        raise ValueError("sharpness needs the training images in memory; a run on streamed data (data=webdataset or "
+                         "loader=stream) is not supported: measure on an in-memory copy (data=imagefolder loader=memory).")
     generator = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(len(data.train), generator=generator)[:n]
     images = make_augment("none", data)(data.train.images[idx])
