@@ -166,3 +166,11 @@ def test_a_two_task_job_trains_like_torchrun_and_equals_one_process(tmp_path):
     for a, b in zip(ckpt.read_jsonl(folder / "metrics.jsonl"), ckpt.read_jsonl(single / "metrics.jsonl")):
         for key in ("train_loss", "train_loss_perturbed", "test_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_the_example_imagenet_sweep_loads(tmp_path, monkeypatch, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    sweep = load_sweep(repo / "configs" / "sweep-imagenet-slurm.yaml")
+    assert sweep.executor == "slurm" and len(sweep.runs) == 12
+    assert slurm_parameters(sweep.slurm)[0]["tasks_per_node"] == 8
+    assert {run.config.model for run in sweep.runs} == {"timm:resnet50"}
