@@ -120,6 +120,7 @@ def test_a_killed_job_resubmitted_resumes_and_ends_as_an_uninterrupted_run(tmp_p
     assert skipped.runs[0].status == "skipped"
 
 
+@pytest.mark.slow  # a second job of a few seconds (more on a busy machine); the killed job above is the main case
 def test_a_preempted_job_is_requeued_by_submitit_and_resumes(tmp_path, uninterrupted, capsys):
     sweep = run_sweep(load_sweep(_spec(tmp_path)))
     run = sweep.runs[0]
@@ -174,3 +175,22 @@ def test_the_example_imagenet_sweep_loads(tmp_path, monkeypatch, capsys):
     assert sweep.executor == "slurm" and len(sweep.runs) == 12
     assert slurm_parameters(sweep.slurm)[0]["tasks_per_node"] == 8
     assert {run.config.model for run in sweep.runs} == {"timm:resnet50"}
+
+
+def test_studies_hand_their_executor_to_every_sweep_and_wait_for_it():
+    from normsam.analysis.study import STUDY_KEYS, _sweep_spec
+
+    assert {"executor", "slurm"} <= set(STUDY_KEYS)
+    spec = _sweep_spec({"out": "runs/s", "executor": "slurm", "slurm": {"partition": "gpu"}}, "pilot", [0], {})
+    assert spec["executor"] == "slurm" and spec["slurm"] == {"partition": "gpu"}
+
+
+def test_status_of_a_local_sweep_reads_its_folders(tmp_path, capsys):
+    spec = {**_spec(tmp_path), "executor": "local", "slurm": None, "base": {**BASE, "epochs": 1, "subset": 64},
+            "grid": {"optimizer": ["sgd", "nadam"]}}
+    with pytest.raises(ValueError, match="Invalid optimizer: 'nadam'"):
+        load_sweep(spec)
+    spec["grid"] = {"perturbation": ["sam"]}
+    sweep = run_sweep(load_sweep(spec))
+    rows = sweep_status(sweep)
+    assert [(r["status"], r["job_id"]) for r in rows] == [("done", None)]

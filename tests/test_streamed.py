@@ -354,6 +354,7 @@ def test_an_undecodable_file_in_a_streamed_folder_names_the_file(image_folder, t
     (dict(data="imagefolder", loader="stream", shuffle_buffer=10), "shuffle_buffer only applies to data=webdataset"),
     (dict(data="webdataset", loader="disk"), "Invalid loader: 'disk'"),
     (dict(data="webdataset"), "data=webdataset needs data_dir"),
+    (dict(data="webdatset"), r"unknown data set 'webdatset'; valid names are: fashion-mnist, .*, webdataset"),
 ])
 def test_streamed_options_are_checked(overrides, message, tmp_path):
     from normsam.train.run_folder import load_run_data

@@ -245,6 +245,9 @@ def submit_sweep(sweep, kind: str, *, wait: bool = False, poll_s: float | None =
     from normsam.analysis.sweep import _conflict
 
     params, own = slurm_parameters(sweep.slurm)
+    if sweep.workers != 1:
+        print(f"note: workers: {sweep.workers} is for executor: local; with {kind} every job runs as soon as the "
+              "scheduler starts it (slurm.array_parallelism limits a job array).", flush=True)
     if poll_s is None:  # how often --wait looks: sacct is a query to the cluster's database, a local job is not
         poll_s = 30.0 if kind == "slurm" else 0.5
     sweep.out.mkdir(parents=True, exist_ok=True)
@@ -274,6 +277,12 @@ def submit_sweep(sweep, kind: str, *, wait: bool = False, poll_s: float | None =
             jobs.append(executor.submit(TrainJob(str(run.folder), run.overrides, sweep.preset)))
     for run, job in zip(todo, jobs):
         record = _job_record(run.folder, kind, job)
+        if own["array"]:  # the array's logs are in out/jobs/<id>/: a link from the run folder
+            link = run.folder / "jobs"
+            if link.is_symlink():
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(Path(record["jobs_folder"]).resolve(), target_is_directory=True)
         run.status = "submitted"
         print(f"{run.name}: job {record['job_id']}" + (" (resumes)" if run.resumed else "")
               + f", log {record['log_out']}", flush=True)
@@ -330,16 +339,20 @@ def _load_result(path: Path):
 
 
 def _alive(pid: str) -> bool:
+    """Whether the local job's controller (its id is the pid) still runs: a live process, not a zombie, and
+    still submitit's (a pid can be reused by another process after the job ended)."""
     try:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError, PermissionError):
         return False
-    # a zombie (ended, not yet reaped) is not alive
     try:
         with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return b"submitit" in f.read()
     except OSError:
-        return True
+        return True  # no /proc (not Linux): trust the signal test
 
 
 def _run_state(folder: Path) -> dict[str, Any]:
@@ -376,8 +389,22 @@ def _run_state(folder: Path) -> dict[str, Any]:
 
 
 def sweep_status(sweep) -> list[dict[str, Any]]:
-    """Every run's state: name, status, job id, log path (and error)."""
-    return [{"name": run.name, **_run_state(run.folder)} for run in sweep.runs]
+    """Every run's state: name, status, job id, log path (and error). Runs trained here (executor: local)
+    have no job; a failure of theirs is read from the sweep's ``sweep.json``."""
+    from normsam.analysis.sweep import SWEEP_FILE
+
+    try:
+        recorded = {r["name"]: r for r in json.loads((sweep.out / SWEEP_FILE).read_text())["runs"]}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        recorded = {}
+    rows = []
+    for run in sweep.runs:
+        row = {"name": run.name, **_run_state(run.folder)}
+        local = recorded.get(run.name, {})
+        if row["job_id"] is None and row["status"] != "done" and local.get("status") == "failed":
+            row.update(status="failed", error=local.get("error"))
+        rows.append(row)
+    return rows
 
 
 def status_table(rows: list[dict[str, Any]]) -> str:

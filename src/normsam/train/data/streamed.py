@@ -13,7 +13,7 @@ Two sources
   ``normsam make-shards`` (its ``manifest.json`` names the train and val shards and their sample counts) or a
   train shard pattern such as ``shards/train-{0000..0146}.tar`` together with ``val_data_dir`` (the val
   pattern); without a manifest the shards are scanned once (tar headers and the tiny ``.cls`` members) to count
-  their samples. Read with :func:`webdataset.tarfile_samples`.
+  their samples. Shards are local (or mounted) files. Read with :func:`webdataset.tarfile_samples`.
 * ``data=imagefolder loader=stream``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or
   ``test/``), listed with torchvision's ``ImageFolder`` and read file by file.
 
@@ -172,6 +172,10 @@ def is_streamed(cfg: Any) -> bool:
 
 def check_streamed_config(cfg: Any) -> None:
     """Refuse options that the chosen loader would otherwise ignore, and those the streamed path lacks."""
+    from normsam.train.data.load import DATASETS
+
+    if str(cfg.data).strip().lower().replace("_", "-") not in (*DATASETS, "webdataset"):
+        raise ValueError(f"unknown data set {cfg.data!r}; valid names are: {', '.join(DATASETS)}, webdataset.")
     if cfg.loader not in (None, "memory", "stream"):
         raise ValueError(f"Invalid loader: {cfg.loader!r}; valid values are memory (the data set in one tensor) "
                          "and stream (decoded per sample in loader workers).")
