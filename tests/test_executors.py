@@ -190,7 +190,13 @@ def test_status_of_a_local_sweep_reads_its_folders(tmp_path, capsys):
             "grid": {"optimizer": ["sgd", "nadam"]}}
     with pytest.raises(ValueError, match="Invalid optimizer: 'nadam'"):
         load_sweep(spec)
-    spec["grid"] = {"perturbation": ["sam"]}
-    sweep = run_sweep(load_sweep(spec))
-    rows = sweep_status(sweep)
-    assert [(r["status"], r["job_id"]) for r in rows] == [("done", None)]
+    spec["grid"] = {"data": ["synthetic", "fashion-mnist"]}  # the second fails: Fashion-MNIST is 28×28, not 8×8
+    path = tmp_path / "local.yaml"
+    path.write_text(json.dumps(spec))
+    assert cli.main(["sweep", str(path)]) == 1
+    capsys.readouterr()
+    assert cli.main(["sweep", str(path), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["data=synthetic/seed=0", "done", "-"]
+    assert lines[2].split()[:3] == ["data=fashion-mnist/seed=0", "failed", "-"]
+    assert "image_size=8 is not supported" in lines[3] and lines[-1] == "1 done, 1 failed"

@@ -239,11 +239,11 @@ def _read_record(run_folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def submit_sweep(sweep, kind: str, *, wait: bool = False, poll_s: float | None = None):
-    """Submit every run of ``sweep`` that is neither finished nor already queued or running; returns the
-    sweep with each run's status (``submitted``, ``skipped``, ``failed``, or with ``wait`` the final one)."""
-    from normsam.analysis.sweep import _conflict
-
+def submit_sweep(sweep, kind: str, *, conflict=lambda run: None, wait: bool = False, poll_s: float | None = None):
+    """Submit every run of ``sweep`` (a :class:`normsam.analysis.sweep.Sweep`) that is neither finished nor
+    already queued or running; returns the sweep with each run's status (``submitted``, ``queued``,
+    ``skipped``, ``failed``, or with ``wait`` the final one). ``conflict(run)`` says why a run's folder holds
+    another run (the sweep's own check), or None."""
     params, own = slurm_parameters(sweep.slurm)
     if sweep.workers != 1:
         print(f"note: workers: {sweep.workers} is for executor: local; with {kind} every job runs as soon as the "
@@ -254,10 +254,10 @@ def submit_sweep(sweep, kind: str, *, wait: bool = False, poll_s: float | None =
     todo = []
     for run in sweep.runs:
         run.status, run.error, run.resumed = "pending", None, False
-        conflict = _conflict(run)
+        why = conflict(run)
         state = _run_state(run.folder)
-        if conflict:
-            run.status, run.error = "failed", conflict
+        if why:
+            run.status, run.error = "failed", why
         elif state["status"] == "done":
             run.status = "skipped"
         elif state["status"] in ("running", "pending"):
@@ -388,13 +388,11 @@ def _run_state(folder: Path) -> dict[str, Any]:
     return {**row, "status": "failed", "error": f"job {record['job_id']} ended before the first epoch finished"}
 
 
-def sweep_status(sweep) -> list[dict[str, Any]]:
+def sweep_status(sweep, record: Path | None = None) -> list[dict[str, Any]]:
     """Every run's state: name, status, job id, log path (and error). Runs trained here (executor: local)
-    have no job; a failure of theirs is read from the sweep's ``sweep.json``."""
-    from normsam.analysis.sweep import SWEEP_FILE
-
+    have no job; a failure of theirs is read from the sweep's record (``out/sweep.json``) if given."""
     try:
-        recorded = {r["name"]: r for r in json.loads((sweep.out / SWEEP_FILE).read_text())["runs"]}
+        recorded = {r["name"]: r for r in json.loads(Path(record).read_text())["runs"]} if record else {}
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         recorded = {}
     rows = []
