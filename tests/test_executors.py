@@ -186,7 +186,8 @@ def test_studies_hand_their_executor_to_every_sweep_and_wait_for_it():
 
 
 def test_status_of_a_local_sweep_reads_its_folders(tmp_path, capsys):
-    spec = {**_spec(tmp_path), "executor": "local", "slurm": None, "base": {**BASE, "epochs": 1, "subset": 64},
+    base = {k: v for k, v in BASE.items() if k != "data"}
+    spec = {**_spec(tmp_path), "executor": "local", "slurm": None, "base": {**base, "epochs": 1, "subset": 64},
             "grid": {"optimizer": ["sgd", "nadam"]}}
     with pytest.raises(ValueError, match="Invalid optimizer: 'nadam'"):
         load_sweep(spec)
