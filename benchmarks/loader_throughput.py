@@ -69,7 +69,7 @@ def main() -> None:
         root, shards = Path(tmp) / "images", Path(tmp) / "shards"
         write_folder(root, args.images, size)  # type: ignore[arg-type]
         make_shards(root, shards, shard_size=128, progress=False)
-        common = dict(image_size=args.image_size, workers=args.workers, batch_size=args.batch_size, threads=1)
+        common = dict(image_size=args.image_size, loader_workers=args.workers, batch_size=args.batch_size, threads=1)
         loaders = {}
         for name, data in (("webdataset", dict(data="webdataset", data_dir=str(shards))),
                            ("imagefolder-stream", dict(data="imagefolder", loader="stream", data_dir=str(root)))):

@@ -129,7 +129,7 @@ def test_make_shards_refuses_a_used_folder_and_undecodable_images(image_folder, 
 def test_shard_streams_cover_each_example_once_per_epoch(shards, world_size, workers):
     """The ranks' streams of an epoch (eval transform, so that an image identifies its example) hold every
     example at most once, and all but the N mod world_size left out; every rank runs the same steps."""
-    cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", workers=workers, shuffle_buffer=5)
+    cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", loader_workers=workers, shuffle_buffer=5)
     data = load_streamed_data(cfg)
     from normsam.train.data.streamed import sample_transform
 
@@ -155,7 +155,7 @@ def test_shard_streams_cover_each_example_once_per_epoch(shards, world_size, wor
 
 def test_the_epoch_order_is_a_function_of_seed_and_epoch(shards):
     def order(seed, epoch, workers):
-        cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", workers=workers, seed=seed)
+        cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", loader_workers=workers, seed=seed)
         loader = make_streamed_loaders(cfg, load_streamed_data(cfg), rank=0, world_size=1, batch_size=4,
                                        device=torch.device("cpu"))[0]
         loader.set_epoch(epoch)
@@ -168,11 +168,11 @@ def test_the_epoch_order_is_a_function_of_seed_and_epoch(shards):
 
 
 def test_random_augmentation_is_per_sample_and_reproducible(image_folder):
-    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), workers=0)
+    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), loader_workers=0)
     data = load_streamed_data(cfg)
     runs = []
     for workers in (0, 2):
-        cfg.workers = workers
+        cfg.loader_workers = workers
         loader = make_streamed_loaders(cfg, data, rank=0, world_size=1, batch_size=4, device=torch.device("cpu"))[0]
         loader.set_epoch(3)
         runs.append([x for x, _ in loader])
@@ -204,7 +204,7 @@ def test_ddp_ranks_see_each_example_once_and_train_the_imagenet_preset(shards, t
         "dist.init_process_group('gloo')\n"
         "r, w = dist.get_rank(), dist.get_world_size()\n"
         f"cfg = load_config(None, dict(data='webdataset', data_dir={str(shards)!r}, augment='none', image_size=16, "
-        "workers=2, shuffle_buffer=4))\n"
+        "loader_workers=2, shuffle_buffer=4))\n"
         "loader = make_streamed_loaders(cfg, load_streamed_data(cfg), rank=r, world_size=w, batch_size=3, "
         "device=torch.device('cpu'))[0]\n"
         "out = {}\n"
@@ -214,7 +214,7 @@ def test_ddp_ranks_see_each_example_once_and_train_the_imagenet_preset(shards, t
         "json.dump(out, open(sys.argv[1] + f'/rank{r}.json', 'w'))\n"
         "from normsam.train.loop import Trainer\n"
         f"Trainer(load_config('paper-imagenet-resnet50', dict(data_dir={str(shards)!r}, image_size=32, epochs=1, "
-        "batch_size=8, eval_batch_size=8, workers=1, amp='off', device='cpu', threads=1, progress=False, "
+        "batch_size=8, eval_batch_size=8, loader_workers=1, amp='off', device='cpu', threads=1, progress=False, "
         "norm_stats=False, out=sys.argv[1] + '/run'))).run()\n"
         "dist.destroy_process_group()\n"
     )
@@ -240,7 +240,7 @@ def test_ddp_ranks_see_each_example_once_and_train_the_imagenet_preset(shards, t
 def test_streamed_training_resumes_exactly_at_an_epoch_boundary(source, shards, image_folder, tmp_path):
     data = dict(data="webdataset", data_dir=str(shards)) if source == "webdataset" else \
         dict(data="imagefolder", loader="stream", data_dir=str(image_folder))
-    Trainer(_cfg(**data, workers=2, out=str(tmp_path / "straight"))).run()
+    Trainer(_cfg(**data, loader_workers=2, out=str(tmp_path / "straight"))).run()
     cut = tmp_path / "cut"  # as if the run had stopped after epoch 1: its checkpoint of epoch 1, no summary
     shutil.copytree(tmp_path / "straight", cut)
     os.replace(cut / "checkpoint.prev.pt", cut / "checkpoint.pt")
@@ -338,7 +338,7 @@ def test_an_undecodable_file_in_a_streamed_folder_names_the_file(image_folder, t
     root = tmp_path / "folder"
     shutil.copytree(image_folder, root)
     (root / "train" / "class0" / "zz-broken.jpg").write_bytes(b"not an image")
-    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(root), augment="none", workers=0)
+    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(root), augment="none", loader_workers=0)
     loader = make_streamed_loaders(cfg, load_streamed_data(cfg), rank=0, world_size=1, batch_size=64,
                                    device=torch.device("cpu"))[0]
     with pytest.raises(CorruptDataError, match=r"zz-broken\.jpg: the image does not decode"):
@@ -349,7 +349,7 @@ def test_an_undecodable_file_in_a_streamed_folder_names_the_file(image_folder, t
     (dict(data="webdataset", subset=10), "subset is not supported with streamed data"),
     (dict(data="webdataset", augment="crop-flip"), "augment='crop-flip' is a preset of the in-memory path"),
     (dict(data="webdataset", loader="memory"), "always streamed; drop loader=memory"),
-    (dict(data="synthetic", workers=2), "workers=2 only applies to streamed data"),
+    (dict(data="synthetic", loader_workers=2), "loader_workers=2 only applies to streamed data"),
     (dict(data="cifar10", loader="stream"), "data=cifar10 is held in memory"),
     (dict(data="imagefolder", loader="stream", shuffle_buffer=10), "shuffle_buffer only applies to data=webdataset"),
     (dict(data="webdataset", loader="disk"), "Invalid loader: 'disk'"),

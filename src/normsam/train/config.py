@@ -60,7 +60,7 @@ class TrainConfig:
     image_size: Union[int, None] = None  # synthetic, imagefolder and webdataset (streamed default: 224)
     # streamed data (normsam.train.data.streamed): data=webdataset, or data=imagefolder loader=stream
     loader: Union[str, None] = None  # memory | stream; None: stream for webdataset, memory otherwise
-    workers: Union[int, None] = None  # streamed: DataLoader worker processes (None: 2; 0: the main process)
+    loader_workers: Union[int, None] = None  # streamed: DataLoader worker processes (None: 2; 0: main process)
     val_data_dir: Union[str, None] = None  # webdataset: validation shard pattern when data_dir is a train pattern
     shuffle_buffer: int = 1000  # webdataset: samples in each worker's shuffle buffer
     # model

@@ -28,7 +28,7 @@ Everything is a pure function of ``(seed, epoch)``, so resuming at an epoch boun
   batches and each loader worker reads a contiguous run of whole batches (only the rank's last batch may be
   short), shuffles it through a buffer of ``shuffle_buffer`` samples seeded from ``(seed, epoch, rank,
   worker)`` and batches it. A worker reads only the shards its range covers (at most one partly). The batch
-  order depends on the number of workers (``workers``), which is part of the config; the set of examples
+  order depends on the number of workers (``loader_workers``), which is part of the config; the set of examples
   of an epoch does not.
 * Image folders allow random access: the epoch's permutation of all examples is drawn from ``(seed,
   epoch)`` (the same draw as the in-memory loader), its last ``N mod world_size`` examples are left out, and
@@ -182,7 +182,7 @@ def check_streamed_config(cfg: Any) -> None:
     if cfg.data == "webdataset" and cfg.loader == "memory":
         raise ValueError("data=webdataset is always streamed; drop loader=memory.")
     if not is_streamed(cfg):
-        for key, default in (("workers", None), ("val_data_dir", None), ("shuffle_buffer", 1000)):
+        for key, default in (("loader_workers", None), ("val_data_dir", None), ("shuffle_buffer", 1000)):
             if getattr(cfg, key) != default:
                 raise ValueError(f"{key}={getattr(cfg, key)!r} only applies to streamed data (data=webdataset, or "
                                  "data=imagefolder loader=stream); drop it or set loader=stream.")
@@ -209,8 +209,8 @@ def check_streamed_config(cfg: Any) -> None:
         raise ValueError(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not supported with streamed data "
                          "(they need the whole training set in memory); drop them, or for a small image folder "
                          "use loader=memory.")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0 (0: decode in the main process), got {cfg.workers}.")
+    if cfg.loader_workers is not None and cfg.loader_workers < 0:
+        raise ValueError(f"loader_workers must be >= 0 (0: decode in the main process), got {cfg.loader_workers}.")
     if cfg.shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer must be >= 1 samples (1: no shuffling within shards), got {cfg.shuffle_buffer}.")
     if cfg.augment is not None and cfg.augment not in STREAM_AUGMENTS:
@@ -619,7 +619,7 @@ def make_streamed_loaders(cfg: Any, data: StreamedData, *, rank: int, world_size
                           device: torch.device) -> tuple[StreamedLoader, dict[str, StreamedLoader]]:
     """The training loader (this rank's share) and the evaluation loader (``test``: the validation split, all of
     it, in order) of a run."""
-    workers = DEFAULT_WORKERS if cfg.workers is None else cfg.workers
+    workers = DEFAULT_WORKERS if cfg.loader_workers is None else cfg.loader_workers
     augment = cfg.augment or "rrc-flip"
     normalize = Normalize(data.mean, data.std)
     train_tf = sample_transform(augment, data.image_size, train=True)
