@@ -254,6 +254,23 @@ def test_streamed_training_resumes_exactly_at_an_epoch_boundary(source, shards, 
     assert a[0]["images_per_s"] > 0
 
 
+def test_sharpness_of_a_streamed_run(shards, image_folder, tmp_path):
+    from normsam.train.run_sharpness import measure_run_sharpness
+    from normsam.train.data.streamed import sharpness_examples
+
+    summary = Trainer(_cfg(data="webdataset", data_dir=str(shards), epochs=1, loader_workers=0, sharpness_at_end=True,
+                           sharpness_steps=2, out=str(tmp_path / "run"))).run()
+    assert summary["sharpness"] >= 0
+    again = measure_run_sharpness(tmp_path / "run", rho=0.01, steps=2, m=8, n=20)
+    assert again["examples"] == 20 and again["sharpness"] >= 0
+    for source in (dict(data="webdataset", data_dir=str(shards)),
+                   dict(data="imagefolder", loader="stream", data_dir=str(image_folder))):
+        data = load_streamed_data(_cfg(**source))
+        x, y = sharpness_examples(data, n=12, seed=3)
+        x2, y2 = sharpness_examples(data, n=12, seed=3)
+        assert x.shape == (12, 3, 16, 16) and torch.equal(x, x2) and torch.equal(y, y2)
+
+
 def test_dry_run_prints_the_plan_without_training(shards, tmp_path, capsys):
     out = tmp_path / "never"
     assert cli.main(["train", "--config", "paper-imagenet-resnet50", "--dry-run", "--world-size", "2",

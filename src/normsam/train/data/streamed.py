@@ -101,6 +101,7 @@ __all__ = [
     "FolderSamples",
     "StreamedLoader",
     "make_streamed_loaders",
+    "sharpness_examples",
 ]
 
 #: Data sets read per sample (``data=imagefolder`` only with ``loader=stream``).
@@ -200,7 +201,6 @@ def check_streamed_config(cfg: Any) -> None:
         "val_split": cfg.val_split != 0.0,
         "label_noise": cfg.label_noise != 0.0,
         "eval_subset": cfg.eval_subset is not None,
-        "sharpness_at_end": cfg.sharpness_at_end,
         "scope=ssam-f": cfg.scope == "ssam-f",
         "download": cfg.download,
     }
@@ -613,6 +613,24 @@ class StreamedLoader:
         for x, y in self._loader():
             x = x.to(self.device, non_blocking=non_blocking)
             yield self.normalize(x), y.to(self.device, non_blocking=non_blocking)
+
+
+def sharpness_examples(data: StreamedData, *, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min(n, len(train))`` training examples without augmentation (the evaluation transform), normalized:
+    for an image folder the first n of a permutation seeded by ``seed``, for shards the first n of the
+    training stream in the shard order seeded by ``seed`` (no shuffle buffer). The same examples for every run
+    of the same data; decoded here, in this process."""
+    transform = sample_transform("none", data.image_size, train=False)
+    count = min(n, len(data.train))
+    if data.train.shards:
+        stream = ShardStream(data.train.shards, batch_size=count, transform=transform, num_classes=data.num_classes,
+                             seed=seed, shuffle=True, shuffle_buffer=1)
+        images, labels = next(iter(stream))
+    else:
+        order = torch.randperm(len(data.train), generator=_generator(seed, 10))[:count].tolist()
+        samples = FolderSamples(data.train.files, data.train.labels, transform=transform, seed=seed)
+        images, labels = _stack([samples[i] for i in order])
+    return Normalize(data.mean, data.std)(images), labels
 
 
 def make_streamed_loaders(cfg: Any, data: StreamedData, *, rank: int, world_size: int, batch_size: int,
