@@ -201,3 +201,32 @@ def test_status_of_a_local_sweep_reads_its_folders(tmp_path, capsys):
     assert lines[1].split()[:3] == ["data=synthetic/seed=0", "done", "-"]
     assert lines[2].split()[:3] == ["data=fashion-mnist/seed=0", "failed", "-"]
     assert "image_size=8 is not supported" in lines[3] and lines[-1] == "1 done, 1 failed"
+
+
+def test_slurm_submission_writes_the_sbatch_file_and_reads_sacct(tmp_path, monkeypatch, capsys):
+    """submitit's real SLURM executor against a stand-in sbatch (records the script, prints a job id) and
+    sacct (reports the job PENDING): the options of the sweep file reach the #SBATCH lines."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/submitted.sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "sacct").write_text("#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242|PENDING|\\n'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that it exists
+    for tool in ("sbatch", "sacct", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    spec = _spec(tmp_path, executor="slurm", slurm={"partition": "gpu", "account": "lab", "gpus_per_node": 4,
+                                                     "time": "2:00:00", "mem": "64G", "cpus_per_task": 6})
+    sweep = run_sweep(load_sweep(spec))
+    assert sweep.runs[0].status == "submitted"
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("--partition=gpu", "--account=lab", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=120",
+                 "--mem=64GB", "--cpus-per-task=6", "--signal=USR2@"):
+        assert f"#SBATCH {line}" in script, line
+    assert str(sweep.runs[0].folder / "jobs") in script  # the logs go to the run folder
+    state = sweep_status(sweep)[0]
+    assert (state["status"], state["job_id"]) == ("pending", "4242")
+    no_time = _spec(tmp_path / "b", executor="slurm", slurm={"partition": "gpu"})
+    with pytest.raises(ValueError, match=r"needs the jobs' time limit: add slurm: \{time:"):
+        run_sweep(load_sweep(no_time))
+    again = run_sweep(load_sweep(spec))  # queued already: not submitted twice
+    assert again.runs[0].status == "queued"

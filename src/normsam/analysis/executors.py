@@ -10,7 +10,7 @@ A sweep file says how::
       account: my-lab
       nodes: 1
       gpus_per_node: 4       # a run trains on nodes × gpus_per_node GPUs: one task per GPU
-      time: "24:00:00"       # per job: minutes, HH:MM:SS or D-HH:MM:SS
+      time: "24:00:00"       # per job (required): minutes, HH:MM:SS or D-HH:MM:SS
       mem: 64G
       cpus_per_task: 8       # loader workers decode images on these
       setup: ["module load cuda"]
@@ -63,6 +63,8 @@ __all__ = ["EXECUTORS", "SLURM_OPTIONS", "JOB_FILE", "check_executor", "slurm_pa
 EXECUTORS = ("local", "slurm", "submitit-local")
 #: The job record in a run folder.
 JOB_FILE = "job.json"
+#: submitit-local jobs without slurm.time: a week (submitit's own default would stop them after 2 minutes).
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 
 #: Sweep-file SLURM options -> (submitit AutoExecutor parameter, what it takes).
 SLURM_OPTIONS: dict[str, tuple[str, str]] = {
@@ -217,8 +219,12 @@ def _executor(kind: str, folder: Path, params: dict[str, Any], max_requeues: int
         if shutil.which("sbatch") is None:
             raise ValueError("executor: slurm needs SLURM, but sbatch is not on this machine's PATH; submit from a "
                              "SLURM login node, or run the sweep here with executor: local.")
+        if "timeout_min" not in params:  # submitit would ask for 5 minutes
+            raise ValueError('executor: slurm needs the jobs\' time limit: add slurm: {time: "24:00:00"} (minutes, '
+                             "HH:MM:SS or D-HH:MM:SS); a longer run is requeued and resumes.")
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
     else:
+        params = {"timeout_min": LOCAL_TIMEOUT_MIN, **params}  # submitit's local default is 2 minutes
         executor = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=max_requeues)
     executor.update_parameters(name="normsam", **params)
     return executor
