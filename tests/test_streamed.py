@@ -271,6 +271,25 @@ def test_sharpness_of_a_streamed_run(shards, image_folder, tmp_path):
         assert x.shape == (12, 3, 16, 16) and torch.equal(x, x2) and torch.equal(y, y2)
 
 
+def test_streamed_folders_take_subset_val_split_label_noise_and_eval_subset_as_in_memory(image_folder, tmp_path):
+    from normsam.train.data import load_data
+
+    options = dict(subset=24, val_split=0.25, label_noise=0.5, seed=4)
+    memory = load_data("imagefolder", data_dir=str(image_folder), image_size=16, **options)
+    data = load_streamed_data(_cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), **options))
+    assert torch.equal(data.train.labels, memory.train.labels) and torch.equal(data.val.labels, memory.val.labels)
+    assert torch.equal(data.noisy_indices, memory.noisy_indices)
+    assert (len(data.train), len(data.val)) == (18, 6)
+    scored = load_streamed_data(_cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), eval_subset=6))
+    assert len(scored.test) == 6 and scored.test.labels.bincount().tolist() == [2, 2, 2]
+    summary = Trainer(_cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), epochs=1, eval_subset=6,
+                           loader_workers=0, out=str(tmp_path / "run"), **options)).run()
+    row = ckpt.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert "val_acc" in row and summary["final_val_acc"] is not None
+    noise = json.loads((tmp_path / "run" / "label_noise.json").read_text())
+    assert noise["num_flipped"] == 9 and noise["num_train"] == 18
+
+
 def test_dry_run_prints_the_plan_without_training(shards, tmp_path, capsys):
     out = tmp_path / "never"
     assert cli.main(["train", "--config", "paper-imagenet-resnet50", "--dry-run", "--world-size", "2",
@@ -363,7 +382,8 @@ def test_an_undecodable_file_in_a_streamed_folder_names_the_file(image_folder, t
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(data="webdataset", subset=10), "subset is not supported with streamed data"),
+    (dict(data="webdataset", subset=10, label_noise=0.2), "subset, label_noise need every label before training"),
+    (dict(data="imagefolder", loader="stream", scope="ssam-f", sparsity=0.5), "scope=ssam-f is not supported"),
     (dict(data="webdataset", augment="crop-flip"), "augment='crop-flip' is a preset of the in-memory path"),
     (dict(data="webdataset", loader="memory"), "always streamed; drop loader=memory"),
     (dict(data="synthetic", loader_workers=2), "loader_workers=2 only applies to streamed data"),
