@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normsam.train.norm_stats import norm_parameter_stats
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
 from normsam.train.data.streamed import make_streamed_loaders
+from normsam.train.norm_stats import norm_parameter_stats
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
 
 __all__ = [
