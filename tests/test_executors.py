@@ -120,6 +120,7 @@ def test_a_killed_job_resubmitted_resumes_and_ends_as_an_uninterrupted_run(tmp_p
     assert skipped.runs[0].status == "skipped"
 
 
+@pytest.mark.slow  # a second job of a few seconds (more on a busy machine); the killed job above is the main case
 def test_a_preempted_job_is_requeued_by_submitit_and_resumes(tmp_path, uninterrupted, capsys):
     sweep = run_sweep(load_sweep(_spec(tmp_path)))
     run = sweep.runs[0]
@@ -149,3 +150,83 @@ def test_a_failing_job_is_reported_failed_with_its_error(tmp_path):
     assert sweep.runs[0].status == "failed"
     state = sweep_status(sweep)[0]
     assert state["status"] == "failed" and "Fashion-MNIST not found" in state["error"]
+
+
+@pytest.mark.slow  # two tasks and a reference run: 10-40 s on the shared 2-core machine
+def test_a_two_task_job_trains_like_torchrun_and_equals_one_process(tmp_path):
+    """tasks_per_node=2: each task sets RANK/WORLD_SIZE/MASTER_ADDR from submitit's job environment and the
+    two join one gloo process group; with the ascent synced it equals one process on the global batch."""
+    base = {**BASE, "epochs": 2, "subset": 64, "norm": "group", "sync_ascent": True}
+    spec = {**_spec(tmp_path), "base": base, "slurm": {"time": 10, "tasks_per_node": 2}}
+    sweep = run_sweep(load_sweep(spec), wait=True)
+    assert sweep.runs[0].status == "done"
+    folder = sweep.runs[0].folder
+    assert json.loads((folder / "environment.json").read_text())["world_size"] == 2
+    single = tmp_path / "single"
+    run_or_resume(single, {**base, "seed": 0})
+    for a, b in zip(ckpt.read_jsonl(folder / "metrics.jsonl"), ckpt.read_jsonl(single / "metrics.jsonl")):
+        for key in ("train_loss", "train_loss_perturbed", "test_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+
+
+def test_the_example_imagenet_sweep_loads(tmp_path, monkeypatch, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    sweep = load_sweep(repo / "configs" / "sweep-imagenet-slurm.yaml")
+    assert sweep.executor == "slurm" and len(sweep.runs) == 12
+    assert slurm_parameters(sweep.slurm)[0]["tasks_per_node"] == 8
+    assert {run.config.model for run in sweep.runs} == {"timm:resnet50"}
+
+
+def test_studies_hand_their_executor_to_every_sweep_and_wait_for_it():
+    from normsam.analysis.study import STUDY_KEYS, _sweep_spec
+
+    assert {"executor", "slurm"} <= set(STUDY_KEYS)
+    spec = _sweep_spec({"out": "runs/s", "executor": "slurm", "slurm": {"partition": "gpu"}}, "pilot", [0], {})
+    assert spec["executor"] == "slurm" and spec["slurm"] == {"partition": "gpu"}
+
+
+def test_status_of_a_local_sweep_reads_its_folders(tmp_path, capsys):
+    base = {k: v for k, v in BASE.items() if k != "data"}
+    spec = {**_spec(tmp_path), "executor": "local", "slurm": None, "base": {**base, "epochs": 1, "subset": 64},
+            "grid": {"optimizer": ["sgd", "nadam"]}}
+    with pytest.raises(ValueError, match="Invalid optimizer: 'nadam'"):
+        load_sweep(spec)
+    spec["grid"] = {"data": ["synthetic", "fashion-mnist"]}  # the second fails: Fashion-MNIST is 28×28, not 8×8
+    path = tmp_path / "local.yaml"
+    path.write_text(json.dumps(spec))
+    assert cli.main(["sweep", str(path)]) == 1
+    capsys.readouterr()
+    assert cli.main(["sweep", str(path), "--status"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[:3] == ["data=synthetic/seed=0", "done", "-"]
+    assert lines[2].split()[:3] == ["data=fashion-mnist/seed=0", "failed", "-"]
+    assert "image_size=8 is not supported" in lines[3] and lines[-1] == "1 done, 1 failed"
+
+
+def test_slurm_submission_writes_the_sbatch_file_and_reads_sacct(tmp_path, monkeypatch, capsys):
+    """submitit's real SLURM executor against a stand-in sbatch (records the script, prints a job id) and
+    sacct (reports the job PENDING): the options of the sweep file reach the #SBATCH lines."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {tmp_path}/submitted.sh\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "sacct").write_text("#!/bin/sh\nprintf 'JobID|State|NodeList\\n4242|PENDING|\\n'\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")  # submitit checks that it exists
+    for tool in ("sbatch", "sacct", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    spec = _spec(tmp_path, executor="slurm", slurm={"partition": "gpu", "account": "lab", "gpus_per_node": 4,
+                                                     "time": "2:00:00", "mem": "64G", "cpus_per_task": 6})
+    sweep = run_sweep(load_sweep(spec))
+    assert sweep.runs[0].status == "submitted"
+    script = (tmp_path / "submitted.sh").read_text()
+    for line in ("--partition=gpu", "--account=lab", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=120",
+                 "--mem=64GB", "--cpus-per-task=6", "--signal=USR2@"):
+        assert f"#SBATCH {line}" in script, line
+    assert str(sweep.runs[0].folder / "jobs") in script  # the logs go to the run folder
+    state = sweep_status(sweep)[0]
+    assert (state["status"], state["job_id"]) == ("pending", "4242")
+    no_time = _spec(tmp_path / "b", executor="slurm", slurm={"partition": "gpu"})
+    with pytest.raises(ValueError, match=r"needs the jobs' time limit: add slurm: \{time:"):
+        run_sweep(load_sweep(no_time))
+    again = run_sweep(load_sweep(spec))  # queued already: not submitted twice
+    assert again.runs[0].status == "queued"

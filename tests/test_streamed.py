@@ -129,7 +129,7 @@ def test_make_shards_refuses_a_used_folder_and_undecodable_images(image_folder, 
 def test_shard_streams_cover_each_example_once_per_epoch(shards, world_size, workers):
     """The ranks' streams of an epoch (eval transform, so that an image identifies its example) hold every
     example at most once, and all but the N mod world_size left out; every rank runs the same steps."""
-    cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", workers=workers, shuffle_buffer=5)
+    cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", loader_workers=workers, shuffle_buffer=5)
     data = load_streamed_data(cfg)
     from normsam.train.data.streamed import sample_transform
 
@@ -155,7 +155,7 @@ def test_shard_streams_cover_each_example_once_per_epoch(shards, world_size, wor
 
 def test_the_epoch_order_is_a_function_of_seed_and_epoch(shards):
     def order(seed, epoch, workers):
-        cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", workers=workers, seed=seed)
+        cfg = _cfg(data="webdataset", data_dir=str(shards), augment="none", loader_workers=workers, seed=seed)
         loader = make_streamed_loaders(cfg, load_streamed_data(cfg), rank=0, world_size=1, batch_size=4,
                                        device=torch.device("cpu"))[0]
         loader.set_epoch(epoch)
@@ -168,11 +168,11 @@ def test_the_epoch_order_is_a_function_of_seed_and_epoch(shards):
 
 
 def test_random_augmentation_is_per_sample_and_reproducible(image_folder):
-    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), workers=0)
+    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), loader_workers=0)
     data = load_streamed_data(cfg)
     runs = []
     for workers in (0, 2):
-        cfg.workers = workers
+        cfg.loader_workers = workers
         loader = make_streamed_loaders(cfg, data, rank=0, world_size=1, batch_size=4, device=torch.device("cpu"))[0]
         loader.set_epoch(3)
         runs.append([x for x, _ in loader])
@@ -204,7 +204,7 @@ def test_ddp_ranks_see_each_example_once_and_train_the_imagenet_preset(shards, t
         "dist.init_process_group('gloo')\n"
         "r, w = dist.get_rank(), dist.get_world_size()\n"
         f"cfg = load_config(None, dict(data='webdataset', data_dir={str(shards)!r}, augment='none', image_size=16, "
-        "workers=2, shuffle_buffer=4))\n"
+        "loader_workers=2, shuffle_buffer=4))\n"
         "loader = make_streamed_loaders(cfg, load_streamed_data(cfg), rank=r, world_size=w, batch_size=3, "
         "device=torch.device('cpu'))[0]\n"
         "out = {}\n"
@@ -214,7 +214,7 @@ def test_ddp_ranks_see_each_example_once_and_train_the_imagenet_preset(shards, t
         "json.dump(out, open(sys.argv[1] + f'/rank{r}.json', 'w'))\n"
         "from normsam.train.loop import Trainer\n"
         f"Trainer(load_config('paper-imagenet-resnet50', dict(data_dir={str(shards)!r}, image_size=32, epochs=1, "
-        "batch_size=8, eval_batch_size=8, workers=1, amp='off', device='cpu', threads=1, progress=False, "
+        "batch_size=8, eval_batch_size=8, loader_workers=1, amp='off', device='cpu', threads=1, progress=False, "
         "norm_stats=False, out=sys.argv[1] + '/run'))).run()\n"
         "dist.destroy_process_group()\n"
     )
@@ -240,7 +240,7 @@ def test_ddp_ranks_see_each_example_once_and_train_the_imagenet_preset(shards, t
 def test_streamed_training_resumes_exactly_at_an_epoch_boundary(source, shards, image_folder, tmp_path):
     data = dict(data="webdataset", data_dir=str(shards)) if source == "webdataset" else \
         dict(data="imagefolder", loader="stream", data_dir=str(image_folder))
-    Trainer(_cfg(**data, workers=2, out=str(tmp_path / "straight"))).run()
+    Trainer(_cfg(**data, loader_workers=2, out=str(tmp_path / "straight"))).run()
     cut = tmp_path / "cut"  # as if the run had stopped after epoch 1: its checkpoint of epoch 1, no summary
     shutil.copytree(tmp_path / "straight", cut)
     os.replace(cut / "checkpoint.prev.pt", cut / "checkpoint.pt")
@@ -252,6 +252,42 @@ def test_streamed_training_resumes_exactly_at_an_epoch_boundary(source, shards, 
         for key in ("train_loss", "train_loss_perturbed", "test_loss", "test_acc"):
             assert x[key] == y[key], key
     assert a[0]["images_per_s"] > 0
+
+
+def test_sharpness_of_a_streamed_run(shards, image_folder, tmp_path):
+    from normsam.train.run_sharpness import measure_run_sharpness
+    from normsam.train.data.streamed import sharpness_examples
+
+    summary = Trainer(_cfg(data="webdataset", data_dir=str(shards), epochs=1, loader_workers=0, sharpness_at_end=True,
+                           sharpness_steps=2, out=str(tmp_path / "run"))).run()
+    assert summary["sharpness"] >= 0
+    again = measure_run_sharpness(tmp_path / "run", rho=0.01, steps=2, m=8, n=20)
+    assert again["examples"] == 20 and again["sharpness"] >= 0
+    for source in (dict(data="webdataset", data_dir=str(shards)),
+                   dict(data="imagefolder", loader="stream", data_dir=str(image_folder))):
+        data = load_streamed_data(_cfg(**source))
+        x, y = sharpness_examples(data, n=12, seed=3)
+        x2, y2 = sharpness_examples(data, n=12, seed=3)
+        assert x.shape == (12, 3, 16, 16) and torch.equal(x, x2) and torch.equal(y, y2)
+
+
+def test_streamed_folders_take_subset_val_split_label_noise_and_eval_subset_as_in_memory(image_folder, tmp_path):
+    from normsam.train.data import load_data
+
+    options = dict(subset=24, val_split=0.25, label_noise=0.5, seed=4)
+    memory = load_data("imagefolder", data_dir=str(image_folder), image_size=16, **options)
+    data = load_streamed_data(_cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), **options))
+    assert torch.equal(data.train.labels, memory.train.labels) and torch.equal(data.val.labels, memory.val.labels)
+    assert torch.equal(data.noisy_indices, memory.noisy_indices)
+    assert (len(data.train), len(data.val)) == (18, 6)
+    scored = load_streamed_data(_cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), eval_subset=6))
+    assert len(scored.test) == 6 and scored.test.labels.bincount().tolist() == [2, 2, 2]
+    summary = Trainer(_cfg(data="imagefolder", loader="stream", data_dir=str(image_folder), epochs=1, eval_subset=6,
+                           loader_workers=0, out=str(tmp_path / "run"), **options)).run()
+    row = ckpt.read_jsonl(tmp_path / "run" / "metrics.jsonl")[0]
+    assert "val_acc" in row and summary["final_val_acc"] is not None
+    noise = json.loads((tmp_path / "run" / "label_noise.json").read_text())
+    assert noise["num_flipped"] == 9 and noise["num_train"] == 18
 
 
 def test_dry_run_prints_the_plan_without_training(shards, tmp_path, capsys):
@@ -338,7 +374,7 @@ def test_an_undecodable_file_in_a_streamed_folder_names_the_file(image_folder, t
     root = tmp_path / "folder"
     shutil.copytree(image_folder, root)
     (root / "train" / "class0" / "zz-broken.jpg").write_bytes(b"not an image")
-    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(root), augment="none", workers=0)
+    cfg = _cfg(data="imagefolder", loader="stream", data_dir=str(root), augment="none", loader_workers=0)
     loader = make_streamed_loaders(cfg, load_streamed_data(cfg), rank=0, world_size=1, batch_size=64,
                                    device=torch.device("cpu"))[0]
     with pytest.raises(CorruptDataError, match=r"zz-broken\.jpg: the image does not decode"):
@@ -346,14 +382,16 @@ def test_an_undecodable_file_in_a_streamed_folder_names_the_file(image_folder, t
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(data="webdataset", subset=10), "subset is not supported with streamed data"),
+    (dict(data="webdataset", subset=10, label_noise=0.2), "subset, label_noise need every label before training"),
+    (dict(data="imagefolder", loader="stream", scope="ssam-f", sparsity=0.5), "scope=ssam-f is not supported"),
     (dict(data="webdataset", augment="crop-flip"), "augment='crop-flip' is a preset of the in-memory path"),
     (dict(data="webdataset", loader="memory"), "always streamed; drop loader=memory"),
-    (dict(data="synthetic", workers=2), "workers=2 only applies to streamed data"),
+    (dict(data="synthetic", loader_workers=2), "loader_workers=2 only applies to streamed data"),
     (dict(data="cifar10", loader="stream"), "data=cifar10 is held in memory"),
     (dict(data="imagefolder", loader="stream", shuffle_buffer=10), "shuffle_buffer only applies to data=webdataset"),
     (dict(data="webdataset", loader="disk"), "Invalid loader: 'disk'"),
     (dict(data="webdataset"), "data=webdataset needs data_dir"),
+    (dict(data="webdatset"), r"unknown data set 'webdatset'; valid names are: fashion-mnist, .*, webdataset"),
 ])
 def test_streamed_options_are_checked(overrides, message, tmp_path):
     from normsam.train.run_folder import load_run_data

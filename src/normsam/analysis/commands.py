@@ -88,8 +88,9 @@ def _sweep(args: argparse.Namespace) -> int:
     sweep = load_sweep(sweep_file(args.sweep_file))  # a file, or the name of a packaged example
     if args.status:
         from normsam.analysis.executors import status_table, sweep_status
+        from normsam.analysis.sweep import SWEEP_FILE
 
-        print(status_table(sweep_status(sweep)))
+        print(status_table(sweep_status(sweep, sweep.out / SWEEP_FILE)))
         return 0
     if args.dry_run:
         for run in sweep.runs:
@@ -127,7 +128,7 @@ def _study(args: argparse.Namespace) -> int:
     from normsam.train.config import parse_overrides
 
     run_study(args.study_file, workers=args.workers, phases=args.phase, report=not args.no_report,
-              overrides=parse_overrides(args.overrides), out=args.out)
+              overrides=parse_overrides(args.overrides), out=args.out, executor=args.executor)
     return 0
 
 
@@ -142,6 +143,8 @@ def _add_study(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config keys laid over the study's base for every run (e.g. device=cuda)")
     p.add_argument("--out", help="parent folder of the study (default: the file's out:)")
+    p.add_argument("--executor", choices=("local", "slurm", "submitit-local"),
+                   help="where the runs train (default: the file's executor:, or local); a phase waits for its jobs")
     p.add_argument("--workers", type=int, help="runs in parallel, one process each (default: the file's)")
     p.add_argument("--phase", action="append", help="run only this phase (repeatable; 'pilot' for the pilot)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")

@@ -10,7 +10,7 @@ A sweep file says how::
       account: my-lab
       nodes: 1
       gpus_per_node: 4       # a run trains on nodes × gpus_per_node GPUs: one task per GPU
-      time: "24:00:00"       # per job: minutes, HH:MM:SS or D-HH:MM:SS
+      time: "24:00:00"       # per job (required): minutes, HH:MM:SS or D-HH:MM:SS
       mem: 64G
       cpus_per_task: 8       # loader workers decode images on these
       setup: ["module load cuda"]
@@ -63,6 +63,8 @@ __all__ = ["EXECUTORS", "SLURM_OPTIONS", "JOB_FILE", "check_executor", "slurm_pa
 EXECUTORS = ("local", "slurm", "submitit-local")
 #: The job record in a run folder.
 JOB_FILE = "job.json"
+#: submitit-local jobs without slurm.time: a week (submitit's own default would stop them after 2 minutes).
+LOCAL_TIMEOUT_MIN = 7 * 24 * 60
 
 #: Sweep-file SLURM options -> (submitit AutoExecutor parameter, what it takes).
 SLURM_OPTIONS: dict[str, tuple[str, str]] = {
@@ -217,8 +219,12 @@ def _executor(kind: str, folder: Path, params: dict[str, Any], max_requeues: int
         if shutil.which("sbatch") is None:
             raise ValueError("executor: slurm needs SLURM, but sbatch is not on this machine's PATH; submit from a "
                              "SLURM login node, or run the sweep here with executor: local.")
+        if "timeout_min" not in params:  # submitit would ask for 5 minutes
+            raise ValueError('executor: slurm needs the jobs\' time limit: add slurm: {time: "24:00:00"} (minutes, '
+                             "HH:MM:SS or D-HH:MM:SS); a longer run is requeued and resumes.")
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_requeues)
     else:
+        params = {"timeout_min": LOCAL_TIMEOUT_MIN, **params}  # submitit's local default is 2 minutes
         executor = submitit.AutoExecutor(folder=folder, cluster="local", local_max_num_timeout=max_requeues)
     executor.update_parameters(name="normsam", **params)
     return executor
@@ -239,22 +245,25 @@ def _read_record(run_folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def submit_sweep(sweep, kind: str, *, wait: bool = False, poll_s: float | None = None):
-    """Submit every run of ``sweep`` that is neither finished nor already queued or running; returns the
-    sweep with each run's status (``submitted``, ``skipped``, ``failed``, or with ``wait`` the final one)."""
-    from normsam.analysis.sweep import _conflict
-
+def submit_sweep(sweep, kind: str, *, conflict=lambda run: None, wait: bool = False, poll_s: float | None = None):
+    """Submit every run of ``sweep`` (a :class:`normsam.analysis.sweep.Sweep`) that is neither finished nor
+    already queued or running; returns the sweep with each run's status (``submitted``, ``queued``,
+    ``skipped``, ``failed``, or with ``wait`` the final one). ``conflict(run)`` says why a run's folder holds
+    another run (the sweep's own check), or None."""
     params, own = slurm_parameters(sweep.slurm)
+    if sweep.workers != 1:
+        print(f"note: workers: {sweep.workers} is for executor: local; with {kind} every job runs as soon as the "
+              "scheduler starts it (slurm.array_parallelism limits a job array).", flush=True)
     if poll_s is None:  # how often --wait looks: sacct is a query to the cluster's database, a local job is not
         poll_s = 30.0 if kind == "slurm" else 0.5
     sweep.out.mkdir(parents=True, exist_ok=True)
     todo = []
     for run in sweep.runs:
         run.status, run.error, run.resumed = "pending", None, False
-        conflict = _conflict(run)
+        why = conflict(run)
         state = _run_state(run.folder)
-        if conflict:
-            run.status, run.error = "failed", conflict
+        if why:
+            run.status, run.error = "failed", why
         elif state["status"] == "done":
             run.status = "skipped"
         elif state["status"] in ("running", "pending"):
@@ -274,6 +283,12 @@ def submit_sweep(sweep, kind: str, *, wait: bool = False, poll_s: float | None =
             jobs.append(executor.submit(TrainJob(str(run.folder), run.overrides, sweep.preset)))
     for run, job in zip(todo, jobs):
         record = _job_record(run.folder, kind, job)
+        if own["array"]:  # the array's logs are in out/jobs/<id>/: a link from the run folder
+            link = run.folder / "jobs"
+            if link.is_symlink():
+                link.unlink()
+            if not link.exists():
+                link.symlink_to(Path(record["jobs_folder"]).resolve(), target_is_directory=True)
         run.status = "submitted"
         print(f"{run.name}: job {record['job_id']}" + (" (resumes)" if run.resumed else "")
               + f", log {record['log_out']}", flush=True)
@@ -330,16 +345,20 @@ def _load_result(path: Path):
 
 
 def _alive(pid: str) -> bool:
+    """Whether the local job's controller (its id is the pid) still runs: a live process, not a zombie, and
+    still submitit's (a pid can be reused by another process after the job ended)."""
     try:
         os.kill(int(pid), 0)
     except (ValueError, ProcessLookupError, PermissionError):
         return False
-    # a zombie (ended, not yet reaped) is not alive
     try:
         with open(f"/proc/{int(pid)}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            if f.read().split(")")[-1].split()[0] == "Z":
+                return False
+        with open(f"/proc/{int(pid)}/cmdline", "rb") as f:
+            return b"submitit" in f.read()
     except OSError:
-        return True
+        return True  # no /proc (not Linux): trust the signal test
 
 
 def _run_state(folder: Path) -> dict[str, Any]:
@@ -375,9 +394,21 @@ def _run_state(folder: Path) -> dict[str, Any]:
     return {**row, "status": "failed", "error": f"job {record['job_id']} ended before the first epoch finished"}
 
 
-def sweep_status(sweep) -> list[dict[str, Any]]:
-    """Every run's state: name, status, job id, log path (and error)."""
-    return [{"name": run.name, **_run_state(run.folder)} for run in sweep.runs]
+def sweep_status(sweep, record: Path | None = None) -> list[dict[str, Any]]:
+    """Every run's state: name, status, job id, log path (and error). Runs trained here (executor: local)
+    have no job; a failure of theirs is read from the sweep's record (``out/sweep.json``) if given."""
+    try:
+        recorded = {r["name"]: r for r in json.loads(Path(record).read_text())["runs"]} if record else {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        recorded = {}
+    rows = []
+    for run in sweep.runs:
+        row = {"name": run.name, **_run_state(run.folder)}
+        local = recorded.get(run.name, {})
+        if row["job_id"] is None and row["status"] != "done" and local.get("status") == "failed":
+            row.update(status="failed", error=local.get("error"))
+        rows.append(row)
+    return rows
 
 
 def status_table(rows: list[dict[str, Any]]) -> str:

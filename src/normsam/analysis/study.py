@@ -5,6 +5,7 @@ A study is a few sweeps (:mod:`normsam.analysis.sweep`) run one after another in
     preset: configs/study/noise-base.yaml   # the training recipe every run starts from
     out: runs/study-noise
     workers: 2                             # runs in parallel (one process each)
+    executor: local                        # or slurm: each phase's runs as jobs (slurm: {...} as in a sweep)
     pilot:                                 # phase 1: a ρ grid at a seed the reported runs do not use
       seeds: [100]
       grid:
@@ -320,6 +321,7 @@ def run_study(
     report: bool = True,
     overrides: Mapping[str, Any] | None = None,
     out: str | Path | None = None,
+    executor: str | None = None,
 ) -> dict[str, Any]:
     """Run the pilot, choose ρ, then each phase (or only those named in ``phases``); returns the record
     written to ``out/study.json``.
@@ -334,6 +336,8 @@ def run_study(
         spec["base"] = {**(spec.get("base") or {}), **overrides}
     if out is not None:
         spec["out"] = str(out)
+    if executor is not None:  # e.g. --executor slurm: every phase's sweep submits jobs and waits for them
+        spec["executor"] = executor
     out = Path(spec["out"])
     check_plan(spec, phases)  # the whole plan, before the pilot trains for hours
     with RunLock(out, what="study"):

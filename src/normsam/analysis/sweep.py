@@ -457,7 +457,7 @@ def run_sweep(source: str | Path | Mapping[str, Any] | Sweep, *, workers: int | 
 
     executor = check_executor(sweep.executor if executor is None else executor)
     if executor != "local":
-        return submit_sweep(sweep, executor, wait=wait)
+        return submit_sweep(sweep, executor, conflict=_conflict, wait=wait)
     if sweep.slurm:
         print("note: the sweep's slurm: options are not used with executor: local.", flush=True)
     workers = _workers(sweep.workers if workers is None else workers)

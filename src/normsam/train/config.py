@@ -62,10 +62,11 @@ class TrainConfig:
     val_split: float = 0.0  # stratified validation split taken from the training set
     label_noise: float = 0.0  # share of training labels flipped to a random other class (val/test clean)
     augment: Union[str, None] = None  # none | crop | crop-flip | autoaugment; None: crop-flip (crop for mnist)
+    # (streamed data: rrc-flip (default) | rrc-flip-randaugment | rrc-flip-autoaugment | none)
     image_size: Union[int, None] = None  # synthetic, imagefolder and webdataset (streamed default: 224)
     # streamed data (normsam.train.data.streamed): data=webdataset, or data=imagefolder loader=stream
     loader: Union[str, None] = None  # memory | stream; None: stream for webdataset, memory otherwise
-    workers: Union[int, None] = None  # streamed: DataLoader worker processes (None: 2; 0: the main process)
+    loader_workers: Union[int, None] = None  # streamed: DataLoader worker processes (None: 2; 0: main process)
     val_data_dir: Union[str, None] = None  # webdataset: validation shard pattern when data_dir is a train pattern
     shuffle_buffer: int = 1000  # webdataset: samples in each worker's shuffle buffer
     # model

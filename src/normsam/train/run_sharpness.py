@@ -42,6 +42,11 @@ SETTINGS = ("rho", "steps", "m", "n", "kind", "norm", "adaptive", "scope", "logi
 
 def _batches(data: DataSplits, *, n: int, m: int, seed: int, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
     """``min(n, len(train))`` training examples (a permutation seeded by ``seed``), normalized, in batches of m."""
+    if getattr(data, "streamed", False):  # decoded per sample, without augmentation (train/data/streamed.py)
+        from normsam.train.data.streamed import sharpness_examples
+
+        images, labels = sharpness_examples(data, n=n, seed=seed)
+        return [(images[i : i + m].to(device), labels[i : i + m].to(device)) for i in range(0, len(labels), m)]
     generator = torch.Generator().manual_seed(int(seed))
     idx = torch.randperm(len(data.train), generator=generator)[:n]
     images = make_augment("none", data)(data.train.images[idx])

@@ -38,11 +38,20 @@ system path. With ``download=True`` and nothing found, torchvision downloads the
 ``"imagefolder"`` reads ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``) with
 torchvision's ``ImageFolder``, resizing each image (shorter side, then centre crop) to ``image_size``
 (default 64). It decodes every image into memory up front, so it is meant for small folders (ImageNet
-subsets such as Imagenette at low resolution). Full ImageNet needs a streaming loader, which normsam does
-not have yet.
+subsets such as Imagenette at low resolution). Full ImageNet is streamed instead: ``loader=stream`` reads such a
+folder per sample, and ``"webdataset"`` reads tar shards written by ``normsam make-shards`` (both in
+:mod:`normsam.train.data.streamed`, not through :func:`load_data`).
 
 ``"synthetic"`` is deterministic, learnable, class-conditional data for tests and benchmarks: one smooth
 random prototype image per class plus per-sample noise.
+
+Modules
+-------
+``containers`` (:class:`ArrayDataset`, :class:`DataSplits`, the errors), ``readers`` (the file readers),
+``splits`` (subsets, label noise, validation splits), ``augment`` (batch augmentation), ``memory`` (the
+in-memory :class:`BatchLoader`), ``load`` (:func:`load_data`), ``streamed`` (per-sample decoding in loader
+workers: webdataset shards and streamed image folders) and ``make_shards`` (``normsam make-shards``). The
+public names of the first six are re-exported here.
 
 Augmentation presets
 --------------------

@@ -13,9 +13,11 @@ Two sources
   ``normsam make-shards`` (its ``manifest.json`` names the train and val shards and their sample counts) or a
   train shard pattern such as ``shards/train-{0000..0146}.tar`` together with ``val_data_dir`` (the val
   pattern); without a manifest the shards are scanned once (tar headers and the tiny ``.cls`` members) to count
-  their samples. Read with :func:`webdataset.tarfile_samples`.
+  their samples. Shards are local (or mounted) files. Read with :func:`webdataset.tarfile_samples`.
 * ``data=imagefolder loader=stream``: ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or
-  ``test/``), listed with torchvision's ``ImageFolder`` and read file by file.
+  ``test/``), listed with torchvision's ``ImageFolder`` and read file by file. ``subset``, ``val_split``,
+  ``label_noise`` and ``eval_subset`` work as on the in-memory path (the same functions on the labels, so the
+  same examples for the same seed); shards refuse them, as their labels are known only by reading them.
 
 Epochs, ranks and workers: every example once per epoch
 --------------------------------------------------------
@@ -28,7 +30,7 @@ Everything is a pure function of ``(seed, epoch)``, so resuming at an epoch boun
   batches and each loader worker reads a contiguous run of whole batches (only the rank's last batch may be
   short), shuffles it through a buffer of ``shuffle_buffer`` samples seeded from ``(seed, epoch, rank,
   worker)`` and batches it. A worker reads only the shards its range covers (at most one partly). The batch
-  order depends on the number of workers (``workers``), which is part of the config; the set of examples
+  order depends on the number of workers (``loader_workers``), which is part of the config; the set of examples
   of an epoch does not.
 * Image folders allow random access: the epoch's permutation of all examples is drawn from ``(seed,
   epoch)`` (the same draw as the in-memory loader), its last ``N mod world_size`` examples are left out, and
@@ -101,6 +103,7 @@ __all__ = [
     "FolderSamples",
     "StreamedLoader",
     "make_streamed_loaders",
+    "sharpness_examples",
 ]
 
 #: Data sets read per sample (``data=imagefolder`` only with ``loader=stream``).
@@ -138,16 +141,20 @@ class StreamedSplit:
 
     shards: list[Shard] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
-    labels: list[int] = field(default_factory=list)
+    labels: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))  # int64, one per file
 
     def __len__(self) -> int:
         return sum(s.count for s in self.shards) if self.shards else len(self.files)
+
+    def take(self, indices: torch.Tensor) -> StreamedSplit:
+        """The files at ``indices`` (an image folder's split only)."""
+        return StreamedSplit(files=[self.files[i] for i in indices.tolist()], labels=self.labels[indices])
 
 
 @dataclass
 class StreamedData:
     """What the model and the loaders need to know about a streamed data set (the streamed counterpart of
-    :class:`~normsam.train.data.DataSplits`; ``val`` and label noise are not supported)."""
+    :class:`~normsam.train.data.DataSplits`; ``val`` and label noise only for image folders)."""
 
     name: str
     source: str
@@ -159,9 +166,9 @@ class StreamedData:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     in_channels: int = 3
-    val: None = None
-    noisy_indices: None = None
-    clean_labels: None = None
+    val: StreamedSplit | None = None
+    noisy_indices: torch.Tensor | None = None
+    clean_labels: torch.Tensor | None = None
     streamed: bool = True
 
 
@@ -172,13 +179,17 @@ def is_streamed(cfg: Any) -> bool:
 
 def check_streamed_config(cfg: Any) -> None:
     """Refuse options that the chosen loader would otherwise ignore, and those the streamed path lacks."""
+    from normsam.train.data.load import DATASETS
+
+    if str(cfg.data).strip().lower().replace("_", "-") not in (*DATASETS, "webdataset"):
+        raise ValueError(f"unknown data set {cfg.data!r}; valid names are: {', '.join(DATASETS)}, webdataset.")
     if cfg.loader not in (None, "memory", "stream"):
         raise ValueError(f"Invalid loader: {cfg.loader!r}; valid values are memory (the data set in one tensor) "
                          "and stream (decoded per sample in loader workers).")
     if cfg.data == "webdataset" and cfg.loader == "memory":
         raise ValueError("data=webdataset is always streamed; drop loader=memory.")
     if not is_streamed(cfg):
-        for key, default in (("workers", None), ("val_data_dir", None), ("shuffle_buffer", 1000)):
+        for key, default in (("loader_workers", None), ("val_data_dir", None), ("shuffle_buffer", 1000)):
             if getattr(cfg, key) != default:
                 raise ValueError(f"{key}={getattr(cfg, key)!r} only applies to streamed data (data=webdataset, or "
                                  "data=imagefolder loader=stream); drop it or set loader=stream.")
@@ -192,21 +203,24 @@ def check_streamed_config(cfg: Any) -> None:
                 raise ValueError(f"{key} only applies to data=webdataset (an image folder is shuffled exactly); "
                                  f"drop {key}.")
     unsupported = {
-        "subset": cfg.subset is not None,
-        "val_split": cfg.val_split != 0.0,
-        "label_noise": cfg.label_noise != 0.0,
-        "eval_subset": cfg.eval_subset is not None,
-        "sharpness_at_end": cfg.sharpness_at_end,
         "scope=ssam-f": cfg.scope == "ssam-f",
         "download": cfg.download,
     }
     bad = [key for key, on in unsupported.items() if on]
     if bad:
         raise ValueError(f"{', '.join(bad)} {'is' if len(bad) == 1 else 'are'} not supported with streamed data "
-                         "(they need the whole training set in memory); drop them, or for a small image folder "
+                         "(ssam-f needs the training images in memory); drop them, or for a small image folder "
                          "use loader=memory.")
-    if cfg.workers is not None and cfg.workers < 0:
-        raise ValueError(f"workers must be >= 0 (0: decode in the main process), got {cfg.workers}.")
+    if cfg.data == "webdataset":
+        needs_labels = [key for key, on in (("subset", cfg.subset is not None), ("val_split", cfg.val_split != 0.0),
+                                            ("label_noise", cfg.label_noise != 0.0),
+                                            ("eval_subset", cfg.eval_subset is not None)) if on]
+        if needs_labels:
+            raise ValueError(f"{', '.join(needs_labels)} {'needs' if len(needs_labels) == 1 else 'need'} every "
+                             "label before training, which shards do not give without reading them all; make "
+                             "shards of the subset you want, or use data=imagefolder loader=stream.")
+    if cfg.loader_workers is not None and cfg.loader_workers < 0:
+        raise ValueError(f"loader_workers must be >= 0 (0: decode in the main process), got {cfg.loader_workers}.")
     if cfg.shuffle_buffer < 1:
         raise ValueError(f"shuffle_buffer must be >= 1 samples (1: no shuffling within shards), got {cfg.shuffle_buffer}.")
     if cfg.augment is not None and cfg.augment not in STREAM_AUGMENTS:
@@ -368,7 +382,8 @@ def _load_folder(cfg: Any) -> tuple[StreamedSplit, StreamedSplit, list[str], str
             raise ValueError(f"imagefolder: the class folders of {folder} ({listing.classes}) differ from those of "
                              f"{root / 'train'} ({classes}); both splits need the same class sub-folders.")
         classes = list(listing.classes)
-        splits.append(StreamedSplit(files=[p for p, _ in listing.samples], labels=[c for _, c in listing.samples]))
+        splits.append(StreamedSplit(files=[p for p, _ in listing.samples],
+                                    labels=torch.tensor([c for _, c in listing.samples], dtype=torch.long)))
     assert classes is not None
     return splits[0], splits[1], classes, str(root)
 
@@ -383,8 +398,31 @@ def load_streamed_data(cfg: Any) -> StreamedData:
     for split, name in ((train, "train"), (test, "validation")):
         if len(split) == 0:
             raise DatasetNotFoundError(f"{source}: the {name} split holds no samples.")
-    return StreamedData(name=cfg.data, source=source, num_classes=len(classes), classes=classes,
+    data = StreamedData(name=cfg.data, source=source, num_classes=len(classes), classes=classes,
                         image_size=cfg.image_size or DEFAULT_IMAGE_SIZE, train=train, test=test)
+    if cfg.data != "webdataset":
+        _subsets_and_noise(data, cfg)
+    return data
+
+
+def _subsets_and_noise(data: StreamedData, cfg: Any) -> None:
+    """subset, val_split, label_noise and eval_subset of an image folder, as :func:`~normsam.train.data.load_data`
+    takes them (the same functions, so the same examples for the same seed)."""
+    from normsam.train.data.splits import flip_labels, stratified_split_indices, stratified_subset_indices
+
+    k = data.num_classes
+    if cfg.subset is not None:
+        data.train = data.train.take(stratified_subset_indices(data.train.labels, cfg.subset, k, cfg.seed))
+    if cfg.val_split > 0:
+        train_idx, val_idx = stratified_split_indices(data.train.labels, cfg.val_split, k, cfg.seed)
+        data.train, data.val = data.train.take(train_idx), data.train.take(val_idx)
+    if cfg.label_noise > 0:
+        data.clean_labels = data.train.labels
+        noisy, data.noisy_indices = flip_labels(data.train.labels, cfg.label_noise, k, cfg.seed)
+        data.train = StreamedSplit(files=data.train.files, labels=noisy)
+    if cfg.eval_subset is not None and cfg.eval_subset < len(data.test):
+        # a fixed subset (seed 0, whatever the run's seed), as the in-memory path: runs are scored on the same images
+        data.test = data.test.take(stratified_subset_indices(data.test.labels, cfg.eval_subset, k, seed=0))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -534,7 +572,7 @@ class ShardStream(IterableDataset):
 class FolderSamples(Dataset):
     """Image files read and transformed one by one: ``dataset[i] = (uint8 3×S×S, label)``."""
 
-    def __init__(self, files: list[str], labels: list[int], *, transform, seed: int):
+    def __init__(self, files: list[str], labels: torch.Tensor, *, transform, seed: int):
         self.files, self.labels, self.transform, self.seed, self.epoch = files, labels, transform, seed, 0
 
     def __len__(self) -> int:
@@ -547,7 +585,8 @@ class FolderSamples(Dataset):
         except OSError as exc:
             raise CorruptDataError(f"{path} cannot be read ({exc}).") from exc
         image = _decode_image(data, path)
-        return _transformed(self.transform, image, _derive_seed(self.seed, 7, self.epoch, index)), self.labels[index]
+        label = int(self.labels[index])
+        return _transformed(self.transform, image, _derive_seed(self.seed, 7, self.epoch, index)), label
 
 
 def folder_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
@@ -611,31 +650,50 @@ class StreamedLoader:
             yield self.normalize(x), y.to(self.device, non_blocking=non_blocking)
 
 
+def sharpness_examples(data: StreamedData, *, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min(n, len(train))`` training examples without augmentation (the evaluation transform), normalized:
+    for an image folder the first n of a permutation seeded by ``seed``, for shards the first n of the
+    training stream in the shard order seeded by ``seed`` (no shuffle buffer). The same examples for every run
+    of the same data; decoded here, in this process."""
+    transform = sample_transform("none", data.image_size, train=False)
+    count = min(n, len(data.train))
+    if data.train.shards:
+        stream = ShardStream(data.train.shards, batch_size=count, transform=transform, num_classes=data.num_classes,
+                             seed=seed, shuffle=True, shuffle_buffer=1)
+        images, labels = next(iter(stream))
+    else:
+        order = torch.randperm(len(data.train), generator=_generator(seed, 10))[:count].tolist()
+        samples = FolderSamples(data.train.files, data.train.labels, transform=transform, seed=seed)
+        images, labels = _stack([samples[i] for i in order])
+    return Normalize(data.mean, data.std)(images), labels
+
+
 def make_streamed_loaders(cfg: Any, data: StreamedData, *, rank: int, world_size: int, batch_size: int,
                           device: torch.device) -> tuple[StreamedLoader, dict[str, StreamedLoader]]:
-    """The training loader (this rank's share) and the evaluation loader (``test``: the validation split, all of
-    it, in order) of a run."""
-    workers = DEFAULT_WORKERS if cfg.workers is None else cfg.workers
+    """The training loader (this rank's share) and the evaluation loaders of a run: ``test`` (the held-out
+    split, all of it, in order) and, with ``val_split``, ``val``."""
+    workers = DEFAULT_WORKERS if cfg.loader_workers is None else cfg.loader_workers
     augment = cfg.augment or "rrc-flip"
     normalize = Normalize(data.mean, data.std)
     train_tf = sample_transform(augment, data.image_size, train=True)
     eval_tf = sample_transform(augment, data.image_size, train=False)
-    loaders = []
-    for split, transform, train, size in ((data.train, train_tf, True, batch_size),
-                                         (data.test, eval_tf, False, cfg.eval_batch_size)):
+
+    def loader(split: StreamedSplit, transform, train: bool, size: int) -> StreamedLoader:
         ranks = (rank, world_size) if train else (0, 1)
         if split.shards:
             stream = ShardStream(split.shards, batch_size=size, transform=transform, num_classes=data.num_classes,
                                  seed=cfg.seed, shuffle=train, shuffle_buffer=cfg.shuffle_buffer, rank=ranks[0],
                                  world_size=ranks[1])
-            loaders.append(StreamedLoader(stream, normalize=normalize, workers=workers, device=device))
-        else:
-            samples = FolderSamples(split.files, split.labels, transform=transform, seed=cfg.seed)
+            return StreamedLoader(stream, normalize=normalize, workers=workers, device=device)
+        samples = FolderSamples(split.files, split.labels, transform=transform, seed=cfg.seed)
 
-            def batches(epoch: int, n=len(samples), size=size, train=train, ranks=ranks) -> list[list[int]]:
-                return folder_batches(n, size, seed=cfg.seed, epoch=epoch, shuffle=train, rank=ranks[0],
-                                      world_size=ranks[1])
+        def batches(epoch: int) -> list[list[int]]:
+            return folder_batches(len(samples), size, seed=cfg.seed, epoch=epoch, shuffle=train, rank=ranks[0],
+                                  world_size=ranks[1])
 
-            loaders.append(StreamedLoader(samples, normalize=normalize, workers=workers, device=device,
-                                          batches=batches))
-    return loaders[0], {"test": loaders[1]}
+        return StreamedLoader(samples, normalize=normalize, workers=workers, device=device, batches=batches)
+
+    evals = {"test": loader(data.test, eval_tf, False, cfg.eval_batch_size)}
+    if data.val is not None:
+        evals["val"] = loader(data.val, eval_tf, False, cfg.eval_batch_size)
+    return loader(data.train, train_tf, True, batch_size), evals
