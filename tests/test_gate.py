@@ -160,3 +160,28 @@ def test_edge_extensions_step_outwards_at_the_grids_ratio():
                     {"scope": ["norm"], "ascent": ["momentum"], "bn_policy": ["update"], "rho": [0.3333]}]
     grown = grid + more  # at the limit (1 added), no more
     assert edge_extensions({"all": choice(0.8, [0.1, 0.2, 0.4, 0.8])}, grown, grid, 1) == []
+
+
+def test_the_regime_study_files_are_valid_sweeps():
+    """configs/study/regime.yaml: every phase, with its placeholders filled, is a valid sweep of the recipe."""
+    from pathlib import Path
+
+    from normsam.analysis.study import _placeholders, resolve_grid
+    from normsam.analysis.sweep import load_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_study(root / "configs/study/regime.yaml")
+    recipe = load_config(str(root / spec["preset"]), {})
+    assert (recipe.epochs, recipe.batch_size, recipe.label_noise, recipe.label_smoothing) == (60, 128, 0.4, 0.0)
+    assert round(recipe.subset * (1 - recipe.val_split)) == 2500
+    check_gate_spec(spec["gate"], recipe.label_noise)
+    used = {"gate": set(spec["gate"]["seeds"]), "pilot": set(spec["pilot"]["seeds"])}
+    reported = set().union(*(set(p["seeds"]) for p in spec["phases"]))
+    assert not (used["gate"] | used["pilot"]) & reported and len(spec["pilot"]["seeds"]) >= 2
+    names = set().union(*(_placeholders(p["grid"]) for p in spec["phases"]))
+    assert names == {"@rho:all", "@rho:norm", "@rho:norm/momentum", "@sparsity:norm"}
+    values = {name: 0.5 for name in names}
+    for phase in [{"name": "pilot", **spec["pilot"]}, *spec["phases"]]:
+        sweep = {"preset": str(root / spec["preset"]), "out": "unused", "seeds": phase["seeds"],
+                 "grid": resolve_grid(phase["grid"], values)}
+        load_sweep(sweep)  # raises on an unknown key or a setting the runner refuses
