@@ -455,3 +455,19 @@ def test_lightning_runs_one_pass_per_step_and_matches_a_plain_loop(tmp_path):
         sam_ref.second_step(zero_grad=True)
         scheduler.step()
     torch.testing.assert_close(lt.flat(module.net), lt.flat(ref), rtol=0, atol=1e-6)
+
+
+def test_lightning_steps_that_reuse_epsilon_are_single_pass_too(tmp_path):
+    """The one-pass route also serves ascent_interval's reuse steps (no wasted ascent pass there)."""
+    pytest.importorskip("lightning")
+    from tests import test_integration_lightning as lt
+
+    class Net(lt.Net):
+        def configure_optimizers(self):
+            return normsam.SAM(self.net, torch.optim.AdamW, lr=1e-2, rho=0.5, ascent_interval=2)
+
+    module = Net()
+    lt.trainer(tmp_path).fit(module, lt.data())
+    assert module.passes == ["ascent", "second", "single"] * (lt.STEPS // 2)
+    sam = module.optimizers().optimizer
+    assert sam.counters["sam_steps"] == lt.STEPS and sam.counters["ascent_steps"] == lt.STEPS // 2
