@@ -185,3 +185,31 @@ def test_the_regime_study_files_are_valid_sweeps():
         sweep = {"preset": str(root / spec["preset"]), "out": "unused", "seeds": phase["seeds"],
                  "grid": resolve_grid(phase["grid"], values)}
         load_sweep(sweep)  # raises on an unknown key or a setting the runner refuses
+
+
+def test_the_report_shows_what_bf16_costs_each_arm_and_whether_sam_changes_it(tmp_path):
+    from normsam.analysis.report import make_report
+
+    def fake(point, seed, scope, amp, acc):
+        folder = tmp_path / "runs" / point / f"seed={seed}"
+        folder.mkdir(parents=True)
+        cfg = load_config(None, {**TINY, "scope": scope, "amp": amp, "seed": seed, "rho": 0.5})
+        save_config(cfg, folder / ckpt.CONFIG)
+        (folder / ckpt.METRICS_JSONL).write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "test_acc": acc}) + "\n")
+        (folder / ckpt.SUMMARY).write_text(json.dumps({"final_test_acc": acc, "best_test_acc": acc}))
+
+    # SGD loses 3 and 5 points in bf16; SAM-ON loses 1 and 2: SAM-ON's shift minus SGD's is +2, +3
+    for seed, (sgd, sgd_bf16, on, on_bf16) in enumerate([(80, 77, 84, 83), (81, 76, 85, 83)]):
+        fake("sgd", seed, "none", "off", sgd)
+        fake("sgd-bf16", seed, "none", "bf16", sgd_bf16)
+        fake("on", seed, "norm", "off", on)
+        fake("on-bf16", seed, "norm", "bf16", on_bf16)
+    make_report([tmp_path / "runs"], out=tmp_path / "report")
+    import csv
+
+    rows = {(r["arm"], r["precision"]): r for r in csv.DictReader(open(tmp_path / "report" / "precision.csv"))}
+    sgd = next(r for (arm, _), r in rows.items() if arm.startswith("SGD"))
+    on = next(r for (arm, _), r in rows.items() if arm.startswith("SAM-ON"))
+    assert float(sgd["shift_mean"]) == -4.0 and sgd["vs_sgd_mean"] == ""
+    assert float(on["shift_mean"]) == -1.5 and float(on["vs_sgd_mean"]) == 2.5 and on["vs_sgd_n"] == "2"
+    assert "## Precision" in (tmp_path / "report" / "report.md").read_text()
