@@ -215,6 +215,20 @@ def test_a_random_mask_perturbs_only_its_elements():
     sam.restore()
 
 
+@pytest.mark.parametrize("scope", ["norm", "all"])
+@pytest.mark.parametrize("pert", ["sam", "asam", "layerwise", "linf"])
+def test_a_momentum_step_makes_no_host_sync(scope, pert):
+    from tests.test_sam_sync import CountSyncs
+
+    model = make_cnn()
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, perturbation=pert, lr=0.1, momentum=0.9, scope=scope,
+                      ascent="momentum")
+    _sam_steps(model, sam, 1)  # SGD's momentum buffers and the plan exist from here on
+    with CountSyncs() as mode:
+        _sam_steps(model, sam, 2, seed0=1)
+    assert mode.seen == []
+
+
 # --- state, precision, accumulation ------------------------------------------------------------------
 
 
