@@ -143,7 +143,7 @@ class MomentumAscent:
             raise ValueError(
                 f"ascent='momentum' perturbs along the base optimizer's momentum, and normsam does not know where "
                 f"{name} keeps one. Use SGD with momentum > 0, Adam/AdamW or timm's Lion; or, if {name} has a "
-                "momentum, register it: normsam.optim.ascent.register_momentum_state(YourOptimizer, 'state_key'); "
+                "momentum, register it: normsam.register_momentum_state(YourOptimizer, 'state_key'); "
                 "or use ascent='gradient'."
             )
         for group in base_optimizer.param_groups:
