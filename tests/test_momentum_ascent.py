@@ -485,3 +485,38 @@ def test_lightning_steps_that_reuse_epsilon_are_single_pass_too(tmp_path):
     assert module.passes == ["ascent", "second", "single"] * (lt.STEPS // 2)
     sam = module.optimizers().optimizer
     assert sam.counters["sam_steps"] == lt.STEPS and sam.counters["ascent_steps"] == lt.STEPS // 2
+
+
+def test_lightning_accumulation_runs_every_micro_batch_at_w_plus_epsilon(tmp_path):
+    pytest.importorskip("lightning")
+    from tests import test_integration_lightning as lt
+
+    def make(model):
+        return normsam.SAM(model, torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.5, ascent="momentum")
+
+    class Net(lt.Net):
+        def configure_optimizers(self):
+            return make(self.net)
+
+    module = Net()
+    lt.trainer(tmp_path, max_steps=4, accumulate_grad_batches=2).fit(module, lt.data())
+    assert module.passes == [None, "single"] * 4  # the first micro-batch outside optimizer_step, the last inside
+    sam = module.optimizers().optimizer
+    assert sam.counters["sam_steps"] == 4 and not sam.is_perturbed
+
+    ref = lt.net()
+    sam_ref = make(ref)
+    batches = list(lt.data())
+    for step in range(4):
+        sam_ref.first_step()
+        for x, y in batches[2 * (step % 2): 2 * (step % 2) + 2]:
+            (F.mse_loss(ref(x), y) / 2).backward()
+        sam_ref.second_step(zero_grad=True)
+    torch.testing.assert_close(lt.flat(module.net), lt.flat(ref), rtol=0, atol=1e-6)
+
+    class Overrides(Net):
+        def on_train_batch_start(self, batch, batch_idx):  # forgets super(): refused, not silently wrong
+            return None
+
+    with pytest.raises(ValueError, match=r"call super\(\)\.on_train_batch_start"):
+        lt.trainer(tmp_path / "b", max_steps=1, accumulate_grad_batches=2).fit(Overrides(), lt.data())
