@@ -368,6 +368,8 @@ def test_a_base_optimizer_without_momentum_is_refused_with_the_fix():
         normsam.SAM(model, torch.optim.SGD, lr=0.1, ascent="momentum")
     with pytest.raises(ValueError, match=r"AdamW has none .*betas\[0\] > 0"):
         normsam.SAM(model, torch.optim.AdamW, lr=0.1, betas=(0.0, 0.99), ascent="momentum")
+    with pytest.raises(ValueError, match=r"maximize=True.*Minimize the negated objective"):
+        normsam.SAM(model, torch.optim.SGD, lr=0.1, momentum=0.9, maximize=True, ascent="momentum")
     with pytest.raises(ValueError, match=r"does not know where NoMomentum keeps one.*register_momentum_state"):
         normsam.SAM(model, NoMomentum, lr=0.1, ascent="momentum")
     register_momentum_state(NoMomentum, "trace")  # the fix the message names

@@ -147,6 +147,11 @@ class MomentumAscent:
                 "or use ascent='gradient'."
             )
         for group in base_optimizer.param_groups:
+            if group.get("maximize"):
+                raise ValueError(
+                    f"ascent='momentum' with {name}(maximize=True): its momentum then accumulates −g, and the "
+                    "perturbation's sign would flip. Minimize the negated objective instead (maximize=False)."
+                )
             if not spec.has_momentum(group):
                 raise ValueError(
                     f"ascent='momentum' needs a base optimizer with momentum, and {name} has none in a param group "
