@@ -132,6 +132,13 @@ def test_a_gate_not_met_stops_the_study_before_the_pilot(tmp_path, capsys):
     assert set(record["phases"]) == {"gate"} and record["phases"]["gate"]["wall_clock_s"] > 0
     assert sorted(p.name for p in (out / "gate").iterdir() if p.is_dir()) == [
         "scope=none,label_noise=0.0", "scope=none,label_noise=0.4"]
+    # through the CLI (the gate's runs are finished now, so this only decides again): the figures, then the stop
+    from normsam.cli import main
+
+    assert main(["study", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "gate: noise cost" in captured.out and "gate: memorized" in captured.out
+    assert "normsam study: error: Regime gate not met" in captured.err and not (out / "pilot").exists()
 
 
 def test_a_gate_met_runs_the_pilot_extends_an_edge_and_reports_the_gate(tmp_path):
