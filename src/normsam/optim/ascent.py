@@ -54,13 +54,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from normsam.optim.sam import SAM, _Plan
 
 __all__ = ["ASCENTS", "GradientAscent", "MomentumAscent", "MomentumState", "MOMENTUM_STATES",
            "register_momentum_state", "make_ascent"]
@@ -72,12 +69,14 @@ class GradientAscent:
     """The ascent direction is this step's gradient of the perturbed set (SAM's own rule).
 
     The mechanics (``first_step(loss)``'s cheap autograd, ``.grad`` of the classic API, the GradScaler's
-    scale, ``sync_ascent``) live with :class:`normsam.SAM`, which owns the plan they need."""
+    scale, ``sync_ascent``) live with :class:`normsam.SAM`, which owns the plan they need. (``directions``
+    takes the SAM and its step plan, ``normsam.optim.sam._Plan``; untyped here, since that module imports
+    this one.)"""
 
     name = "gradient"
     needs_pass = True  #: a forward-backward pass at w gives the direction
 
-    def directions(self, sam: SAM, plan: _Plan, loss: Tensor | None, grad_scaler: Any):
+    def directions(self, sam: Any, plan: Any, loss: Tensor | None, grad_scaler: Any):
         return sam._gradient_directions(plan, loss, grad_scaler)
 
 
@@ -178,7 +177,7 @@ class MomentumAscent:
             out[i] = d
         return out
 
-    def directions(self, sam: SAM, plan: _Plan, loss: Tensor | None, grad_scaler: Any):
+    def directions(self, sam: Any, plan: Any, loss: Tensor | None, grad_scaler: Any):
         """−momentum of the perturbed tensors (and of the others, for ``norm_over="all"``); None where the
         base optimizer has not stepped yet. The loss, ``.grad`` and the scaler are not used: the momentum is
         built from unscaled gradients."""
