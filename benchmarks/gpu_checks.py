@@ -132,6 +132,11 @@ def check_no_host_sync():
                  for s in ("norm", "all")]
     else:
         print("     (ascent_interval: not in this normsam's SAM, not checked)")
+    from normsam.bench import sam_supports_momentum_ascent
+
+    if sam_supports_momentum_ascent():
+        runs += [(f"scope={s}, ascent=momentum{', fp16+GradScaler' if fp16 else ''}", dict(scope=s, ascent="momentum"),
+                  True, fp16) for s in ("norm", "all") for fp16 in (False, True)]
     failures, first_step_syncs = [], {}
     for label, opts, cheap, fp16 in runs:
         try:

@@ -132,6 +132,13 @@ def test_a_gate_not_met_stops_the_study_before_the_pilot(tmp_path, capsys):
     assert set(record["phases"]) == {"gate"} and record["phases"]["gate"]["wall_clock_s"] > 0
     assert sorted(p.name for p in (out / "gate").iterdir() if p.is_dir()) == [
         "scope=none,label_noise=0.0", "scope=none,label_noise=0.4"]
+    # through the CLI (the gate's runs are finished now, so this only decides again): the figures, then the stop
+    from normsam.cli import main
+
+    assert main(["study", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert "gate: noise cost" in captured.out and "gate: memorized" in captured.out
+    assert "normsam study: error: Regime gate not met" in captured.err and not (out / "pilot").exists()
 
 
 def test_a_gate_met_runs_the_pilot_extends_an_edge_and_reports_the_gate(tmp_path):
@@ -160,3 +167,56 @@ def test_edge_extensions_step_outwards_at_the_grids_ratio():
                     {"scope": ["norm"], "ascent": ["momentum"], "bn_policy": ["update"], "rho": [0.3333]}]
     grown = grid + more  # at the limit (1 added), no more
     assert edge_extensions({"all": choice(0.8, [0.1, 0.2, 0.4, 0.8])}, grown, grid, 1) == []
+
+
+def test_the_regime_study_files_are_valid_sweeps():
+    """configs/study/regime.yaml: every phase, with its placeholders filled, is a valid sweep of the recipe."""
+    from pathlib import Path
+
+    from normsam.analysis.study import _placeholders, resolve_grid
+    from normsam.analysis.sweep import load_sweep
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_study(root / "configs/study/regime.yaml")
+    recipe = load_config(str(root / spec["preset"]), {})
+    assert (recipe.epochs, recipe.batch_size, recipe.label_noise, recipe.label_smoothing) == (60, 128, 0.4, 0.0)
+    assert round(recipe.subset * (1 - recipe.val_split)) == 2500
+    check_gate_spec(spec["gate"], recipe.label_noise)
+    used = {"gate": set(spec["gate"]["seeds"]), "pilot": set(spec["pilot"]["seeds"])}
+    reported = set().union(*(set(p["seeds"]) for p in spec["phases"]))
+    assert not (used["gate"] | used["pilot"]) & reported and len(spec["pilot"]["seeds"]) >= 2
+    names = set().union(*(_placeholders(p["grid"]) for p in spec["phases"]))
+    assert names == {"@rho:all", "@rho:norm", "@rho:norm/momentum", "@sparsity:norm"}
+    values = {name: 0.5 for name in names}
+    for phase in [{"name": "pilot", **spec["pilot"]}, *spec["phases"]]:
+        sweep = {"preset": str(root / spec["preset"]), "out": "unused", "seeds": phase["seeds"],
+                 "grid": resolve_grid(phase["grid"], values)}
+        load_sweep(sweep)  # raises on an unknown key or a setting the runner refuses
+
+
+def test_the_report_shows_what_bf16_costs_each_arm_and_whether_sam_changes_it(tmp_path):
+    from normsam.analysis.report import make_report
+
+    def fake(point, seed, scope, amp, acc):
+        folder = tmp_path / "runs" / point / f"seed={seed}"
+        folder.mkdir(parents=True)
+        cfg = load_config(None, {**TINY, "scope": scope, "amp": amp, "seed": seed, "rho": 0.5})
+        save_config(cfg, folder / ckpt.CONFIG)
+        (folder / ckpt.METRICS_JSONL).write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "test_acc": acc}) + "\n")
+        (folder / ckpt.SUMMARY).write_text(json.dumps({"final_test_acc": acc, "best_test_acc": acc}))
+
+    # SGD loses 3 and 5 points in bf16; SAM-ON loses 1 and 2: SAM-ON's shift minus SGD's is +2, +3
+    for seed, (sgd, sgd_bf16, on, on_bf16) in enumerate([(80, 77, 84, 83), (81, 76, 85, 83)]):
+        fake("sgd", seed, "none", "off", sgd)
+        fake("sgd-bf16", seed, "none", "bf16", sgd_bf16)
+        fake("on", seed, "norm", "off", on)
+        fake("on-bf16", seed, "norm", "bf16", on_bf16)
+    make_report([tmp_path / "runs"], out=tmp_path / "report")
+    import csv
+
+    rows = {(r["arm"], r["precision"]): r for r in csv.DictReader(open(tmp_path / "report" / "precision.csv"))}
+    sgd = next(r for (arm, _), r in rows.items() if arm.startswith("SGD"))
+    on = next(r for (arm, _), r in rows.items() if arm.startswith("SAM-ON"))
+    assert float(sgd["shift_mean"]) == -4.0 and sgd["vs_sgd_mean"] == ""
+    assert float(on["shift_mean"]) == -1.5 and float(on["vs_sgd_mean"]) == 2.5 and on["vs_sgd_n"] == "2"
+    assert "## Precision" in (tmp_path / "report" / "report.md").read_text()

@@ -215,6 +215,20 @@ def test_a_random_mask_perturbs_only_its_elements():
     sam.restore()
 
 
+@pytest.mark.parametrize("scope", ["norm", "all"])
+@pytest.mark.parametrize("pert", ["sam", "asam", "layerwise", "linf"])
+def test_a_momentum_step_makes_no_host_sync(scope, pert):
+    from tests.test_sam_sync import CountSyncs
+
+    model = make_cnn()
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, perturbation=pert, lr=0.1, momentum=0.9, scope=scope,
+                      ascent="momentum")
+    _sam_steps(model, sam, 1)  # SGD's momentum buffers and the plan exist from here on
+    with CountSyncs() as mode:
+        _sam_steps(model, sam, 2, seed0=1)
+    assert mode.seen == []
+
+
 # --- state, precision, accumulation ------------------------------------------------------------------
 
 
@@ -354,6 +368,8 @@ def test_a_base_optimizer_without_momentum_is_refused_with_the_fix():
         normsam.SAM(model, torch.optim.SGD, lr=0.1, ascent="momentum")
     with pytest.raises(ValueError, match=r"AdamW has none .*betas\[0\] > 0"):
         normsam.SAM(model, torch.optim.AdamW, lr=0.1, betas=(0.0, 0.99), ascent="momentum")
+    with pytest.raises(ValueError, match=r"maximize=True.*Minimize the negated objective"):
+        normsam.SAM(model, torch.optim.SGD, lr=0.1, momentum=0.9, maximize=True, ascent="momentum")
     with pytest.raises(ValueError, match=r"does not know where NoMomentum keeps one.*register_momentum_state"):
         normsam.SAM(model, NoMomentum, lr=0.1, ascent="momentum")
     register_momentum_state(NoMomentum, "trace")  # the fix the message names
@@ -455,3 +471,54 @@ def test_lightning_runs_one_pass_per_step_and_matches_a_plain_loop(tmp_path):
         sam_ref.second_step(zero_grad=True)
         scheduler.step()
     torch.testing.assert_close(lt.flat(module.net), lt.flat(ref), rtol=0, atol=1e-6)
+
+
+def test_lightning_steps_that_reuse_epsilon_are_single_pass_too(tmp_path):
+    """The one-pass route also serves ascent_interval's reuse steps (no wasted ascent pass there)."""
+    pytest.importorskip("lightning")
+    from tests import test_integration_lightning as lt
+
+    class Net(lt.Net):
+        def configure_optimizers(self):
+            return normsam.SAM(self.net, torch.optim.AdamW, lr=1e-2, rho=0.5, ascent_interval=2)
+
+    module = Net()
+    lt.trainer(tmp_path).fit(module, lt.data())
+    assert module.passes == ["ascent", "second", "single"] * (lt.STEPS // 2)
+    sam = module.optimizers().optimizer
+    assert sam.counters["sam_steps"] == lt.STEPS and sam.counters["ascent_steps"] == lt.STEPS // 2
+
+
+def test_lightning_accumulation_runs_every_micro_batch_at_w_plus_epsilon(tmp_path):
+    pytest.importorskip("lightning")
+    from tests import test_integration_lightning as lt
+
+    def make(model):
+        return normsam.SAM(model, torch.optim.SGD, lr=0.05, momentum=0.9, rho=0.5, ascent="momentum")
+
+    class Net(lt.Net):
+        def configure_optimizers(self):
+            return make(self.net)
+
+    module = Net()
+    lt.trainer(tmp_path, max_steps=4, accumulate_grad_batches=2).fit(module, lt.data())
+    assert module.passes == [None, "single"] * 4  # the first micro-batch outside optimizer_step, the last inside
+    sam = module.optimizers().optimizer
+    assert sam.counters["sam_steps"] == 4 and not sam.is_perturbed
+
+    ref = lt.net()
+    sam_ref = make(ref)
+    batches = list(lt.data())
+    for step in range(4):
+        sam_ref.first_step()
+        for x, y in batches[2 * (step % 2): 2 * (step % 2) + 2]:
+            (F.mse_loss(ref(x), y) / 2).backward()
+        sam_ref.second_step(zero_grad=True)
+    torch.testing.assert_close(lt.flat(module.net), lt.flat(ref), rtol=0, atol=1e-6)
+
+    class Overrides(Net):
+        def on_train_batch_start(self, batch, batch_idx):  # forgets super(): refused, not silently wrong
+            return None
+
+    with pytest.raises(ValueError, match=r"call super\(\)\.on_train_batch_start"):
+        lt.trainer(tmp_path / "b", max_steps=1, accumulate_grad_batches=2).fit(Overrides(), lt.data())

@@ -4,6 +4,7 @@ Public API; everything not re-exported here is private.
 """
 
 from normsam.optim import (
+    ASCENTS,
     BN_POLICIES,
     MASK_SCOPES,
     PARAMETER_SCOPES,
@@ -16,6 +17,7 @@ from normsam.optim import (
     frozen_running_stats,
     is_norm_layer,
     param_groups,
+    register_momentum_state,
 )
 from normsam.sharpness import SharpnessResult, measure_sharpness
 
@@ -36,5 +38,7 @@ __all__ = [
     "PARAMETER_SCOPES",
     "MASK_SCOPES",
     "BN_POLICIES",
+    "ASCENTS",
+    "register_momentum_state",
     "__version__",
 ]

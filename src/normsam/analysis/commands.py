@@ -128,7 +128,8 @@ def _study(args: argparse.Namespace) -> int:
     from normsam.train.config import parse_overrides
 
     run_study(args.study_file, workers=args.workers, phases=args.phase, report=not args.no_report,
-              overrides=parse_overrides(args.overrides), out=args.out, executor=args.executor)
+              overrides=parse_overrides(args.overrides), out=args.out, executor=args.executor,
+              gate_margin=args.gate_margin)
     return 0
 
 
@@ -146,7 +147,10 @@ def _add_study(sub) -> None:
     p.add_argument("--executor", choices=("local", "slurm", "submitit-local"),
                    help="where the runs train (default: the file's executor:, or local); a phase waits for its jobs")
     p.add_argument("--workers", type=int, help="runs in parallel, one process each (default: the file's)")
-    p.add_argument("--phase", action="append", help="run only this phase (repeatable; 'pilot' for the pilot)")
+    p.add_argument("--phase", action="append",
+                   help="run only this phase (repeatable; 'gate' for the regime gate, 'pilot' for the ρ pilot)")
+    p.add_argument("--gate-margin", type=float,
+                   help="replace the gate's margin in test-accuracy points (e.g. 0 for a smoke test)")
     p.add_argument("--no-report", action="store_true", help="skip the report at the end")
     p.set_defaults(func=_study)
 

@@ -70,6 +70,7 @@ from normsam.analysis.report_figures import (  # noqa: F401
     _QUANTILES, _accuracy_vs_rho, _arm_accuracy, _arm_sharpness_vs_accuracy, _arm_test_curves, _mean_over_runs,
     _norm_params, _per_epoch, _sharpness_description, _sharpness_vs_accuracy, _training_curves,
 )
+from normsam.analysis.precision import precision_markdown, precision_rows
 from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
 from normsam.analysis.runs import RunRecord, _display_path, _is_run_folder, _run_folders, find_runs, load_run  # noqa: F401
 from normsam.analysis.sweep import SWEEP_FILE
@@ -274,6 +275,10 @@ def make_report(
     stat_figures = [(title, path, caption) for title, path, caption in candidates if path is not None]
     written += [path for _, path, _ in stat_figures]
     analysis = _statistics_markdown(contexts, selection.margin, stat_figures, selection.source) if groups else ""
+    if precision_rows(groups):  # runs in two precisions: what bf16 costs each arm (normsam.analysis.precision)
+        ckpt.atomic_write_text(out / "precision.csv", _csv(precision_rows(groups)))
+        written.append(out / "precision.csv")
+        analysis += "\n" + precision_markdown(groups)
     report = out / "report.md"
     ckpt.atomic_write_text(report, _markdown(runs, groups, keys, figures, out, [str(p) for p in paths], analysis))
     return [report, *written]

@@ -322,12 +322,16 @@ def run_study(
     overrides: Mapping[str, Any] | None = None,
     out: str | Path | None = None,
     executor: str | None = None,
+    gate_margin: float | None = None,
 ) -> dict[str, Any]:
-    """Run the pilot, choose ρ, then each phase (or only those named in ``phases``); returns the record
-    written to ``out/study.json``.
+    """Run the gate (if any) and the pilot, choose ρ, then each phase (or only those named in ``phases``);
+    returns the record written to ``out/study.json``. The gate and the pilot always run first (their finished
+    runs are skipped), since the verdict and the choice need all of them; ``phases=["gate"]`` stops after the
+    gate, ``["pilot"]`` after the choice.
 
     ``overrides`` (config keys) are laid over the study's ``base`` for every run, and ``out`` replaces its
-    folder: the same study on another device (``device=cuda``) or as a quick smoke test (``epochs=1``).
+    folder: the same study on another device (``device=cuda``) or as a quick smoke test (``epochs=1``);
+    ``gate_margin`` replaces the gate's margin (``0`` for a smoke test whose tiny runs cannot meet it).
     """
     from normsam.analysis.sweep import load_sweep, run_sweep
 
@@ -338,6 +342,10 @@ def run_study(
         spec["out"] = str(out)
     if executor is not None:  # e.g. --executor slurm: every phase's sweep submits jobs and waits for them
         spec["executor"] = executor
+    if gate_margin is not None:
+        if spec.get("gate") is None:
+            raise ValueError("--gate-margin given, but the study has no gate:; drop the option or add a gate.")
+        spec["gate"] = {**spec["gate"], "margin": gate_margin}
     out = Path(spec["out"])
     check_plan(spec, phases)  # the whole plan, before the pilot trains for hours
     with RunLock(out, what="study"):
@@ -368,7 +376,7 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
             raise RuntimeError(f"Phase {name}: {len(sweep.failed)} run(s) failed; see {sweep.out / 'sweep.json'}.")
 
     if spec.get("gate") is not None:  # first, and decided by SGD alone: is there damage for SAM to undo?
-        _run_gate(spec, out, timed, phases)
+        _run_gate(spec, out, timed)
         if phases is not None and set(phases) <= {"gate"}:
             return record
 
@@ -376,12 +384,11 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
     metric = "final_val_acc"
     grid = _grid_entries(pilot["grid"])
     extended: list[dict[str, Any]] = []
-    while True:
-        if phases is None or "pilot" in phases:
-            timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), grid))
+    while True:  # always: finished pilot runs are skipped, and the choice needs every one of them
+        timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), grid))
         choice = choose_rho(out / "pilot", metric)
         more = edge_extensions(choice, grid, pilot["grid"], pilot.get("max_extensions", 3))
-        if not more or not (phases is None or "pilot" in phases):
+        if not more:
             break
         print("study: ρ at the edge of the pilot grid, adding " + ", ".join(
             f"{e['scope'][0]}{'/' + e['ascent'][0] if 'ascent' in e else ''} ρ={e['rho'][0]:g}" for e in more),
@@ -427,19 +434,18 @@ def _noisy_label_noise(spec: Mapping[str, Any]) -> float:
     return float(load_config(spec.get("preset"), dict(spec.get("base") or {})).label_noise)
 
 
-def _run_gate(spec: Mapping[str, Any], out: Path, timed, phases: list[str] | None) -> None:
+def _run_gate(spec: Mapping[str, Any], out: Path, timed) -> None:
     """The regime gate (normsam.analysis.gate): SGD on noisy and clean labels; stop when the cost is too small."""
     from normsam.analysis import gate as gatelib
 
     noise = _noisy_label_noise(spec)
     settings = gatelib.check_gate_spec(spec["gate"], noise)
-    if phases is None or "gate" in phases or not (out / "gate").exists():
-        grid = gatelib.gate_sweep_grid(settings, noise)
-        sweep = _sweep_spec(spec, "gate", settings["seeds"], grid)
-        varied = {key for entry in grid for key in entry}
-        if "base" in sweep:  # the grid sets label_noise (and the clean twin's keys) itself
-            sweep["base"] = {k: v for k, v in sweep["base"].items() if k not in varied}
-        timed("gate", sweep)
+    grid = gatelib.gate_sweep_grid(settings, noise)
+    sweep = _sweep_spec(spec, "gate", settings["seeds"], grid)
+    varied = {key for entry in grid for key in entry}
+    if "base" in sweep:  # the grid sets label_noise (and the clean twin's keys) itself
+        sweep["base"] = {k: v for k, v in sweep["base"].items() if k not in varied}
+    timed("gate", sweep)  # always: finished runs are skipped, and the verdict needs every one of them
     result = gatelib.evaluate_gate(out / "gate", settings["margin"], noise)
     gatelib.write_gate(out, result, noise)
     for line in gatelib.gate_summary_lines(result):

@@ -32,10 +32,14 @@ step that reuses ε (``ascent_interval``) there is no ascent pass: the mixin per
 runs the closure once at :math:`w + \varepsilon` (:attr:`SAMModule.sam_pass` is ``"single"``, its logs are
 kept), then restores and steps.
 
+With ``accumulate_grad_batches > 1``, only ``ascent="momentum"`` is supported: the mixin perturbs in
+``on_train_batch_start`` before a step's first micro-batch (an override of that hook must call ``super()``),
+so each micro-batch is one pass at :math:`w + \varepsilon`.
+
 ``training_step`` thus runs twice per step (once without an ascent pass); :attr:`SAMModule.sam_pass` says which pass it is in
 (``"ascent"`` or ``"second"``), and ``self.log`` calls of the second pass are dropped, so the logged values are
-those at :math:`w`, one per step, as without SAM. ``accumulate_grad_batches > 1`` is refused (the ascent
-would see the last micro-batch only).
+those at :math:`w`, one per step, as without SAM. ``accumulate_grad_batches > 1`` is refused for the gradient
+ascent (it would see the last micro-batch only).
 
 Manual optimization needs no mixin: ``opt = self.optimizers(); opt.optimizer.first_step(loss)`` (the cheap
 ascent), then ``opt.step(closure=...)`` with a closure that computes the second loss and calls
@@ -98,14 +102,14 @@ class SAMModule:
         if getattr(self, "_sam_checked", None) != id(sam):  # once per optimizer: it must train this module
             check_sam_trains(sam, self, "SAMModule")
             self._sam_checked = id(sam)
-        if self.trainer.accumulate_grad_batches != 1 and not sam.needs_ascent:
-            raise ValueError(
-                f"SAMModule does not support accumulate_grad_batches={self.trainer.accumulate_grad_batches}: "
-                "Lightning runs the earlier micro-batches before optimizer_step, so they would see w, not w + ε. "
-                "Use a larger batch, or manual optimization: sam.first_step() once, then every micro-batch's "
-                "backward, then opt.step()."
-            )
-        if self.trainer.accumulate_grad_batches != 1:
+        if self.trainer.accumulate_grad_batches != 1 and not sam.ascent_source.needs_pass:
+            if not sam.is_perturbed:
+                raise ValueError(
+                    "SAMModule with accumulate_grad_batches > 1 and ascent='momentum' perturbs in "
+                    "on_train_batch_start, before the step's first micro-batch, and the weights are not perturbed "
+                    "here: if your module overrides on_train_batch_start, call super().on_train_batch_start(...)."
+                )
+        elif self.trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"SAMModule does not support accumulate_grad_batches={self.trainer.accumulate_grad_batches}: the "
                 "ascent would see the last micro-batch only. Use a larger batch, or manual optimization with "
@@ -115,9 +119,10 @@ class SAMModule:
         no_sync = getattr(strategy, "block_backward_sync", None) or contextlib.nullcontext
         self._sam_active = sam
         try:
-            if not sam.needs_ascent:  # the momentum ascent or a reused ε: one pass, at w + ε
+            if sam.is_perturbed or not sam.needs_ascent:  # the momentum ascent or a reused ε: one pass, at w + ε
                 self._sam_pass = "single"
-                sam.first_step()
+                if not sam.is_perturbed:  # (with accumulation, on_train_batch_start has perturbed already)
+                    sam.first_step()
                 optimizer.step(closure=optimizer_closure)
                 return
             self._sam_pass = "ascent"
@@ -130,6 +135,17 @@ class SAMModule:
             self._sam_active = None
             if sam.is_perturbed:  # training_step returned None, or a GradScaler skipped the step
                 sam.restore()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        """With ``accumulate_grad_batches > 1`` and ``ascent="momentum"``: perturb once, before the step's first
+        micro-batch, so that every micro-batch runs at w + ε (one pass each); the step restores w."""
+        result = super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+        if self.trainer.accumulate_grad_batches != 1:
+            for optimizer in self.trainer.optimizers:
+                sam = _unwrap_sam(optimizer)
+                if sam is not None and not sam.ascent_source.needs_pass and not sam.is_perturbed:
+                    sam.first_step()
+        return result
 
     def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
         if self._sam_pass == "ascent" and self._sam_active is not None:

@@ -1,5 +1,6 @@
 """The optimizer side of normsam: the SAM wrapper, perturbation models, scopes, masks, running statistics."""
 
+from normsam.optim.ascent import ASCENTS, register_momentum_state
 from normsam.optim.perturbations import PERTURBATIONS, PerturbationModel, get_perturbation, perturbation
 from normsam.optim.running_stats import BN_POLICIES, frozen_running_stats, running_stat_modules
 from normsam.optim.sam import SAM
@@ -16,6 +17,8 @@ from normsam.optim.scopes import (
 
 __all__ = [
     "SAM",
+    "ASCENTS",
+    "register_momentum_state",
     "PERTURBATIONS",
     "PerturbationModel",
     "get_perturbation",

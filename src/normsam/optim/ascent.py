@@ -54,13 +54,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:  # pragma: no cover
-    from normsam.optim.sam import SAM, _Plan
 
 __all__ = ["ASCENTS", "GradientAscent", "MomentumAscent", "MomentumState", "MOMENTUM_STATES",
            "register_momentum_state", "make_ascent"]
@@ -72,12 +69,14 @@ class GradientAscent:
     """The ascent direction is this step's gradient of the perturbed set (SAM's own rule).
 
     The mechanics (``first_step(loss)``'s cheap autograd, ``.grad`` of the classic API, the GradScaler's
-    scale, ``sync_ascent``) live with :class:`normsam.SAM`, which owns the plan they need."""
+    scale, ``sync_ascent``) live with :class:`normsam.SAM`, which owns the plan they need. (``directions``
+    takes the SAM and its step plan, ``normsam.optim.sam._Plan``; untyped here, since that module imports
+    this one.)"""
 
     name = "gradient"
     needs_pass = True  #: a forward-backward pass at w gives the direction
 
-    def directions(self, sam: SAM, plan: _Plan, loss: Tensor | None, grad_scaler: Any):
+    def directions(self, sam: Any, plan: Any, loss: Tensor | None, grad_scaler: Any):
         return sam._gradient_directions(plan, loss, grad_scaler)
 
 
@@ -143,10 +142,15 @@ class MomentumAscent:
             raise ValueError(
                 f"ascent='momentum' perturbs along the base optimizer's momentum, and normsam does not know where "
                 f"{name} keeps one. Use SGD with momentum > 0, Adam/AdamW or timm's Lion; or, if {name} has a "
-                "momentum, register it: normsam.optim.ascent.register_momentum_state(YourOptimizer, 'state_key'); "
+                "momentum, register it: normsam.register_momentum_state(YourOptimizer, 'state_key'); "
                 "or use ascent='gradient'."
             )
         for group in base_optimizer.param_groups:
+            if group.get("maximize"):
+                raise ValueError(
+                    f"ascent='momentum' with {name}(maximize=True): its momentum then accumulates −g, and the "
+                    "perturbation's sign would flip. Minimize the negated objective instead (maximize=False)."
+                )
             if not spec.has_momentum(group):
                 raise ValueError(
                     f"ascent='momentum' needs a base optimizer with momentum, and {name} has none in a param group "
@@ -173,7 +177,7 @@ class MomentumAscent:
             out[i] = d
         return out
 
-    def directions(self, sam: SAM, plan: _Plan, loss: Tensor | None, grad_scaler: Any):
+    def directions(self, sam: Any, plan: Any, loss: Tensor | None, grad_scaler: Any):
         """−momentum of the perturbed tensors (and of the others, for ``norm_over="all"``); None where the
         base optimizer has not stepped yet. The loss, ``.grad`` and the scaler are not used: the momentum is
         built from unscaled gradients."""

@@ -9,7 +9,9 @@ One SAM step (SPEC §1):
     g' &= \nabla L(w + \varepsilon)               && \text{second pass, all parameters}\\
     w_S &\leftarrow \text{saved copy};\quad w \leftarrow \mathrm{base\_step}(w, g')
 
-Only the perturbed tensors are copied, so SAM-ON's extra memory is the size of the norm parameters.
+Only the perturbed tensors are copied, so SAM-ON's extra memory is the size of the norm parameters. Where
+the ascent direction comes from (this step's gradient, or the base optimizer's momentum: Momentum-SAM, no
+ascent pass) is :mod:`normsam.optim.ascent`.
 """
 
 from __future__ import annotations

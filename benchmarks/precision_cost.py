@@ -1,0 +1,65 @@
+"""What bf16 autocast costs a training step on this machine, against fp32 (the regime study's recipe shape).
+
+    python benchmarks/precision_cost.py            # ResNet-20, batch 128 × 1×28×28, 1 thread, 5 rounds
+
+Interleaved rounds of two SGD steps each in fp32 and under bf16 autocast, then the time of an evaluation
+forward pass of 512 images; prints per-round times and the median ratio. Used for the wall-clock estimate in
+docs/results/study-regime/README.md (on a CPU without bf16 instructions, bf16 autocast is emulated and slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from normsam.train.models import build_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=28)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    x = torch.randn(args.batch_size, 1, args.image_size, args.image_size)
+    y = torch.randint(0, 10, (args.batch_size,))
+    model = build_model("resnet20", num_classes=10, in_channels=1, image_size=args.image_size)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+    def step(bf16: bool) -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(args.rounds):
+        for name in times:
+            start = time.perf_counter()
+            step(name == "bf16")
+            step(name == "bf16")
+            times[name].append((time.perf_counter() - start) / 2)
+    model.eval()
+    with torch.no_grad():
+        batch = torch.randn(512, 1, args.image_size, args.image_size)
+        model(batch)
+        start = time.perf_counter()
+        model(batch)
+        forward = time.perf_counter() - start
+    for name, values in times.items():
+        print(f"{name}: " + " ".join(f"{1000 * t:.0f}" for t in values) + " ms per step")
+    ratio = statistics.median(b / f for b, f in zip(times["bf16"], times["fp32"]))
+    print(f"bf16 / fp32 (median per round): {ratio:.1f}x; evaluation forward: {1000 * forward:.0f} ms per 512 images")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
