@@ -66,8 +66,6 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from normsam.bench import StepContext, default_variants, run_benchmark

@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["json_dumps", "finite_or_none", "read_yaml", "check_writable", "NotWritableError"]
+__all__ = ["json_dumps", "finite_or_none", "read_json", "read_jsonl", "read_yaml", "check_writable",
+           "NotWritableError"]
 
 
 class NotWritableError(ValueError):
@@ -65,6 +66,36 @@ def finite_or_none(value: Any) -> Any:
 def json_dumps(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that writes standard JSON: non-finite numbers become ``null`` (see the module docstring)."""
     return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+def _damaged(path: Path, err: json.JSONDecodeError, line: int | None = None) -> ValueError:
+    where = f"line {line}" if line is not None else f"line {err.lineno}, column {err.colno}"
+    return ValueError(
+        f"{path} is not valid JSON ({where}: {err.msg}); it was damaged or edited by hand: restore it, or delete "
+        "it and recreate it (a run's summary.json: `normsam train --resume`; metrics: from the checkpoint)."
+    )
+
+
+def read_json(path: str | Path) -> Any:
+    """The content of a JSON file, with a one-line error naming the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise _damaged(path, err) from None
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The objects of a JSON-lines file (blank lines skipped); a damaged line is a one-line error naming it."""
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise _damaged(path, err, number) from None
+    return rows
 
 
 def read_yaml(path: str | Path, text: str | None = None) -> Any:

@@ -64,6 +64,7 @@ from normsam.analysis.sweep import SWEEP_FILE
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys
+from normsam.files import read_json
 from normsam.train.divergence import is_diverged
 
 __all__ = [
@@ -154,7 +155,7 @@ def load_run(folder: str | Path) -> RunRecord:
     except ValueError as err:
         raise ValueError(f"{folder}/{ckpt.CONFIG} cannot be read ({err}); remove the folder from the report.") from None
     summary_path = folder / ckpt.SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = read_json(summary_path) if summary_path.is_file() else None
     sharpness, stale = latest_measurement(folder), None
     if sharpness is not None and summary is not None and sharpness.get("epoch") != summary.get("epochs"):
         sharpness, stale = None, sharpness  # measured on an earlier checkpoint: never paired with the final accuracy

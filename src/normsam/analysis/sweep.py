@@ -58,9 +58,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
-from normsam.files import read_yaml
+from normsam.files import read_json, read_yaml
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
 from normsam.train.divergence import RunDiverged, is_diverged
@@ -452,7 +450,7 @@ def _run_sweep_locked(sweep: Sweep, workers: int) -> Sweep:
         if conflict:
             run.status, run.error = "failed", conflict
         elif (run.folder / ckpt.SUMMARY).exists():
-            summary = json.loads((run.folder / ckpt.SUMMARY).read_text())
+            summary = read_json(run.folder / ckpt.SUMMARY)
             run.status = "diverged" if is_diverged(summary) else "skipped"
             run.error = summary["diverged"]["message"] if is_diverged(summary) else None
         else:

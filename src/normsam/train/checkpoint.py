@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import pickle
 import platform
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 
-from normsam.files import json_dumps
+from normsam.files import json_dumps, read_jsonl
 
 __all__ = [
     "CHECKPOINT",
@@ -161,7 +160,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)
 
 
 def environment(device: torch.device, *, world_size: int = 1) -> dict[str, Any]:

@@ -21,7 +21,6 @@ weights are restored before ``scaler.step`` whether or not it skips the step.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normsam.analysis.norm_stats import norm_parameter_stats
-from normsam.files import json_dumps
+from normsam.files import json_dumps, read_json
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
@@ -645,7 +644,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
             )
         setattr(cfg, key, value)
     if (run_dir / ckpt.SUMMARY).exists():
-        summary = json.loads((run_dir / ckpt.SUMMARY).read_text())
+        summary = read_json(run_dir / ckpt.SUMMARY)
         if is_diverged(summary):
             raise RunExistsError(
                 f"{run_dir} diverged ({summary['diverged']['what']} became non-finite in epoch "
@@ -661,7 +660,7 @@ def run_or_resume(run_dir: Path, cfg_overrides: dict[str, Any], preset: str | No
     finished, resume it when interrupted. Returns its summary."""
     run_dir = Path(run_dir)
     if (run_dir / ckpt.SUMMARY).exists():
-        return json.loads((run_dir / ckpt.SUMMARY).read_text())
+        return read_json(run_dir / ckpt.SUMMARY)
     progress = cfg_overrides.get("progress")
     if RunFolder(run_dir).has_checkpoint():
         return resume(run_dir, {"progress": progress} if progress is not None else None)
