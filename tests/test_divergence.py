@@ -121,3 +121,13 @@ def test_norm_statistics_of_a_model_with_nan_weights_do_not_crash():
 def test_the_json_writer_encodes_non_finite_values_as_null():
     text = json_dumps({"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": torch.tensor(math.nan)})
     assert _strict_json(text) == {"a": None, "b": [None, None, 1.5], "c": None}
+
+
+def test_non_finite_running_statistics_count_as_diverged():
+    from normsam.train.divergence import check_weights
+
+    model = make_cnn()
+    check_weights(model, epoch=3)
+    model.bn1.running_var[1] = math.inf
+    with pytest.raises(RunDiverged, match="weights or running statistics became non-finite at the end of epoch 3"):
+        check_weights(model, epoch=3)

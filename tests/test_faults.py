@@ -235,3 +235,15 @@ def test_a_read_only_folder_is_refused_before_the_long_work(tmp_path, monkeypatc
     assert f"cannot write to sharpness folder {finished}" in _one_line(capsys, "sharpness")
     assert cli.main(["report", str(finished), "--out", str(tmp_path / "reports")]) == 2
     assert "cannot write to report folder" in _one_line(capsys, "report")
+
+
+def test_a_damaged_json_file_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(load_config(None, {**TINY, "epochs": 1, "out": str(run)})).run()
+    with (run / ckpt.METRICS_JSONL).open("a") as f:
+        f.write("{\n")
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "r")]) == 2
+    assert f"{run / ckpt.METRICS_JSONL} is not valid JSON (line 2" in _one_line(capsys, "report")
+    (run / ckpt.SUMMARY).write_text("{")
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert f"{run / ckpt.SUMMARY} is not valid JSON" in _one_line(capsys, "train")

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from normsam.files import json_dumps, read_jsonl
+from normsam.files import json_dumps
+from normsam.files import read_jsonl as _read_jsonl
 
 __all__ = [
     "CHECKPOINT",
@@ -160,7 +161,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return read_jsonl(path)
+    return _read_jsonl(path)
 
 
 def environment(device: torch.device, *, world_size: int = 1) -> dict[str, Any]:
