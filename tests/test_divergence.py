@@ -131,3 +131,14 @@ def test_non_finite_running_statistics_count_as_diverged():
     model.bn1.running_var[1] = math.inf
     with pytest.raises(RunDiverged, match="weights or running statistics became non-finite at the end of epoch 3"):
         check_weights(model, epoch=3)
+
+
+def test_a_study_never_chooses_the_rho_of_a_diverged_pilot_run(tmp_path):
+    from normsam.analysis.study import choose_rho
+    from tests.test_study import _fake_run
+
+    _fake_run(tmp_path / "a", "norm", 0.2, val=70.0, test=60.0)
+    _fake_run(tmp_path / "b", "norm", 5.0, val=None, test=None)
+    (tmp_path / "b" / ckpt.SUMMARY).write_text(json.dumps({"status": "diverged", "final_val_acc": None}))
+    choice = choose_rho(tmp_path)
+    assert choice["norm"]["rho"] == 0.2 and list(choice["norm"]["candidates"]) == ["0.2"]

@@ -112,7 +112,10 @@ def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str
         cfg = config_from_file(run / ckpt.CONFIG)
         if cfg.scope == "none" or not isinstance(cfg.scope, str):
             continue
-        value = read_json(summary_path).get(metric)
+        summary = read_json(summary_path)
+        if summary.get("status") == "diverged":  # a ρ whose run diverged is no candidate
+            continue
+        value = summary.get(metric)
         if value is None:
             raise ValueError(
                 f"Pilot run {run} has no {metric}: the pilot must train with val_split > 0 so that ρ is "

@@ -688,6 +688,8 @@ class SAM(torch.optim.Optimizer):
             self.second_step()
             return loss
         loss = closure()
+        if loss is None:  # the closure skipped the batch (Lightning: training_step returned None): no step at all
+            return None
         self.first_step(zero_grad=True)
         closure()
         self.second_step()
