@@ -142,3 +142,15 @@ def test_a_study_never_chooses_the_rho_of_a_diverged_pilot_run(tmp_path):
     (tmp_path / "b" / ckpt.SUMMARY).write_text(json.dumps({"status": "diverged", "final_val_acc": None}))
     choice = choose_rho(tmp_path)
     assert choice["norm"]["rho"] == 0.2 and list(choice["norm"]["candidates"]) == ["0.2"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_the_loss_diverges(tmp_path):
+    """Under DDP no rank stops alone (the others would hang in the next all-reduce): one verdict per epoch."""
+    from tests.test_scale import DDP_ARGS, _torchrun
+
+    done = _torchrun([*DDP_ARGS, "lr=1000000.0", f"out={tmp_path / 'ddp'}"], tmp_path)
+    assert done.returncode != 0 and "became non-finite at epoch" in done.stderr
+    summary = _strict_json((tmp_path / "ddp" / ckpt.SUMMARY).read_text())
+    assert summary["status"] == "diverged"
+    _all_json_is_standard(tmp_path / "ddp")

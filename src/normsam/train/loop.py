@@ -41,7 +41,7 @@ from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
-from normsam.train.divergence import RunDiverged, check_loss, check_weights, diverged_summary, is_diverged
+from normsam.train.divergence import EpochWatch, RunDiverged, diverged_summary, is_diverged
 from normsam.train.identity import check_resumed_config, check_sam_window
 from normsam.train.run_lock import RunLock
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
@@ -410,9 +410,10 @@ class Trainer:
         sums = {"loss": 0.0, "correct": 0.0, "loss_perturbed": 0.0, "n": 0}
         bar = self._progress(self.train_loader, f"epoch {epoch + 1}/{cfg.epochs}")
         start = time.perf_counter()
+        watch = EpochWatch(epoch + 1, amp=cfg.amp, distributed=self.dist.enabled)
         for step, (x, y) in enumerate(bar, 1):
             out = self.train_step(x, y, use_sam)
-            check_loss(out["loss"], epoch=epoch + 1, step=step, amp=cfg.amp)  # a host float already: no sync
+            watch.see(out["loss"], step)  # a host float already: no extra sync
             self.scheduler.step()
             n = y.shape[0]
             sums["n"] += n
@@ -423,7 +424,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        check_weights(self.model, epoch=epoch + 1, amp=cfg.amp)  # before they can become the checkpoint
+        watch.end(self.model, self.dist.all_reduce_sum, self.device)  # before they can become the checkpoint
         if use_sam:  # SAM counts non-finite ascents on the device; the host looks once per epoch
             skipped = self.sam.counters["nonfinite_ascent_steps"] - nonfinite_before
             if skipped:
