@@ -121,10 +121,9 @@ def test_the_hf_trainer_refuses_a_sam_of_another_model(tmp_path):
 
     trained, other = llama(), llama()
     sam = normsam.SAM(other, torch.optim.AdamW, lr=1e-2, rho=0.5)
-    trainer = SAMTrainer(model=trained, args=arguments(tmp_path, max_steps=1), train_dataset=TokenData(),
-                         optimizers=(sam, None))
     with pytest.raises(ValueError, match=r"SAMTrainer: .* are not parameters of the model being trained"):
-        trainer.train()
+        SAMTrainer(model=trained, args=arguments(tmp_path, max_steps=1), train_dataset=TokenData(),
+                   optimizers=(sam, None))
 
 
 def test_lightning_refuses_a_sam_of_another_model(tmp_path):
@@ -168,6 +167,10 @@ def test_out_an_existing_file_and_negative_threads(tmp_path, capsys):
     assert "threads must be >= 1" in _one_line(capsys, "train")
     assert cli.main(["bench", "--threads", "0", "--rounds", "1"]) == 2
     assert "--threads must be >= 1" in _one_line(capsys, "bench")
+    assert cli.main(["bench", "--json", str(target / "bench.json"), "--rounds", "1"]) == 2  # before measuring
+    assert f"{target} is an existing file" in _one_line(capsys, "bench")
+    assert cli.main(["compare", "--out", str(target)]) == 2
+    assert f"compare folder {target} is an existing file" in _one_line(capsys, "compare")
 
 
 def test_a_full_disk_is_one_line_and_the_resume_is_exact(tmp_path, monkeypatch, capsys):
