@@ -13,6 +13,10 @@ One SAM step over ``accumulation`` micro-batches (SPEC §1–2)::
               sam.restore()               # w_S back from its saved copy, running stats as before
               clip, base optimizer step   # at the restored w
 
+The run folder is locked for the life of the run (:mod:`normsam.train.run_lock`); a non-finite training loss
+or weights stop the run with ``status: diverged`` and its last good checkpoint (:mod:`normsam.train.divergence`);
+``--resume`` refuses a config.yaml edited since the run started (:mod:`normsam.train.identity`).
+
 With DDP the ascent runs under ``no_sync()`` (each worker its own perturbation, as in the original SAM)
 unless ``sync_ascent=true``; with fp16 the GradScaler's scale is divided out of the ascent gradient and the
 weights are restored before ``scaler.step`` whether or not it skips the step.
