@@ -232,6 +232,16 @@ def test_a_read_only_folder_is_refused_before_the_long_work(tmp_path, monkeypatc
 
     assert cli.main(_train_args(tmp_path / "ro")) == 2
     assert f"cannot write to run folder {tmp_path / 'ro'} (Permission denied)" in _one_line(capsys, "train")
+    read_only.append(tmp_path / "parent")
+    (tmp_path / "parent").mkdir()
+    import normsam.train.loop as loop
+
+    real_load = loop.load_run_data
+    monkeypatch.setattr(loop, "load_run_data", lambda cfg: pytest.fail("loaded the data first"))
+    assert cli.main(_train_args(tmp_path / "parent" / "new")) == 2  # checked before the data loads
+    assert "cannot write to run folder" in _one_line(capsys, "train")
+    assert not (tmp_path / "parent" / "new").exists()
+    monkeypatch.setattr(loop, "load_run_data", real_load)
     assert cli.main(["train", "--resume", stopped.out]) == 2
     assert "cannot write to run folder" in _one_line(capsys, "train")
     assert cli.main(["sharpness", str(finished), "--steps", "1", "--n", "8", "--device", "cpu"]) == 2

@@ -112,8 +112,13 @@ def read_yaml(path: str | Path, text: str | None = None) -> Any:
         raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file and run again.") from None
 
 
-def check_writable(folder: str | Path, *, what: str = "folder", hint: str = "choose another out=") -> Path:
+def check_writable(
+    folder: str | Path, *, what: str = "folder", hint: str = "choose another out=", create: bool = True
+) -> Path:
     """Make ``folder`` (and its parents) if needed and check that a file can be written in it.
+
+    With ``create=False`` nothing is made: a missing ``folder`` is checked through its nearest existing
+    ancestor (where it would be created), so a command can check early, before it knows that it will write.
 
     Raises :class:`NotWritableError` (a ``ValueError``) with a one-line message naming the folder and the fix:
     ``folder`` is an existing file, or it cannot be created or written (read-only, no permission, disk full).
@@ -121,9 +126,16 @@ def check_writable(folder: str | Path, *, what: str = "folder", hint: str = "cho
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotWritableError(f"{what} {folder} is an existing file, not a folder; {hint}.")
+    target = folder
+    if not create:
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise NotWritableError(f"{what} {folder} cannot be created: {target} is a file; {hint}.")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".normsam-write-check.", suffix=".tmp")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=".normsam-write-check.", suffix=".tmp")
         os.close(fd)
         os.unlink(tmp)
     except (FileExistsError, NotADirectoryError):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normsam.analysis.norm_stats import norm_parameter_stats
-from normsam.files import json_dumps, read_json
+from normsam.files import check_writable, json_dumps, read_json
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
@@ -149,6 +149,8 @@ class Trainer:
         check_sam_window(cfg)
         self._lock: RunLock | None = None
         self._check_run_dir(resume)
+        if self.dist.is_main:  # before the data loads: a read-only or full place fails now, not after setup
+            check_writable(self.run_dir, what="run folder", create=False)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
