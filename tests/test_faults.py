@@ -193,6 +193,15 @@ def test_a_full_disk_is_one_line_and_the_resume_is_exact(tmp_path, monkeypatch, 
     assert f"No space left on device ({run / ckpt.CHECKPOINT}): free disk space" in err
     assert "normsam train --resume" in err
     assert not list(run.glob(".*.tmp"))  # no temporary file left behind
+
+    def full_at_config(path, data):
+        if path.name == ckpt.CONFIG:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_temporary", full_at_config)  # a resume rewrites config.yaml first
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert "No space left on device" in _one_line(capsys, "train")
     monkeypatch.setattr(ckpt, "_write_temporary", real)
     assert cli.main(["train", "--resume", str(run)]) == 0
     assert _without_timing(_metrics(run)) == _without_timing(_metrics(tmp_path / "ref" / "run"))
