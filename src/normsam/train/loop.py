@@ -46,7 +46,7 @@ from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
 from normsam.train.divergence import EpochWatch, RunDiverged, diverged_summary, is_diverged
-from normsam.train.identity import check_resumed_config, check_sam_window
+from normsam.train.identity import RESUME_SAFE, check_resumed_config, check_sam_window
 from normsam.train.run_lock import RunLock
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
 
@@ -643,7 +643,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     """
     run_dir = Path(run_dir)
     cfg = RunFolder(run_dir).config()
-    safe = {"progress", "threads", "tensorboard", "device"}
+    safe = RESUME_SAFE - {"out"}  # the folder is run_dir itself
     for key, value in (overrides or {}).items():
         if key not in safe:
             raise ValueError(
