@@ -58,6 +58,18 @@ def test_a_huge_lr_stops_with_the_epoch_and_step_and_keeps_the_last_good_checkpo
     _all_json_is_standard(run)
     with pytest.raises(ValueError, match="diverged .*resuming would diverge again"):
         resume(run)
+    if norm_stats:
+        return
+    # the last good epoch's model still overflows on data: sharpness says so instead of recording null
+    from normsam.analysis.run_sharpness import SHARPNESS_FILE, measure_run_sharpness
+
+    with pytest.raises(ValueError, match="is not finite on the 16 examples, so its sharpness is undefined"):
+        measure_run_sharpness(run, steps=1, n=16, m=16)
+    assert not (run / SHARPNESS_FILE).exists()
+    (run / SHARPNESS_FILE).write_text(json.dumps({"measurements": [{"sharpness": None, "epoch": 1}]}))
+    from normsam.analysis.report import load_run
+
+    assert load_run(run).sharpness is None  # a null measurement (written before) is no value, not a crash
 
 
 def test_the_cli_prints_one_line_and_exits_3(tmp_path, capsys):

@@ -157,6 +157,8 @@ def load_run(folder: str | Path) -> RunRecord:
     summary_path = folder / ckpt.SUMMARY
     summary = read_json(summary_path) if summary_path.is_file() else None
     sharpness, stale = latest_measurement(folder), None
+    if sharpness is not None and sharpness.get("sharpness") is None:
+        sharpness = None  # not finite (a diverged model): no value to report
     if sharpness is not None and summary is not None and sharpness.get("epoch") != summary.get("epochs"):
         sharpness, stale = None, sharpness  # measured on an earlier checkpoint: never paired with the final accuracy
     return RunRecord(
