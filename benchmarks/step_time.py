@@ -17,7 +17,6 @@ Modes and their targets (printed as PASS/FAIL; the exit status is 1 when one fai
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +27,7 @@ from normsam.bench import (
     FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SGD, BenchResult, StepContext, Target, default_variants,
     _fmt_bytes, interval_name, run_benchmark,
 )
+from normsam.files import json_dumps
 from normsam.train.models import build_model
 
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(gpu_table(results, args.ascent_interval))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({label: r.to_dict() for label, r in results.items()}, f, indent=2)
+            f.write(json_dumps({label: r.to_dict() for label, r in results.items()}, indent=2))
     verdicts = [r.check(t) for r in results.values() for t in targets(args.mode, args.ascent_interval)]
     return 1 if False in verdicts and not args.smoke else 0
 

@@ -58,6 +58,18 @@ def test_a_huge_lr_stops_with_the_epoch_and_step_and_keeps_the_last_good_checkpo
     _all_json_is_standard(run)
     with pytest.raises(ValueError, match="diverged .*resuming would diverge again"):
         resume(run)
+    if norm_stats:
+        return
+    # the last good epoch's model still overflows on data: sharpness says so instead of recording null
+    from normsam.analysis.run_sharpness import SHARPNESS_FILE, measure_run_sharpness
+
+    with pytest.raises(ValueError, match="is not finite on the 16 examples, so its sharpness is undefined"):
+        measure_run_sharpness(run, steps=1, n=16, m=16)
+    assert not (run / SHARPNESS_FILE).exists()
+    (run / SHARPNESS_FILE).write_text(json.dumps({"measurements": [{"sharpness": None, "epoch": 1}]}))
+    from normsam.analysis.report import load_run
+
+    assert load_run(run).sharpness is None  # a null measurement (written before) is no value, not a crash
 
 
 def test_the_cli_prints_one_line_and_exits_3(tmp_path, capsys):
@@ -121,3 +133,36 @@ def test_norm_statistics_of_a_model_with_nan_weights_do_not_crash():
 def test_the_json_writer_encodes_non_finite_values_as_null():
     text = json_dumps({"a": math.nan, "b": [math.inf, -math.inf, 1.5], "c": torch.tensor(math.nan)})
     assert _strict_json(text) == {"a": None, "b": [None, None, 1.5], "c": None}
+
+
+def test_non_finite_running_statistics_count_as_diverged():
+    from normsam.train.divergence import check_weights
+
+    model = make_cnn()
+    check_weights(model, epoch=3)
+    model.bn1.running_var[1] = math.inf
+    with pytest.raises(RunDiverged, match="weights or running statistics became non-finite at the end of epoch 3"):
+        check_weights(model, epoch=3)
+
+
+def test_a_study_never_chooses_the_rho_of_a_diverged_pilot_run(tmp_path):
+    from normsam.analysis.study import choose_rho
+    from tests.test_study import _fake_run
+
+    _fake_run(tmp_path / "a", "norm", 0.2, val=70.0, test=60.0)
+    _fake_run(tmp_path / "b", "norm", 5.0, val=None, test=None)
+    (tmp_path / "b" / ckpt.SUMMARY).write_text(json.dumps({"status": "diverged", "final_val_acc": None}))
+    choice = choose_rho(tmp_path)
+    assert choice["norm"]["rho"] == 0.2 and list(choice["norm"]["candidates"]) == ["0.2"]
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_the_loss_diverges(tmp_path):
+    """Under DDP no rank stops alone (the others would hang in the next all-reduce): one verdict per epoch."""
+    from tests.test_scale import DDP_ARGS, _torchrun
+
+    done = _torchrun([*DDP_ARGS, "lr=1000000.0", f"out={tmp_path / 'ddp'}"], tmp_path)
+    assert done.returncode != 0 and "became non-finite at epoch" in done.stderr
+    summary = _strict_json((tmp_path / "ddp" / ckpt.SUMMARY).read_text())
+    assert summary["status"] == "diverged"
+    _all_json_is_standard(tmp_path / "ddp")

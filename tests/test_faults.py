@@ -121,10 +121,9 @@ def test_the_hf_trainer_refuses_a_sam_of_another_model(tmp_path):
 
     trained, other = llama(), llama()
     sam = normsam.SAM(other, torch.optim.AdamW, lr=1e-2, rho=0.5)
-    trainer = SAMTrainer(model=trained, args=arguments(tmp_path, max_steps=1), train_dataset=TokenData(),
-                         optimizers=(sam, None))
     with pytest.raises(ValueError, match=r"SAMTrainer: .* are not parameters of the model being trained"):
-        trainer.train()
+        SAMTrainer(model=trained, args=arguments(tmp_path, max_steps=1), train_dataset=TokenData(),
+                   optimizers=(sam, None))
 
 
 def test_lightning_refuses_a_sam_of_another_model(tmp_path):
@@ -168,6 +167,10 @@ def test_out_an_existing_file_and_negative_threads(tmp_path, capsys):
     assert "threads must be >= 1" in _one_line(capsys, "train")
     assert cli.main(["bench", "--threads", "0", "--rounds", "1"]) == 2
     assert "--threads must be >= 1" in _one_line(capsys, "bench")
+    assert cli.main(["bench", "--json", str(target / "bench.json"), "--rounds", "1"]) == 2  # before measuring
+    assert f"{target} is an existing file" in _one_line(capsys, "bench")
+    assert cli.main(["compare", "--out", str(target)]) == 2
+    assert f"compare folder {target} is an existing file" in _one_line(capsys, "compare")
 
 
 def test_a_full_disk_is_one_line_and_the_resume_is_exact(tmp_path, monkeypatch, capsys):
@@ -190,6 +193,15 @@ def test_a_full_disk_is_one_line_and_the_resume_is_exact(tmp_path, monkeypatch, 
     assert f"No space left on device ({run / ckpt.CHECKPOINT}): free disk space" in err
     assert "normsam train --resume" in err
     assert not list(run.glob(".*.tmp"))  # no temporary file left behind
+
+    def full_at_config(path, data):
+        if path.name == ckpt.CONFIG:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ckpt, "_write_temporary", full_at_config)  # a resume rewrites config.yaml first
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert "No space left on device" in _one_line(capsys, "train")
     monkeypatch.setattr(ckpt, "_write_temporary", real)
     assert cli.main(["train", "--resume", str(run)]) == 0
     assert _without_timing(_metrics(run)) == _without_timing(_metrics(tmp_path / "ref" / "run"))
@@ -229,9 +241,31 @@ def test_a_read_only_folder_is_refused_before_the_long_work(tmp_path, monkeypatc
 
     assert cli.main(_train_args(tmp_path / "ro")) == 2
     assert f"cannot write to run folder {tmp_path / 'ro'} (Permission denied)" in _one_line(capsys, "train")
+    read_only.append(tmp_path / "parent")
+    (tmp_path / "parent").mkdir()
+    import normsam.train.loop as loop
+
+    real_load = loop.load_run_data
+    monkeypatch.setattr(loop, "load_run_data", lambda cfg: pytest.fail("loaded the data first"))
+    assert cli.main(_train_args(tmp_path / "parent" / "new")) == 2  # checked before the data loads
+    assert "cannot write to run folder" in _one_line(capsys, "train")
+    assert not (tmp_path / "parent" / "new").exists()
+    monkeypatch.setattr(loop, "load_run_data", real_load)
     assert cli.main(["train", "--resume", stopped.out]) == 2
     assert "cannot write to run folder" in _one_line(capsys, "train")
     assert cli.main(["sharpness", str(finished), "--steps", "1", "--n", "8", "--device", "cpu"]) == 2
     assert f"cannot write to sharpness folder {finished}" in _one_line(capsys, "sharpness")
     assert cli.main(["report", str(finished), "--out", str(tmp_path / "reports")]) == 2
     assert "cannot write to report folder" in _one_line(capsys, "report")
+
+
+def test_a_damaged_json_file_is_named(tmp_path, capsys):
+    run = tmp_path / "run"
+    Trainer(load_config(None, {**TINY, "epochs": 1, "out": str(run)})).run()
+    with (run / ckpt.METRICS_JSONL).open("a") as f:
+        f.write("{\n")
+    assert cli.main(["report", str(run), "--out", str(tmp_path / "r")]) == 2
+    assert f"{run / ckpt.METRICS_JSONL} is not valid JSON (line 2" in _one_line(capsys, "report")
+    (run / ckpt.SUMMARY).write_text("{")
+    assert cli.main(["train", "--resume", str(run)]) == 2
+    assert f"{run / ckpt.SUMMARY} is not valid JSON" in _one_line(capsys, "train")

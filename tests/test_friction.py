@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from normsam import __version__, cli
+from normsam.analysis.commands import report_folder
 from normsam.analysis.sweep import load_sweep
 from normsam.train import data as D
 from normsam.train.config import config_keys, load_config
@@ -65,12 +66,11 @@ def test_report_defaults_beside_the_runs_and_never_overwrites_silently(tmp_path,
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     assert cli.main(["report", str(runs)]) == 0
-    assert (runs / "report" / "report.md").is_file() and not (elsewhere / "report").exists()
+    assert (runs / "report" / "report.md").is_file() and os.listdir(elsewhere) == []
     capsys.readouterr()
     assert cli.main(["report", str(runs)]) == 2
     assert "already holds a report (report.md); pass --overwrite" in capsys.readouterr().err
-    assert cli.main(["report", str(runs), "--overwrite"]) == 0
-    Trainer(load_config(None, {**TINY, "epochs": 1, "out": str(tmp_path / "more" / "b")})).run()
-    assert cli.main(["report", str(runs / "a"), str(tmp_path / "more")]) == 0  # several: their common parent
-    assert (tmp_path / "report" / "report.md").is_file()
-    assert os.listdir(elsewhere) == []
+    assert report_folder([str(runs)], None, overwrite=True) == runs / "report"
+    (tmp_path / "more").mkdir()
+    assert report_folder([str(runs / "a"), str(tmp_path / "more")], None) == tmp_path / "report"  # common parent
+    assert report_folder([str(runs)], str(tmp_path / "mine")) == tmp_path / "mine"

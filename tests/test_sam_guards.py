@@ -118,3 +118,13 @@ def test_a_rho_that_is_not_a_number_is_refused(rho):
     with pytest.raises(ValueError, match="rho must be a number"):
         sam.add_param_group({"params": [nn.Parameter(torch.ones(2))], "rho": rho, "perturb": True,
                              "param_names": ["extra"]})
+
+
+def test_a_closure_that_skips_the_batch_is_not_counted_as_a_sam_step():
+    """Lightning's closure returns None when training_step does (its way to skip a batch)."""
+    model = make_cnn()
+    before = _weights(model)
+    sam = normsam.SAM(model, torch.optim.SGD, lr=0.1, rho=0.5)
+    assert sam.step(lambda: None) is None
+    assert sam.counters["sam_steps"] == 0 and not sam.is_perturbed
+    _assert_unchanged(model, before)

@@ -89,13 +89,15 @@ def _download(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    import json
-
     import torch
 
     from normsam.bench import StepContext, default_variants, run_benchmark
     from normsam.train.models import build_model
 
+    if args.json:  # before minutes of measuring
+        from normsam.files import check_writable
+
+        check_writable(Path(args.json).resolve().parent, what="--json folder", hint="choose another --json path")
     if args.threads is not None:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads} (leave it out for torch's default).")

@@ -35,7 +35,8 @@ from typing import Any
 
 import yaml
 
-__all__ = ["json_dumps", "finite_or_none", "read_yaml", "check_writable", "NotWritableError"]
+__all__ = ["json_dumps", "finite_or_none", "read_json", "read_jsonl", "read_yaml", "check_writable",
+           "NotWritableError"]
 
 
 class NotWritableError(ValueError):
@@ -67,6 +68,36 @@ def json_dumps(obj: Any, **kwargs: Any) -> str:
     return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
 
 
+def _damaged(path: Path, err: json.JSONDecodeError, line: int | None = None) -> ValueError:
+    where = f"line {line}" if line is not None else f"line {err.lineno}, column {err.colno}"
+    return ValueError(
+        f"{path} is not valid JSON ({where}: {err.msg}); it was damaged or edited by hand: restore it, or delete "
+        "it and recreate it (a run's summary.json: `normsam train --resume`; metrics: from the checkpoint)."
+    )
+
+
+def read_json(path: str | Path) -> Any:
+    """The content of a JSON file, with a one-line error naming the file when it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise _damaged(path, err) from None
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The objects of a JSON-lines file (blank lines skipped); a damaged line is a one-line error naming it."""
+    path = Path(path)
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise _damaged(path, err, number) from None
+    return rows
+
+
 def read_yaml(path: str | Path, text: str | None = None) -> Any:
     """The content of a YAML file (``text`` if given, else the file's), with a one-line error naming the file."""
     path = Path(path)
@@ -81,8 +112,13 @@ def read_yaml(path: str | Path, text: str | None = None) -> Any:
         raise ValueError(f"{path} is not valid YAML{where}: {problem}; fix the file and run again.") from None
 
 
-def check_writable(folder: str | Path, *, what: str = "folder", hint: str = "choose another out=") -> Path:
+def check_writable(
+    folder: str | Path, *, what: str = "folder", hint: str = "choose another out=", create: bool = True
+) -> Path:
     """Make ``folder`` (and its parents) if needed and check that a file can be written in it.
+
+    With ``create=False`` nothing is made: a missing ``folder`` is checked through its nearest existing
+    ancestor (where it would be created), so a command can check early, before it knows that it will write.
 
     Raises :class:`NotWritableError` (a ``ValueError``) with a one-line message naming the folder and the fix:
     ``folder`` is an existing file, or it cannot be created or written (read-only, no permission, disk full).
@@ -90,9 +126,16 @@ def check_writable(folder: str | Path, *, what: str = "folder", hint: str = "cho
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotWritableError(f"{what} {folder} is an existing file, not a folder; {hint}.")
+    target = folder
+    if not create:
+        while not target.exists() and target != target.parent:
+            target = target.parent
+        if not target.is_dir():
+            raise NotWritableError(f"{what} {folder} cannot be created: {target} is a file; {hint}.")
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".normsam-write-check.", suffix=".tmp")
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=".normsam-write-check.", suffix=".tmp")
         os.close(fd)
         os.unlink(tmp)
     except (FileExistsError, NotADirectoryError):

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from normsam.files import check_writable
 from normsam.train import checkpoint as ckpt
 from normsam.train.loop import run_or_resume
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
@@ -68,8 +69,7 @@ def compare(
             f"{', '.join(f'{k}={(overrides or {})[k]}' for k in ignored)} would be ignored: drop it (--out sets the "
             "folder); train other arms with `normsam train` or `normsam sweep`."
         )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_writable(Path(out), what="compare folder", hint="choose another --out")
     print(f"Compare folder: {out}", flush=True)
     rows = []
     for method in methods:

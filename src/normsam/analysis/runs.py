@@ -14,6 +14,7 @@ from typing import Any
 from normsam.analysis.run_sharpness import latest_measurement
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file
+from normsam.files import read_json
 from normsam.train.divergence import is_diverged
 
 
@@ -72,8 +73,10 @@ def load_run(folder: str | Path) -> RunRecord:
     except ValueError as err:
         raise ValueError(f"{folder}/{ckpt.CONFIG} cannot be read ({err}); remove the folder from the report.") from None
     summary_path = folder / ckpt.SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = read_json(summary_path) if summary_path.is_file() else None
     sharpness, stale = latest_measurement(folder), None
+    if sharpness is not None and sharpness.get("sharpness") is None:
+        sharpness = None  # not finite (a diverged model): no value to report
     if sharpness is not None and summary is not None and sharpness.get("epoch") != summary.get("epochs"):
         sharpness, stale = None, sharpness  # measured on an earlier checkpoint: never paired with the final accuracy
     return RunRecord(

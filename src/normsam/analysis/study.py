@@ -56,7 +56,7 @@ from typing import Any
 
 import yaml
 
-from normsam.files import read_yaml
+from normsam.files import read_json, read_yaml
 from normsam.train import checkpoint as ckpt
 from normsam.train.run_lock import RunLock
 
@@ -136,7 +136,10 @@ def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str
         cfg = config_from_file(run / ckpt.CONFIG)
         if cfg.scope == "none" or not isinstance(cfg.scope, str):
             continue
-        value = json.loads(summary_path.read_text()).get(metric)
+        summary = read_json(summary_path)
+        if summary.get("status") == "diverged":  # a ρ whose run diverged is no candidate
+            continue
+        value = summary.get(metric)
         if value is None:
             raise ValueError(
                 f"Pilot run {run} has no {metric}: the pilot must train with val_split > 0 so that ρ is "

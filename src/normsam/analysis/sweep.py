@@ -60,12 +60,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import yaml
-
-from normsam.files import read_yaml
+from normsam.files import read_json, read_yaml
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
 from normsam.train.divergence import RunDiverged, is_diverged
+from normsam.train.identity import RESUME_SAFE
 from normsam.train.run_lock import RunLock
 
 __all__ = ["SWEEP_KEYS", "SWEEP_FILE", "Sweep", "SweepRun", "load_sweep", "run_sweep", "point_name"]
@@ -83,7 +82,7 @@ _RESERVED = {
 }
 
 #: Settings that may differ between a run folder and the sweep without changing the run (as for --resume).
-_RUN_INDEPENDENT = ("out", "progress", "threads", "tensorboard", "device")
+_RUN_INDEPENDENT = tuple(sorted(RESUME_SAFE))
 
 _STOPPED = "Sweep stopped; run the same `normsam sweep` command again to resume it."
 
@@ -472,7 +471,7 @@ def _run_sweep_locked(sweep: Sweep, workers: int) -> Sweep:
         if conflict:
             run.status, run.error = "failed", conflict
         elif (run.folder / ckpt.SUMMARY).exists():
-            summary = json.loads((run.folder / ckpt.SUMMARY).read_text())
+            summary = read_json(run.folder / ckpt.SUMMARY)
             run.status = "diverged" if is_diverged(summary) else "skipped"
             run.error = summary["diverged"]["message"] if is_diverged(summary) else None
         else:

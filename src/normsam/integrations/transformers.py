@@ -123,6 +123,8 @@ class SAMTrainer(Trainer):
                 )
             if self.sam_options:
                 raise ValueError("Pass either a ready SAM in optimizers=(sam, ...) or sam=dict(...), not both.")
+            if self.model is not None:  # up front; training_step checks again (model_init builds it later)
+                check_sam_trains(_unwrap_sam(self.optimizer), self.model, "SAMTrainer")
         if self.is_deepspeed_enabled:
             raise ValueError("SAMTrainer does not support DeepSpeed: its engine owns backward and the step.")
         self.add_callback(_UndoSkippedStep(self))

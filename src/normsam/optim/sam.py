@@ -39,6 +39,7 @@ from normsam.optim.perturbations import (
     get_perturbation,
     perturbation,
 )
+from normsam.optim.new_groups import place_new_group
 from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, RunningStatsSwap, running_stat_modules
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
 from normsam.optim.sharded import ShardedTensors, check_sharded_options, refuse_late_sharding, sharding_for
@@ -749,6 +750,8 @@ class SAM(torch.optim.Optimizer):
             self.second_step()
             return loss
         loss = closure()
+        if loss is None:  # the closure skipped the batch (Lightning: training_step returned None): no step at all
+            return None
         self.first_step(zero_grad=True)
         closure()
         self.second_step()
@@ -780,61 +783,12 @@ class SAM(torch.optim.Optimizer):
         if any(param_group is g for g in self.base_optimizer.param_groups):
             super().add_param_group(param_group)  # during __init__: the groups are already the base's
             return
-        for group in self._place_new_group(param_group):
+        for group in place_new_group(self, param_group):  # as the constructor would have placed it
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("perturb", self.defaults["perturb"])
             _check_rho(group["rho"], "rho of a param group")
             self.base_optimizer.add_param_group(group)
         self._plan = None
-
-    def _place_new_group(self, param_group: dict[str, Any]) -> list[dict[str, Any]]:
-        """A new group as the constructor would have placed it: without a model every tensor is perturbed
-        (unless ``perturb`` says otherwise); with one, tensors must be the model's, and a group without
-        ``perturb`` is split by the scope (with its names, for the bias rule)."""
-        params = param_group["params"]
-        params = [params] if isinstance(params, Tensor) else list(params)
-        if self.mask_scope is not None:
-            raise ValueError(
-                f"add_param_group() with scope={self.mask_scope!r}: the element masks were drawn over the tensors "
-                "SAM was built on. Build a new SAM over all the parameters instead."
-            )
-        if self.model is None:
-            return [{**param_group, "params": params}]
-        names = {id(p): name for name, p in self.model.named_parameters()}
-        foreign = sum(id(p) not in names for p in params)
-        named = any("param_names" in g for g in self.param_groups)
-
-        def with_names(group: dict[str, Any]) -> dict[str, Any]:
-            if not named or "param_names" in group:
-                return group
-            if foreign:
-                raise ValueError(
-                    f"add_param_group(): {foreign} tensor(s) are not parameters of the model, so their names are "
-                    "unknown: give the group param_names=[...] (the bias rule reads them)."
-                )
-            return {**group, "param_names": [names[id(p)] for p in group["params"]]}
-
-        if "perturb" in param_group:  # the caller decided
-            return [with_names({**param_group, "params": params})]
-        if foreign:
-            raise ValueError(
-                f"add_param_group(): {foreign} tensor(s) are not parameters of the model SAM was built on "
-                f"({type(self.model).__name__}), so scope={self.scope!r} cannot place them: add the new layer to "
-                "the model first (e.g. model.head2 = layer), or give the group perturb=True or perturb=False."
-            )
-        if self.scope == "groups":
-            raise ValueError(
-                "add_param_group(): this SAM was built on groups that say perturb=True/False themselves; give the "
-                "new group perturb=True or perturb=False."
-            )
-        selected, _ = select(self.model, self.scope, include=self._include, exclude=self._exclude)
-        in_scope = {id(info.param) for info in selected}
-        out = []
-        for perturb in (True, False):
-            part = [p for p in params if (id(p) in in_scope) == perturb]
-            if part:
-                out.append(with_names({**param_group, "params": part, "perturb": perturb}))
-        return out
 
     # --- masks from data -------------------------------------------------------------------------------
 

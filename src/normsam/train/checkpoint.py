@@ -8,14 +8,16 @@ A run folder explains itself::
     norm_stats.jsonl   per-epoch quantiles/histograms of the norm layers' γ and β
     checkpoint.pt      written atomically after every epoch (model, optimizer, schedule, history)
     checkpoint.prev.pt the epoch before's checkpoint, kept so that a damaged checkpoint.pt costs one epoch
-    summary.json       written when the run has finished
+    summary.json       written when the run has finished ("status": "finished") or diverged ("diverged")
+    normsam.lock       the lock of the process writing the folder (pid, host, start time; see run_lock)
+
+JSON files are standard JSON (:func:`normsam.files.json_dumps`: a non-finite number is written as null).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 import pickle
 import platform
@@ -29,6 +31,7 @@ from typing import Any
 import torch
 
 from normsam.files import json_dumps
+from normsam.files import read_jsonl as _read_jsonl
 
 __all__ = [
     "CHECKPOINT",
@@ -161,7 +164,7 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read_jsonl(path)
 
 
 def environment(device: torch.device, *, world_size: int = 1) -> dict[str, Any]:

@@ -378,7 +378,11 @@ def load_config(
 
 
 def save_config(cfg: TrainConfig, path: Path) -> None:
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    """Write ``config.yaml`` atomically: a full disk while it is rewritten at a resume must not leave half a
+    config behind (the next resume reads it)."""
+    from normsam.train.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def config_from_file(path: Path) -> TrainConfig:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["RunDiverged", "check_loss", "check_weights", "diverged_summary", "is_diverged"]
+__all__ = ["RunDiverged", "EpochWatch", "check_loss", "check_weights", "diverged_summary", "is_diverged"]
 
 
 class RunDiverged(RuntimeError):
@@ -65,6 +65,39 @@ def check_weights(model: nn.Module, *, epoch: int, amp: str | None = None) -> No
     flags = torch.stack([torch.isfinite(p).all().to(params[0].device) for p in params])
     if not bool(flags.all()):
         raise RunDiverged(epoch, None, what="the weights or running statistics", hint=_hint(amp))
+
+
+class EpochWatch:
+    """The divergence checks of one epoch. Alone, a non-finite loss stops the run at once (:func:`check_loss`).
+    Under DDP a rank must not stop alone (the others would wait for it in the next all-reduce), so the first
+    bad step is only noted, and :meth:`end` decides for all ranks together with one all-reduce per epoch."""
+
+    def __init__(self, epoch: int, *, amp: str | None = None, distributed: bool = False):
+        self.epoch, self.amp, self.distributed = epoch, amp, distributed
+        self.bad_step: int | None = None
+
+    def see(self, loss: float, step: int) -> None:
+        if self.distributed:
+            if self.bad_step is None and not math.isfinite(loss):
+                self.bad_step = step
+            return
+        check_loss(loss, epoch=self.epoch, step=step, amp=self.amp)
+
+    def end(self, model: nn.Module, all_reduce_sum=None, device=None) -> None:
+        """At the epoch's end, before the checkpoint: the weights' check, and under DDP every rank's verdict."""
+        if not self.distributed:
+            check_weights(model, epoch=self.epoch, amp=self.amp)
+            return
+        try:
+            check_weights(model, epoch=self.epoch, amp=self.amp)
+            weights_bad = 0.0
+        except RunDiverged:
+            weights_bad = 1.0
+        loss_bad, weights_bad = all_reduce_sum([float(self.bad_step is not None), weights_bad], device)
+        if loss_bad:
+            raise RunDiverged(self.epoch, self.bad_step, what="the training loss (on some process)", hint=_hint(self.amp))
+        if weights_bad:
+            raise RunDiverged(self.epoch, None, what="the weights or running statistics", hint=_hint(self.amp))
 
 
 def diverged_summary(err: RunDiverged, *, run_dir: Any, method: str, history: list[dict[str, Any]],

@@ -13,6 +13,10 @@ One SAM step over ``accumulation`` micro-batches (SPEC §1–2)::
               sam.restore()               # w_S back from its saved copy, running stats as before
               clip, base optimizer step   # at the restored w
 
+The run folder is locked for the life of the run (:mod:`normsam.train.run_lock`); a non-finite training loss
+or weights stop the run with ``status: diverged`` and its last good checkpoint (:mod:`normsam.train.divergence`);
+``--resume`` refuses a config.yaml edited since the run started (:mod:`normsam.train.identity`).
+
 With DDP the ascent runs under ``no_sync()`` (each worker its own perturbation, as in the original SAM)
 unless ``sync_ascent=true``; with fp16 the GradScaler's scale is divided out of the ascent gradient and the
 weights are restored before ``scaler.step`` whether or not it skips the step.
@@ -21,7 +25,6 @@ weights are restored before ``scaler.step`` whether or not it skips the step.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -35,15 +38,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normsam.files import json_dumps
+from normsam.files import check_writable, json_dumps, read_json
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
 from normsam.train.data.streamed import make_streamed_loaders
-from normsam.train.divergence import RunDiverged, check_loss, check_weights, diverged_summary, is_diverged
-from normsam.train.identity import check_resumed_config, check_sam_window
+from normsam.train.divergence import EpochWatch, RunDiverged, diverged_summary, is_diverged
+from normsam.train.identity import RESUME_SAFE, check_resumed_config, check_sam_window
 from normsam.train.memorization import flipped_eval_sets
 from normsam.train.norm_stats import norm_parameter_stats
 from normsam.train.run_lock import RunLock
@@ -148,6 +151,8 @@ class Trainer:
         check_sam_window(cfg)
         self._lock: RunLock | None = None
         self._check_run_dir(resume)
+        if self.dist.is_main:  # before the data loads: a read-only or full place fails now, not after setup
+            check_writable(self.run_dir, what="run folder", create=False)
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
@@ -432,9 +437,10 @@ class Trainer:
         sums = {"loss": 0.0, "correct": 0.0, "loss_perturbed": 0.0, "n": 0}
         bar = self._progress(self.train_loader, f"epoch {epoch + 1}/{cfg.epochs}")
         start = time.perf_counter()
+        watch = EpochWatch(epoch + 1, amp=cfg.amp, distributed=self.dist.enabled)
         for step, (x, y) in enumerate(bar, 1):
             out = self.train_step(x, y, use_sam)
-            check_loss(out["loss"], epoch=epoch + 1, step=step, amp=cfg.amp)  # a host float already: no sync
+            watch.see(out["loss"], step)  # a host float already: no extra sync
             self.scheduler.step()
             n = y.shape[0]
             sums["n"] += n
@@ -445,7 +451,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
-        check_weights(self.model, epoch=epoch + 1, amp=cfg.amp)  # before they can become the checkpoint
+        watch.end(self.model, self.dist.all_reduce_sum, self.device)  # before they can become the checkpoint
         if use_sam:  # SAM counts non-finite ascents on the device; the host looks once per epoch
             skipped = self.sam.counters["nonfinite_ascent_steps"] - nonfinite_before
             if skipped:
@@ -698,7 +704,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
     """
     run_dir = Path(run_dir)
     cfg = RunFolder(run_dir).config()
-    safe = {"progress", "threads", "tensorboard", "device"}
+    safe = RESUME_SAFE - {"out"}  # the folder is run_dir itself
     for key, value in (overrides or {}).items():
         if key not in safe:
             raise ValueError(
@@ -706,7 +712,7 @@ def resume(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> dict
             )
         setattr(cfg, key, value)
     if (run_dir / ckpt.SUMMARY).exists():
-        summary = json.loads((run_dir / ckpt.SUMMARY).read_text())
+        summary = read_json(run_dir / ckpt.SUMMARY)
         if is_diverged(summary):
             raise RunExistsError(
                 f"{run_dir} diverged ({summary['diverged']['what']} became non-finite in epoch "
@@ -722,7 +728,7 @@ def run_or_resume(run_dir: Path, cfg_overrides: dict[str, Any], preset: str | No
     finished, resume it when interrupted. Returns its summary."""
     run_dir = Path(run_dir)
     if (run_dir / ckpt.SUMMARY).exists():
-        return json.loads((run_dir / ckpt.SUMMARY).read_text())
+        return read_json(run_dir / ckpt.SUMMARY)
     progress = cfg_overrides.get("progress")
     if RunFolder(run_dir).has_checkpoint():
         return resume(run_dir, {"progress": progress} if progress is not None else None)

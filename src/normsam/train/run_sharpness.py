@@ -147,6 +147,7 @@ def measure_run_sharpness(
 def _measure(folder: RunFolder, cfg, *, rho, steps, m, n, kind, norm, adaptive, scope, logit_normalize, convention,
              seed, model, data, progress, device) -> dict[str, Any]:
     run_dir = folder.path
+    given_model = model is not None
     if data is None:
         data = folder.data(cfg)
     if model is None:
@@ -190,5 +191,10 @@ def _measure(folder: RunFolder, cfg, *, rho, steps, m, n, kind, norm, adaptive, 
         "seconds": time.perf_counter() - started,
         "per_batch": measured["per_batch"],
     }
+    if measurement["sharpness"] is None and not given_model:  # a non-finite loss: nothing to measure
+        raise ValueError(
+            f"The loss of {run_dir}'s model (checkpoint of epoch {epoch}) is not finite on the {measurement['examples']} "
+            "examples, so its sharpness is undefined (a diverged run? see its summary.json); nothing was recorded."
+        )
     _record(run_dir, measurement)
     return measurement
