@@ -146,3 +146,14 @@ def test_fsdp_run_equals_ddp_synced_run_and_resumes_exactly_after_kill_9(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     b = ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS_JSONL)
     assert _strip(a) == _strip(b)
+
+
+def test_the_fsdp_example_runs_as_the_readme_shows(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["timeout", "200", TORCHRUN, "--standalone", "--nproc_per_node=2", str(root / "examples" / "fsdp_sam_on.py"),
+         "--tiny"], cwd=root, env=ENV, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scope='norm'" in done.stdout and "in 5 tensors" in done.stdout  # the 5 RMSNorm weights
+    assert "done: 4 SAM-ON steps on 2 processes" in done.stdout
