@@ -138,6 +138,28 @@ def equivalence(mesh, *, norm="layer", perturbation="sam", ascent="cheap", scope
             "base_state": sum(bool(s) for s in sam.base_optimizer.state.values())}
 
 
+def accumulation(mesh) -> dict:
+    """The cheap ascent by hand over 2 micro-batches (``backward(inputs=sam.ascent_inputs())``, as the runner
+    and SAMTrainer do), then ``first_step()``: equals the one-process step, which passes the tensors."""
+    reference = make_model("rms")
+    model = shard(copy.deepcopy(reference), mesh)
+    kwargs = dict(rho=0.5, perturbation="layerwise", lr=0.1, momentum=0.9)
+    ref_sam, sam = normsam.SAM(reference, torch.optim.SGD, **kwargs), normsam.SAM(model, torch.optim.SGD, **kwargs)
+    for step in range(STEPS):
+        x, y = batches(step)
+        for net, opt, xs, ys in ((reference, ref_sam, x, y), (model, sam, my_half(x), my_half(y))):
+            for xi, yi in zip(xs.chunk(2), ys.chunk(2)):
+                loss = F.cross_entropy(net(xi), yi) / 2
+                inputs = opt.ascent_inputs()  # after the forward
+                loss.backward(inputs=inputs)
+            opt.first_step(zero_grad=True)
+            for xi, yi in zip(xs.chunk(2), ys.chunk(2)):
+                (F.cross_entropy(net(xi), yi) / 2).backward()
+            opt.second_step(zero_grad=True)
+    return {"diff": max_diff(model, reference), "perturbed_are_plain": all(
+        type(t) is nn.Parameter for t in ref_sam.ascent_inputs())}
+
+
 def issue_report(mesh) -> dict:
     """The issue's setup: 6 examples, rho=0.5, SAM-ON with SGD lr=0.1, one cheap step; the weights must move
     away from plain SGD's (they used to equal them to 3e-8) and the classic API must not crash."""
@@ -327,6 +349,7 @@ def register_cases() -> None:
         for perturbation in ("sam", "layerwise"):
             CASES[f"mixed-{perturbation}-{ascent}"] = lambda mesh, p=perturbation, a=ascent: equivalence(
                 mesh, perturbation=p, ascent=a, scope="all", leave_norms_plain=True)
+    CASES["accumulation"] = accumulation
     CASES["issue_report"] = issue_report
     CASES["reduce_scatter"] = cheap_ascent_reduces_only_perturbed
     CASES["storage"] = memory_and_storage

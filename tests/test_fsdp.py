@@ -67,6 +67,11 @@ def test_fsdp2_step_equals_the_one_process_step(results, name):
     assert record["base_state"] > 0  # the base optimizer's state (momentum, Adam moments) took part
 
 
+def test_micro_batch_cheap_ascent_through_ascent_inputs(results):
+    record = _case(results, "accumulation")
+    assert record["diff"] < TOL and record["perturbed_are_plain"]
+
+
 def test_issue_report_sam_on_no_longer_trains_as_plain_sgd(results):
     """Regression: the cheap ascent used to leave the weights equal to SGD's (3e-8) and the classic API
     died with a bare AssertionError in count_nonfinite."""
