@@ -57,6 +57,9 @@ def make_model(norm: str = "layer", seed: int = 0, bn: bool = False) -> NormMLP:
     return NormMLP(norm, bn)
 
 
+MESHES: dict = {}  # HSDP cases: 2-D (replicate, shard) meshes by name
+
+
 def shard(model: nn.Module, mesh, *, leave_norms_plain: bool = False) -> nn.Module:
     """fully_shard per layer, then the root. ``leave_norms_plain``: the norm layers' parameters stay plain
     tensors (``ignored_params``), as when a user keeps them out of sharding."""
@@ -329,6 +332,7 @@ def refusals(mesh) -> dict:
 CASES: dict[str, Callable] = {}
 
 
+
 def register_cases() -> None:
     for norm in ("layer", "rms"):
         for perturbation in normsam.PERTURBATIONS:
@@ -349,6 +353,12 @@ def register_cases() -> None:
         for perturbation in ("sam", "layerwise"):
             CASES[f"mixed-{perturbation}-{ascent}"] = lambda mesh, p=perturbation, a=ascent: equivalence(
                 mesh, perturbation=p, ascent=a, scope="all", leave_norms_plain=True)
+    for shape in ("hsdp-2x1", "hsdp-1x2"):  # 2 replicas of a 1-rank shard group; 1 replica of 2 shards
+        for perturbation in ("sam", "layerwise"):
+            CASES[f"{shape}-{perturbation}"] = lambda mesh, p=perturbation, m=shape: equivalence(
+                MESHES[m], perturbation=p, scope="all")
+        CASES[f"{shape}-mixed"] = lambda mesh, m=shape: equivalence(
+            MESHES[m], perturbation="layerwise", scope="all", leave_norms_plain=True)
     CASES["accumulation"] = accumulation
     CASES["issue_report"] = issue_report
     CASES["reduce_scatter"] = cheap_ascent_reduces_only_perturbed
@@ -364,7 +374,10 @@ def main(out_path: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    for name, shape in (("hsdp-2x1", (world, 1)), ("hsdp-1x2", (1, world))):
+        MESHES[name] = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
     register_cases()
     results = {}
     for name, case in CASES.items():
