@@ -60,16 +60,17 @@ def make_model(norm: str = "layer", seed: int = 0, bn: bool = False) -> NormMLP:
 MESHES: dict = {}  # HSDP cases: 2-D (replicate, shard) meshes by name
 
 
-def shard(model: nn.Module, mesh, *, leave_norms_plain: bool = False) -> nn.Module:
+def shard(model: nn.Module, mesh, *, leave_norms_plain: bool = False, mp_policy=None) -> nn.Module:
     """fully_shard per layer, then the root. ``leave_norms_plain``: the norm layers' parameters stay plain
     tensors (``ignored_params``), as when a user keeps them out of sharding."""
     from torch.distributed.fsdp import fully_shard
 
     norms = [model.norm1, model.norm2]
+    policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for layer in (model.fc1, model.fc2, model.head) + (() if leave_norms_plain else tuple(norms)):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **policy)
     ignored = {p for m in norms for p in m.parameters()} if leave_norms_plain else None
-    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, **policy)
     return model
 
 
@@ -161,6 +162,29 @@ def accumulation(mesh) -> dict:
             opt.second_step(zero_grad=True)
     return {"diff": max_diff(model, reference), "perturbed_are_plain": all(
         type(t) is nn.Parameter for t in ref_sam.ascent_inputs())}
+
+
+def mixed_precision(mesh) -> dict:
+    """FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 shards and reduction): the cheap ascent, whose inputs
+    are the bf16 unsharded parameters, gives the classic ascent's step; both move away from plain AdamW."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    models = {name: shard(make_model("rms"), mesh, mp_policy=policy) for name in ("cheap", "classic", "adamw")}
+    sams = {name: normsam.SAM(models[name], torch.optim.AdamW, rho=0.5, lr=1e-2) for name in ("cheap", "classic")}
+    adamw = torch.optim.AdamW(models["adamw"].parameters(), lr=1e-2)
+    for step in range(STEPS):
+        x, y = batches(step)
+        x, y = my_half(x), my_half(y)
+        for name in ("cheap", "classic"):
+            sam_step(models[name], sams[name], x, y, name)
+        F.cross_entropy(models["adamw"](x).float(), y).backward()
+        adamw.step()
+        adamw.zero_grad()
+    gap = lambda a, b: max((full(p) - full(q)).abs().max().item()  # noqa: E731
+                           for p, q in zip(models[a].parameters(), models[b].parameters()))
+    return {"cheap_vs_classic": gap("cheap", "classic"), "sam_vs_adamw": gap("cheap", "adamw"),
+            "shard_dtype": str(next(models["cheap"].parameters()).dtype)}
 
 
 def issue_report(mesh) -> dict:
@@ -360,6 +384,7 @@ def register_cases() -> None:
         CASES[f"{shape}-mixed"] = lambda mesh, m=shape: equivalence(
             MESHES[m], perturbation="layerwise", scope="all", leave_norms_plain=True)
     CASES["accumulation"] = accumulation
+    CASES["mixed_precision"] = mixed_precision
     CASES["issue_report"] = issue_report
     CASES["reduce_scatter"] = cheap_ascent_reduces_only_perturbed
     CASES["storage"] = memory_and_storage

@@ -68,6 +68,12 @@ def test_fsdp2_step_equals_the_one_process_step(results, name):
     assert record["base_state"] > 0  # the base optimizer's state (momentum, Adam moments) took part
 
 
+def test_mixed_precision_policy_cheap_ascent_equals_classic(results):
+    record = _case(results, "mixed_precision")
+    assert record["shard_dtype"] == "torch.float32"
+    assert record["cheap_vs_classic"] < TOL and record["sam_vs_adamw"] > 1e-3, record
+
+
 def test_micro_batch_cheap_ascent_through_ascent_inputs(results):
     record = _case(results, "accumulation")
     assert record["diff"] < TOL and record["perturbed_are_plain"]
