@@ -133,6 +133,10 @@ def equivalence(mesh, *, norm="layer", perturbation="sam", ascent="cheap", scope
     sgd = base_cls(plain_sgd.parameters(), **base_kwargs)
     for step in range(STEPS):
         x, y = batches(step)
+        if step == 1 and options.get("ascent_interval", 1) > 1:  # a per-rank state_dict round trip of the
+            state = copy.deepcopy(sam.state_dict())           # stored local ε, into a new SAM
+            sam = normsam.SAM(model, base_cls, **kwargs)
+            sam.load_state_dict(state)
         sam_step(reference, ref_sam, x, y, ascent)
         sam_step(model, sam, my_half(x), my_half(y), ascent, plain_grads=leave_norms_plain)
         sgd.zero_grad()
@@ -329,7 +333,6 @@ def refusals(mesh) -> dict:
     attempt("sync_ascent_false", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, sync_ascent=False))
     attempt("mask_scope", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, scope="random",
                                               sparsity=0.5))
-    attempt("ascent_interval", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, ascent_interval=2))
     attempt("no_model", lambda: normsam.SAM(shard(make_model(), mesh).parameters(), torch.optim.SGD))
 
     def tensor_parallel():
@@ -383,6 +386,9 @@ def register_cases() -> None:
                 MESHES[m], perturbation=p, scope="all")
         CASES[f"{shape}-mixed"] = lambda mesh, m=shape: equivalence(
             MESHES[m], perturbation="layerwise", scope="all", leave_norms_plain=True)
+    for ascent in ("cheap", "classic"):  # steps 0 and 2 fresh, step 1 reuses the stored local ε
+        CASES[f"eq-ascent-interval-{ascent}"] = lambda mesh, a=ascent: equivalence(
+            mesh, perturbation="layerwise", ascent=a, ascent_interval=2)
     CASES["accumulation"] = accumulation
     CASES["mixed_precision"] = mixed_precision
     CASES["issue_report"] = issue_report

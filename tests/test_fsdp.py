@@ -56,7 +56,7 @@ EQUIVALENCE = [
     for norm in ("layer", "rms") for p in normsam.PERTURBATIONS for ascent in ("cheap", "classic")
     for scope in ("norm", "all")
 ] + ["eq-loop-sam", "eq-loop-layerwise", "eq-loop-fisher", "eq-norm-over-all", "eq-no-norm", "eq-patterns",
-     "eq-adamw", "mixed-sam-cheap", "mixed-sam-classic", "mixed-layerwise-cheap", "mixed-layerwise-classic"] + [
+     "eq-adamw", "eq-ascent-interval-cheap", "eq-ascent-interval-classic", "mixed-sam-cheap", "mixed-sam-classic", "mixed-layerwise-cheap", "mixed-layerwise-classic"] + [
     f"hsdp-{shape}-{case}" for shape in ("2x1", "1x2") for case in ("sam", "layerwise", "mixed")]
 
 
@@ -123,7 +123,6 @@ def test_running_statistics_freeze_under_fsdp2(results):
     [
         ("sync_ascent_false", "sync_ascent=False .* cannot be honoured under FSDP2"),
         ("mask_scope", "element mask.* not supported on FSDP2"),
-        ("ascent_interval", "ascent_interval > 1 is not supported on FSDP2"),
         ("no_model", "DTensor parameters but no model"),
         ("tensor_parallel", "tensor parallelism .* not supported"),
         ("sharded_after_sam", "became DTensors after SAM was built.*build SAM after fully_shard"),

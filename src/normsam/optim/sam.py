@@ -202,7 +202,7 @@ class SAM(torch.optim.Optimizer):
         # FSDP2: ε and the backup on local shards, global norms; other sharding schemes are refused here
         self._sharding = sharding_for(model, [p for group in groups for p in group["params"]])
         if self._sharding is not None:
-            check_sharded_options(self.mask_scope, ascent_interval, sync_ascent)
+            check_sharded_options(self.mask_scope, sync_ascent)
         self.base_optimizer = base_optimizer(groups, **base_kwargs)
         # the base's defaults too: schedulers such as OneCycleLR(cycle_momentum=True) look for betas/momentum there
         super().__init__(self.base_optimizer.param_groups, {**self.base_optimizer.defaults, "rho": rho, "perturb": True})

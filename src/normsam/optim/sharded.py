@@ -12,6 +12,8 @@ A SAM step on an FSDP2 model is the one-process step on the global batch, comput
 - **norms are global**: ‖T⊙g‖ sums the squares of every rank's shards (one all-reduce of a 0-d float64
   tensor) plus, once, the replicas'; layerwise's T = ‖p‖₂ + η is the norm of the *whole* tensor (one
   all-reduce of the stacked per-tensor squares); elementwise scalings need no communication;
+- ``ascent_interval=k`` keeps the last ε as local shards too; ``SAM.state_dict()`` then holds this rank's
+  shards of it (save it per rank; the runner stores it in its sharded checkpoint as DTensors);
 - **the cheap ascent** ``first_step(loss)`` runs ``loss.backward(inputs=...)`` on the perturbed tensors'
   *unsharded* parameters (the ones autograd sees during the pass), so autograd computes no other weight
   gradient and FSDP2 reduce-scatters only the perturbed tensors' gradients; their sharded ``.grad`` is
@@ -153,7 +155,7 @@ def refuse_late_sharding(params: Sequence[Tensor]) -> None:
         )
 
 
-def check_sharded_options(mask_scope: str | None, ascent_interval: int, sync_ascent: bool | None) -> None:
+def check_sharded_options(mask_scope: str | None, sync_ascent: bool | None) -> None:
     """Refuse the SAM options that FSDP2 cannot honour (rather than run them differently than asked)."""
     if sync_ascent is False:
         raise ValueError(
@@ -165,11 +167,6 @@ def check_sharded_options(mask_scope: str | None, ascent_interval: int, sync_asc
         raise ValueError(
             f"scope={mask_scope!r} (an element mask) is not supported on FSDP2 shards yet: use a tensor scope "
             "('norm', 'all', 'no-norm', patterns or a predicate)."
-        )
-    if ascent_interval != 1:
-        raise ValueError(
-            "ascent_interval > 1 is not supported on FSDP2 shards yet (the stored perturbation would be a local "
-            "shard in the optimizer state): use ascent_interval=1."
         )
 
 

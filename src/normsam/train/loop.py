@@ -478,7 +478,7 @@ class Trainer:
             return
         from normsam.train import fsdp
 
-        fsdp.save(self.run_dir, self.model, self.optimizer, self._checkpoint_state(epoch, tensors=False))
+        fsdp.save(self.run_dir, self.model, self.optimizer, self._checkpoint_state(epoch, tensors=False), sam=self.sam)
 
     def _full_model(self) -> nn.Module | None:
         """The model with whole tensors, on rank 0 (under parallel=fsdp a collective gather into a fresh
@@ -493,7 +493,7 @@ class Trainer:
         if self.fsdp:
             from normsam.train import fsdp
 
-            state = fsdp.load(self.run_dir, self.model, self.optimizer)
+            state = fsdp.load(self.run_dir, self.model, self.optimizer, sam=self.sam)
             if self.sam is not None:  # SAM's counters, and its param_groups re-linked to the base's
                 self.sam.load_state_dict({**self.optimizer.state_dict(), "sam": state["sam"]})
                 self.optimizer = self.sam.base_optimizer
