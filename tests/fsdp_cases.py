@@ -57,16 +57,20 @@ def make_model(norm: str = "layer", seed: int = 0, bn: bool = False) -> NormMLP:
     return NormMLP(norm, bn)
 
 
-def shard(model: nn.Module, mesh, *, leave_norms_plain: bool = False) -> nn.Module:
+MESHES: dict = {}  # HSDP cases: 2-D (replicate, shard) meshes by name
+
+
+def shard(model: nn.Module, mesh, *, leave_norms_plain: bool = False, mp_policy=None) -> nn.Module:
     """fully_shard per layer, then the root. ``leave_norms_plain``: the norm layers' parameters stay plain
     tensors (``ignored_params``), as when a user keeps them out of sharding."""
     from torch.distributed.fsdp import fully_shard
 
     norms = [model.norm1, model.norm2]
+    policy = {} if mp_policy is None else {"mp_policy": mp_policy}
     for layer in (model.fc1, model.fc2, model.head) + (() if leave_norms_plain else tuple(norms)):
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, **policy)
     ignored = {p for m in norms for p in m.parameters()} if leave_norms_plain else None
-    fully_shard(model, mesh=mesh, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, ignored_params=ignored, **policy)
     return model
 
 
@@ -129,6 +133,10 @@ def equivalence(mesh, *, norm="layer", perturbation="sam", ascent="cheap", scope
     sgd = base_cls(plain_sgd.parameters(), **base_kwargs)
     for step in range(STEPS):
         x, y = batches(step)
+        if step == 1 and options.get("ascent_interval", 1) > 1:  # a per-rank state_dict round trip of the
+            state = copy.deepcopy(sam.state_dict())           # stored local ε, into a new SAM
+            sam = normsam.SAM(model, base_cls, **kwargs)
+            sam.load_state_dict(state)
         sam_step(reference, ref_sam, x, y, ascent)
         sam_step(model, sam, my_half(x), my_half(y), ascent, plain_grads=leave_norms_plain)
         sgd.zero_grad()
@@ -136,6 +144,51 @@ def equivalence(mesh, *, norm="layer", perturbation="sam", ascent="cheap", scope
         sgd.step()
     return {"diff": max_diff(model, reference), "sam_vs_sgd": max_diff(plain_sgd, reference),
             "base_state": sum(bool(s) for s in sam.base_optimizer.state.values())}
+
+
+def accumulation(mesh) -> dict:
+    """The cheap ascent by hand over 2 micro-batches (``backward(inputs=sam.ascent_inputs())``, as the runner
+    and SAMTrainer do), then ``first_step()``: equals the one-process step, which passes the tensors."""
+    reference = make_model("rms")
+    model = shard(copy.deepcopy(reference), mesh)
+    kwargs = dict(rho=0.5, perturbation="layerwise", lr=0.1, momentum=0.9)
+    ref_sam, sam = normsam.SAM(reference, torch.optim.SGD, **kwargs), normsam.SAM(model, torch.optim.SGD, **kwargs)
+    for step in range(STEPS):
+        x, y = batches(step)
+        for net, opt, xs, ys in ((reference, ref_sam, x, y), (model, sam, my_half(x), my_half(y))):
+            for xi, yi in zip(xs.chunk(2), ys.chunk(2)):
+                loss = F.cross_entropy(net(xi), yi) / 2
+                inputs = opt.ascent_inputs()  # after the forward
+                loss.backward(inputs=inputs)
+            opt.first_step(zero_grad=True)
+            for xi, yi in zip(xs.chunk(2), ys.chunk(2)):
+                (F.cross_entropy(net(xi), yi) / 2).backward()
+            opt.second_step(zero_grad=True)
+    return {"diff": max_diff(model, reference), "perturbed_are_plain": all(
+        type(t) is nn.Parameter for t in ref_sam.ascent_inputs())}
+
+
+def mixed_precision(mesh) -> dict:
+    """FSDP2's MixedPrecisionPolicy (bf16 compute, fp32 shards and reduction): the cheap ascent, whose inputs
+    are the bf16 unsharded parameters, gives the classic ascent's step; both move away from plain AdamW."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    models = {name: shard(make_model("rms"), mesh, mp_policy=policy) for name in ("cheap", "classic", "adamw")}
+    sams = {name: normsam.SAM(models[name], torch.optim.AdamW, rho=0.5, lr=1e-2) for name in ("cheap", "classic")}
+    adamw = torch.optim.AdamW(models["adamw"].parameters(), lr=1e-2)
+    for step in range(STEPS):
+        x, y = batches(step)
+        x, y = my_half(x), my_half(y)
+        for name in ("cheap", "classic"):
+            sam_step(models[name], sams[name], x, y, name)
+        F.cross_entropy(models["adamw"](x).float(), y).backward()
+        adamw.step()
+        adamw.zero_grad()
+    gap = lambda a, b: max((full(p) - full(q)).abs().max().item()  # noqa: E731
+                           for p, q in zip(models[a].parameters(), models[b].parameters()))
+    return {"cheap_vs_classic": gap("cheap", "classic"), "sam_vs_adamw": gap("cheap", "adamw"),
+            "shard_dtype": str(next(models["cheap"].parameters()).dtype)}
 
 
 def issue_report(mesh) -> dict:
@@ -280,7 +333,6 @@ def refusals(mesh) -> dict:
     attempt("sync_ascent_false", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, sync_ascent=False))
     attempt("mask_scope", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, scope="random",
                                               sparsity=0.5))
-    attempt("ascent_interval", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, ascent_interval=2))
     attempt("no_model", lambda: normsam.SAM(shard(make_model(), mesh).parameters(), torch.optim.SGD))
 
     def tensor_parallel():
@@ -307,6 +359,7 @@ def refusals(mesh) -> dict:
 CASES: dict[str, Callable] = {}
 
 
+
 def register_cases() -> None:
     for norm in ("layer", "rms"):
         for perturbation in normsam.PERTURBATIONS:
@@ -327,6 +380,17 @@ def register_cases() -> None:
         for perturbation in ("sam", "layerwise"):
             CASES[f"mixed-{perturbation}-{ascent}"] = lambda mesh, p=perturbation, a=ascent: equivalence(
                 mesh, perturbation=p, ascent=a, scope="all", leave_norms_plain=True)
+    for shape in ("hsdp-2x1", "hsdp-1x2"):  # 2 replicas of a 1-rank shard group; 1 replica of 2 shards
+        for perturbation in ("sam", "layerwise"):
+            CASES[f"{shape}-{perturbation}"] = lambda mesh, p=perturbation, m=shape: equivalence(
+                MESHES[m], perturbation=p, scope="all")
+        CASES[f"{shape}-mixed"] = lambda mesh, m=shape: equivalence(
+            MESHES[m], perturbation="layerwise", scope="all", leave_norms_plain=True)
+    for ascent in ("cheap", "classic"):  # steps 0 and 2 fresh, step 1 reuses the stored local ε
+        CASES[f"eq-ascent-interval-{ascent}"] = lambda mesh, a=ascent: equivalence(
+            mesh, perturbation="layerwise", ascent=a, ascent_interval=2)
+    CASES["accumulation"] = accumulation
+    CASES["mixed_precision"] = mixed_precision
     CASES["issue_report"] = issue_report
     CASES["reduce_scatter"] = cheap_ascent_reduces_only_perturbed
     CASES["storage"] = memory_and_storage
@@ -341,7 +405,10 @@ def main(out_path: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    for name, shape in (("hsdp-2x1", (world, 1)), ("hsdp-1x2", (1, world))):
+        MESHES[name] = init_device_mesh("cpu", shape, mesh_dim_names=("replicate", "shard"))
     register_cases()
     results = {}
     for name, case in CASES.items():

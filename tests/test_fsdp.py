@@ -56,7 +56,8 @@ EQUIVALENCE = [
     for norm in ("layer", "rms") for p in normsam.PERTURBATIONS for ascent in ("cheap", "classic")
     for scope in ("norm", "all")
 ] + ["eq-loop-sam", "eq-loop-layerwise", "eq-loop-fisher", "eq-norm-over-all", "eq-no-norm", "eq-patterns",
-     "eq-adamw", "mixed-sam-cheap", "mixed-sam-classic", "mixed-layerwise-cheap", "mixed-layerwise-classic"]
+     "eq-adamw", "eq-ascent-interval-cheap", "eq-ascent-interval-classic", "mixed-sam-cheap", "mixed-sam-classic", "mixed-layerwise-cheap", "mixed-layerwise-classic"] + [
+    f"hsdp-{shape}-{case}" for shape in ("2x1", "1x2") for case in ("sam", "layerwise", "mixed")]
 
 
 @pytest.mark.parametrize("name", EQUIVALENCE)
@@ -65,6 +66,17 @@ def test_fsdp2_step_equals_the_one_process_step(results, name):
     assert record["diff"] < TOL, record
     assert record["sam_vs_sgd"] > 1e-2, "SAM must differ from plain SGD here, or the comparison proves nothing"
     assert record["base_state"] > 0  # the base optimizer's state (momentum, Adam moments) took part
+
+
+def test_mixed_precision_policy_cheap_ascent_equals_classic(results):
+    record = _case(results, "mixed_precision")
+    assert record["shard_dtype"] == "torch.float32"
+    assert record["cheap_vs_classic"] < TOL and record["sam_vs_adamw"] > 1e-3, record
+
+
+def test_micro_batch_cheap_ascent_through_ascent_inputs(results):
+    record = _case(results, "accumulation")
+    assert record["diff"] < TOL and record["perturbed_are_plain"]
 
 
 def test_issue_report_sam_on_no_longer_trains_as_plain_sgd(results):
@@ -111,7 +123,6 @@ def test_running_statistics_freeze_under_fsdp2(results):
     [
         ("sync_ascent_false", "sync_ascent=False .* cannot be honoured under FSDP2"),
         ("mask_scope", "element mask.* not supported on FSDP2"),
-        ("ascent_interval", "ascent_interval > 1 is not supported on FSDP2"),
         ("no_model", "DTensor parameters but no model"),
         ("tensor_parallel", "tensor parallelism .* not supported"),
         ("sharded_after_sam", "became DTensors after SAM was built.*build SAM after fully_shard"),

@@ -112,12 +112,16 @@ def test_blocks_are_the_elements_of_containers():
 
 
 @pytest.mark.slow
-def test_fsdp_run_equals_ddp_synced_run_and_resumes_exactly_after_kill_9(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["ascent_interval=2", "subset=96"]], ids=["plain", "ascent-interval"])
+def test_fsdp_run_equals_ddp_synced_run_and_resumes_exactly_after_kill_9(tmp_path, extra):
     """parallel=fsdp trains the same run as DDP with sync_ascent=true; killed (SIGKILL to every process)
-    after its first checkpoint and resumed, it ends with the metrics of an uninterrupted run."""
-    straight = _train([*ARGS, "epochs=3", f"out={tmp_path / 'a'}"], tmp_path)
+    after its first checkpoint and resumed, it ends with the metrics of an uninterrupted run. With
+    ascent_interval=2 and 3 steps per epoch, the first step after the resume reuses the stored ε, which the
+    sharded checkpoint holds as DTensors."""
+    args = [*ARGS, *extra]
+    straight = _train([*args, "epochs=3", f"out={tmp_path / 'a'}"], tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    ddp_args = [a for a in ARGS if not a.startswith("parallel=")] + ["sync_ascent=true"]
+    ddp_args = [a for a in args if not a.startswith("parallel=")] + ["sync_ascent=true"]
     ddp = _train([*ddp_args, "epochs=3", f"out={tmp_path / 'ddp'}"], tmp_path)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a, d = (ckpt.read_jsonl(tmp_path / r / ckpt.METRICS_JSONL) for r in ("a", "ddp"))
@@ -126,7 +130,7 @@ def test_fsdp_run_equals_ddp_synced_run_and_resumes_exactly_after_kill_9(tmp_pat
             assert ra[key] == pytest.approx(rd[key], rel=1e-5, abs=1e-6), key
 
     proc = subprocess.Popen(
-        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "normsam", "train", *ARGS, "epochs=3",
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "normsam", "train", *args, "epochs=3",
          f"out={tmp_path / 'b'}"], cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 200
@@ -146,3 +150,15 @@ def test_fsdp_run_equals_ddp_synced_run_and_resumes_exactly_after_kill_9(tmp_pat
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     b = ckpt.read_jsonl(tmp_path / "b" / ckpt.METRICS_JSONL)
     assert _strip(a) == _strip(b)
+
+
+@pytest.mark.slow  # ~25 s on the shared 2-core machine; the non-slow suite has a budget
+def test_the_fsdp_example_runs_as_the_readme_shows(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["timeout", "200", TORCHRUN, "--standalone", "--nproc_per_node=2", str(root / "examples" / "fsdp_sam_on.py"),
+         "--tiny"], cwd=root, env=ENV, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "scope='norm'" in done.stdout and "in 5 tensors" in done.stdout  # the 5 RMSNorm weights
+    assert "done: 4 SAM-ON steps on 2 processes" in done.stdout

@@ -215,7 +215,7 @@ class SAM(torch.optim.Optimizer):
         # FSDP2: ε and the backup on local shards, global norms; other sharding schemes are refused here
         self._sharding = sharding_for(model, [p for group in groups for p in group["params"]])
         if self._sharding is not None:
-            check_sharded_options(self.mask_scope, ascent_interval, sync_ascent)
+            check_sharded_options(self.mask_scope, sync_ascent)
         self.base_optimizer = base_optimizer(groups, **base_kwargs)
         self.ascent = ascent
         self.ascent_source = make_ascent(
@@ -353,12 +353,13 @@ class SAM(torch.optim.Optimizer):
                 return plan
         entries = self._entries(True)
         others = self._entries(False) if self.norm_over == "all" else []
-        params = [p for p, _, _ in entries]
+        params, others_params = [p for p, _, _ in entries], [p for p, _, _ in others]
         sharding = self._sharding
         if sharding is None:
-            refuse_late_sharding(params + [p for p, _, _ in others])
-        data = params if sharding is None else sharding.local(params)  # what ε and the backup act on
-        others_data = [p for p, _, _ in others] if sharding is None else sharding.local(p for p, _, _ in others)
+            refuse_late_sharding(params + others_params)
+        # what ε and the backup act on: the tensors themselves, or their local shards under FSDP2
+        data = params if sharding is None else sharding.local(params)
+        others_data = others_params if sharding is None else sharding.local(others_params)
         scaled, others_scaled = self._scaled(entries), self._scaled(others)
         groups = list(_grouped(params).values())
         plain_norms = (
@@ -386,10 +387,10 @@ class SAM(torch.optim.Optimizer):
             params=params,
             groups_of=[g for _, g, _ in entries],
             scaled=scaled,
-            others=[p for p, _, _ in others],
+            others=others_params,
             others_scaled=others_scaled,
             groups=groups,
-            others_groups=list(_grouped([p for p, _, _ in others]).values()),
+            others_groups=list(_grouped(others_params).values()),
             backup=(flat.backup_views if flat is not None
                     else [torch.empty_like(p, memory_format=torch.preserve_format) for p in data]),
             plain_norms=plain_norms,
@@ -397,9 +398,9 @@ class SAM(torch.optim.Optimizer):
             data=data,
             others_data=others_data,
             sharding=sharding,
-            perturbation_model=(self.perturbation_model if sharding is None
-                                else sharding.perturbation_model(self.perturbation_model, params + [p for p, _, _ in others],
-                                                                 data + others_data)),
+            perturbation_model=self.perturbation_model if sharding is None else sharding.perturbation_model(
+                self.perturbation_model, params + others_params, data + others_data
+            ),
         )
         return self._plan
 
@@ -524,9 +525,8 @@ class SAM(torch.optim.Optimizer):
             if len(rhos) == 1:
                 return self._flat_epsilon(plan, grads, rhos.pop())
         raw = [grads[i] for i in live] + [extra_grads[j] for j in extra_live]
-        norm_of = None if plan.sharding is None else plan.sharding.norm_of(
-            [plan.sharding.is_shard(plan.params[i]) for i in live]
-            + [plan.sharding.is_shard(plan.others[j]) for j in extra_live]
+        norm_of = None if plan.sharding is None else plan.sharding.norm_of(  # FSDP2: the global norm
+            [plan.params[i] for i in live] + [plan.others[j] for j in extra_live]
         )
         finite = None if plan.plain_norms else self._finite_flag(raw, norm_of)
         extra = [(plan.others_data[j], plan.others_scaled[j], extra_grads[j]) for j in extra_live]

@@ -12,6 +12,8 @@ A SAM step on an FSDP2 model is the one-process step on the global batch, comput
 - **norms are global**: ‖T⊙g‖ sums the squares of every rank's shards (one all-reduce of a 0-d float64
   tensor) plus, once, the replicas'; layerwise's T = ‖p‖₂ + η is the norm of the *whole* tensor (one
   all-reduce of the stacked per-tensor squares); elementwise scalings need no communication;
+- ``ascent_interval=k`` keeps the last ε as local shards too; ``SAM.state_dict()`` then holds this rank's
+  shards of it (save it per rank; the runner stores it in its sharded checkpoint as DTensors);
 - **the cheap ascent** ``first_step(loss)`` runs ``loss.backward(inputs=...)`` on the perturbed tensors'
   *unsharded* parameters (the ones autograd sees during the pass), so autograd computes no other weight
   gradient and FSDP2 reduce-scatters only the perturbed tensors' gradients; their sharded ``.grad`` is
@@ -19,9 +21,11 @@ A SAM step on an FSDP2 model is the one-process step on the global batch, comput
 
 Nothing here reads a device value on the host: the collectives run on device tensors.
 
-Supported: parameters sharded by ``fully_shard`` on a 1-D device mesh (placement ``Shard(0)``), mixed with
-plain tensors. Refused with a ``ValueError`` at ``SAM(...)``: FSDP1 (``FullyShardedDataParallel``), DeepSpeed
-ZeRO, HSDP / 2-D meshes, and ``DTensor`` parameters that ``fully_shard`` does not manage (tensor parallelism).
+Supported: parameters sharded by ``fully_shard`` on a 1-D device mesh (placement ``Shard(0)``) or HSDP's
+2-D mesh (``(Replicate(), Shard(0))``: norms sum over the shard dimension only, replicas are counted once),
+mixed with plain tensors. Refused with a ``ValueError`` at ``SAM(...)``: FSDP1 (``FullyShardedDataParallel``),
+DeepSpeed ZeRO, other meshes and placements (FSDP + tensor parallelism), and ``DTensor`` parameters that
+``fully_shard`` does not manage (tensor parallelism).
 """
 
 from __future__ import annotations
@@ -39,8 +43,8 @@ from normsam.optim.perturbations import PerturbationModel, _grouped
 __all__ = ["ShardedTensors", "check_sharded_options", "refuse_late_sharding", "sharding_for"]
 
 SUPPORTED = (
-    "normsam.SAM supports FSDP2 (torch.distributed.fsdp.fully_shard on a 1-D device mesh, parameters as DTensor "
-    "shards, optionally mixed with plain tensors), DDP and single-process models"
+    "normsam.SAM supports FSDP2 (torch.distributed.fsdp.fully_shard on a 1-D device mesh or HSDP's 2-D one, "
+    "parameters as DTensor shards, optionally mixed with plain tensors), DDP and single-process models"
 )
 
 
@@ -121,18 +125,23 @@ def sharding_for(model: nn.Module | None, params: Sequence[Tensor]) -> ShardedTe
             f"{' ...' if len(foreign) > 3 else ''}): tensor parallelism (parallelize_module, distribute_tensor) "
             f"is not supported. {SUPPORTED}."
         )
-    from torch.distributed.tensor import Shard
+    import torch.distributed as dist
+    from torch.distributed.tensor import Replicate, Shard
 
     meshes = {id(p.device_mesh): p.device_mesh for p in shards}
-    odd = [names[id(p)] for p in shards if len(p.placements) != 1 or p.placements != (Shard(0),)]
-    if odd or len(meshes) != 1 or next(iter(meshes.values())).ndim != 1:
+    mesh = next(iter(meshes.values()))
+    layout = (Shard(0),) if mesh.ndim == 1 else (Replicate(), Shard(0))  # FSDP2, HSDP
+    odd = sorted({str(p.placements) for p in shards if p.placements != layout})
+    if odd or len(meshes) != 1 or mesh.ndim > 2 or mesh.size() != dist.get_world_size():
         raise ValueError(
-            f"SAM supports FSDP2 on one 1-D device mesh (placements (Shard(0),)); got "
-            f"{'placements ' + str(shards[0].placements) if odd else f'{len(meshes)} mesh(es) of dims ' + str(sorted(m.ndim for m in meshes.values()))}"
-            " (HSDP, FSDP + tensor parallelism). Shard with fully_shard(module, mesh=init_device_mesh(device, "
+            "SAM supports FSDP2 on one device mesh over all processes: 1-D (placements (Shard(0),)) or HSDP's 2-D "
+            f"(Replicate(), Shard(0)); got {', '.join(odd) if odd else f'{len(meshes)} mesh(es) of shapes ' + str([tuple(m.shape) for m in meshes.values()])}"
+            " (FSDP + tensor parallelism?). Shard with fully_shard(module, mesh=init_device_mesh(device, "
             "(world_size,)))."
         )
-    return ShardedTensors(managed, next(iter(meshes.values())).get_group())
+    # norms sum the squares over the ranks that hold different shards (HSDP: one replica's shard group);
+    # replicas of plain tensors average over every process
+    return ShardedTensors(managed, mesh.get_group(mesh.ndim - 1), replica_group=None)
 
 
 def refuse_late_sharding(params: Sequence[Tensor]) -> None:
@@ -146,7 +155,7 @@ def refuse_late_sharding(params: Sequence[Tensor]) -> None:
         )
 
 
-def check_sharded_options(mask_scope: str | None, ascent_interval: int, sync_ascent: bool | None) -> None:
+def check_sharded_options(mask_scope: str | None, sync_ascent: bool | None) -> None:
     """Refuse the SAM options that FSDP2 cannot honour (rather than run them differently than asked)."""
     if sync_ascent is False:
         raise ValueError(
@@ -159,11 +168,6 @@ def check_sharded_options(mask_scope: str | None, ascent_interval: int, sync_asc
             f"scope={mask_scope!r} (an element mask) is not supported on FSDP2 shards yet: use a tensor scope "
             "('norm', 'all', 'no-norm', patterns or a predicate)."
         )
-    if ascent_interval != 1:
-        raise ValueError(
-            "ascent_interval > 1 is not supported on FSDP2 shards yet (the stored perturbation would be a local "
-            "shard in the optimizer state): use ascent_interval=1."
-        )
 
 
 class ShardedTensors:
@@ -173,9 +177,10 @@ class ShardedTensors:
     object for their *data*: :meth:`local` gives the local shard of a DTensor (the tensor FSDP2 all-gathers
     from, so writing it perturbs and restores the parameter) and a plain tensor itself."""
 
-    def __init__(self, fsdp_params: dict[int, Any], group: Any):
+    def __init__(self, fsdp_params: dict[int, Any], group: Any, replica_group: Any = None):
         self._fsdp_params = fsdp_params
-        self.group = group
+        self.group = group  # the ranks whose shards make up a whole tensor
+        self.replica_group = replica_group  # every process (None: the default group), for plain tensors
         self._dtensor = _dtensor_type()
 
     def is_shard(self, p: Tensor) -> bool:
@@ -239,19 +244,18 @@ class ShardedTensors:
             for idx in _grouped([grads[i] for i in replicas]).values():
                 pick = [replicas[j] for j in idx]
                 flat = torch.cat([grads[i].reshape(-1) for i in pick])
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group)
-                flat /= dist.get_world_size(self.group)
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.replica_group)
+                flat /= dist.get_world_size(self.replica_group)
                 for i, part in zip(pick, flat.split([grads[i].numel() for i in pick])):
                     out[i] = part.view_as(grads[i])
         return out
 
     # --- global norms ----------------------------------------------------------------------------------
 
-    def norm_of(self, is_shard: Sequence[bool]) -> Callable[[Sequence[Tensor]], Tensor]:
-        """A function: tensors aligned with ``is_shard`` → their global ℓ2 norm, a 0-d float64 tensor.
-
-        Shards' squares are summed over the ranks (one all-reduce), replicas' are counted once."""
-        flags = list(is_shard)
+    def norm_of(self, params: Sequence[Tensor]) -> Callable[[Sequence[Tensor]], Tensor]:
+        """A function: local tensors aligned with ``params`` (their gradients, T⊙g …) → the global ℓ2 norm, a
+        0-d float64 tensor. Shards' squares are summed over the ranks (one all-reduce), replicas' counted once."""
+        flags = [self.is_shard(p) for p in params]
 
         def norm(tensors: Sequence[Tensor]) -> Tensor:
             device = tensors[0].device if tensors else torch.device("cpu")

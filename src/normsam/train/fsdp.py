@@ -95,9 +95,25 @@ def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[st
     return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
-def save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+def _as_global(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A local shard of something shaped like ``param`` as a DTensor like ``param`` (plain stays plain)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return local
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def _epsilon_template(sam: Any, indices: list[int]) -> dict[str, torch.Tensor]:
+    params = [p for group in sam.param_groups for p in group["params"]]
+    return {str(i): torch.empty_like(params[i]) for i in indices}
+
+
+def save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+         sam: Any = None) -> None:
     """Collective: write the checkpoint of ``model`` and ``optimizer`` (the base optimizer) and ``meta``
-    (rank 0's) atomically, keeping the previous one."""
+    (rank 0's) atomically, keeping the previous one. SAM's stored ε (``ascent_interval > 1``, one local shard
+    per rank) goes into the shards as DTensors, not into rank 0's ``meta``."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
@@ -109,7 +125,13 @@ def save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir(parents=True)
     dist.barrier()
-    dcp.save(_tensor_state(model, optimizer), checkpoint_id=str(tmp))
+    state = _tensor_state(model, optimizer)
+    epsilon = (meta.get("sam") or {}).get("epsilon")
+    if epsilon:
+        params = [p for group in sam.param_groups for p in group["params"]]
+        state["sam_epsilon"] = {str(i): _as_global(e, params[int(i)]) for i, e in epsilon.items()}
+        meta = {**meta, "sam": {**meta["sam"], "epsilon": None}, "epsilon_indices": sorted(map(int, epsilon))}
+    dcp.save(state, checkpoint_id=str(tmp))
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
         buffer = io.BytesIO()
@@ -149,9 +171,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return torch.load(path / _META, map_location="cpu", weights_only=True)
 
 
-def load(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sam: Any = None) -> dict[str, Any]:
     """Collective: load the newest complete checkpoint into the sharded ``model`` and ``optimizer``; returns
-    its ``meta``. Refuses another number of processes than the one that wrote it."""
+    its ``meta``, whose ``sam`` part holds this rank's shards of SAM's stored ε. Refuses another number of
+    processes than the one that wrote it."""
     import warnings
 
     import torch.distributed as dist
@@ -176,9 +199,17 @@ def load(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> d
                       f"{meta.get('epoch', '?')}) instead, so the last epoch is trained again.", RuntimeWarning,
                       stacklevel=2)
     state = _tensor_state(model, optimizer)
+    indices = meta.get("epsilon_indices")
+    if indices:
+        state["sam_epsilon"] = _epsilon_template(sam, indices)
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if indices:
+        from torch.distributed.tensor import DTensor
+
+        meta["sam"]["epsilon"] = {int(i): e.to_local() if isinstance(e, DTensor) else e
+                                  for i, e in state["sam_epsilon"].items()}
     return meta
 
 

@@ -524,7 +524,7 @@ class Trainer:
             return
         from normsam.train import fsdp
 
-        fsdp.save(self.run_dir, self.model, self.optimizer, self._checkpoint_state(epoch, tensors=False))
+        fsdp.save(self.run_dir, self.model, self.optimizer, self._checkpoint_state(epoch, tensors=False), sam=self.sam)
 
     def _full_model(self) -> nn.Module | None:
         """The model with whole tensors, on rank 0 (under parallel=fsdp a collective gather into a fresh
@@ -539,7 +539,7 @@ class Trainer:
         if self.fsdp:
             from normsam.train import fsdp
 
-            state = fsdp.load(self.run_dir, self.model, self.optimizer)
+            state = fsdp.load(self.run_dir, self.model, self.optimizer, sam=self.sam)
             check_resumed_config(self.run_dir, state.get("config"), self.cfg)  # a hand-edited config.yaml is refused
             if self.sam is not None:  # SAM's counters, and its param_groups re-linked to the base's
                 self.sam.load_state_dict({**self.optimizer.state_dict(), "sam": state["sam"]})
