@@ -233,7 +233,7 @@ def test_a_read_only_folder_is_refused_before_the_long_work(tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         Trainer(stopped).run()
     monkeypatch.setattr(Trainer, "train_epoch", lambda *a: pytest.fail("trained into a read-only folder"))
-    import normsam.analysis.run_sharpness as rs
+    import normsam.train.run_sharpness as rs
 
     monkeypatch.setattr(rs, "measure_sharpness", lambda *a, **k: pytest.fail("measured for a read-only folder"))
     read_only += [tmp_path / "ro", Path(stopped.out), finished, tmp_path / "reports"]

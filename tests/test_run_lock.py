@@ -96,7 +96,7 @@ def test_resume_while_the_run_trains_is_refused(tmp_path, monkeypatch, capsys):
 
 def test_sharpness_respects_the_lock_before_measuring(tmp_path, monkeypatch):
     Trainer(_cfg(tmp_path, epochs=1)).run()
-    import normsam.analysis.run_sharpness as rs
+    import normsam.train.run_sharpness as rs
 
     monkeypatch.setattr(rs, "measure_sharpness", lambda *a, **k: pytest.fail("measured a folder in use"))
     with RunLock(tmp_path / "run"), pytest.raises(RunLockedError, match="in use"):

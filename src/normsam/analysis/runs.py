@@ -5,7 +5,6 @@ Part of ``normsam report`` (see :mod:`normsam.analysis.report`).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path

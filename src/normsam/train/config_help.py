@@ -14,14 +14,18 @@ __all__ = ["DESCRIPTIONS", "config_help"]
 #: key -> meaning. Sections follow the dataclass.
 DESCRIPTIONS: dict[str, str] = {
     # data
-    "data": "fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | synthetic",
+    "data": "fashion-mnist | mnist | cifar10 | cifar100 | imagefolder | webdataset | synthetic",
     "data_dir": "where the data lies (default: $NORMSAM_DATA, then the system's copy)",
     "download": "download the data set through torchvision when it is not found",
     "subset": "stratified subset of the training set (images; null: all)",
     "val_split": "share of the training set held out (stratified) as a validation split",
     "label_noise": "share of training labels flipped to a random other class (val/test stay clean)",
     "augment": "none | crop | crop-flip | autoaugment; null: crop-flip (crop for mnist)",
-    "image_size": "image side for synthetic and imagefolder data",
+    "image_size": "image side for synthetic, imagefolder and webdataset data (streamed default: 224)",
+    "loader": "memory | stream; null: stream for webdataset, memory otherwise",
+    "loader_workers": "streamed data: DataLoader worker processes (null: 2; 0: the main process)",
+    "val_data_dir": "webdataset: the validation shard pattern when data_dir is the training pattern",
+    "shuffle_buffer": "webdataset: samples in each loader worker's shuffle buffer",
     # model
     "model": "resnet20/32/56, wrn28-10, vit-small, timm:NAME, torchvision:NAME",
     "norm": "batch | group | layer | none, for resnet*/wrn*",
@@ -51,6 +55,7 @@ DESCRIPTIONS: dict[str, str] = {
     "cheap_ascent": "the first pass computes only the perturbed tensors' gradients",
     "ascent_interval": "fast mode: a fresh ascent every k-th SAM step, the steps between reuse the last epsilon",
     "ascent_fraction": "fast mode: the ascent gradient from the first ceil(f * batch) examples",
+    "ascent": "gradient | momentum (Momentum-SAM: epsilon from the base optimizer's momentum, no ascent pass)",
     "layerwise_scaling": "layerwise T: additive ||p|| + eta | official ||p|| * (1 + eta)",
     "scaled_tensors": "weight-dependent T on: not-bias | name-contains-weight (official)",
     # scale
@@ -58,9 +63,11 @@ DESCRIPTIONS: dict[str, str] = {
     "accumulation": "micro-batches per step (batch_size is the whole step's batch)",
     "clip_grad_norm": "clip the second-pass gradient's norm (null: no clipping)",
     "sync_ascent": "DDP: all-reduce the ascent gradient of the perturbed tensors",
+    "parallel": "under torchrun: ddp | fsdp (FSDP2 fully_shard per block, sharded checkpoints)",
     "compile": "torch.compile the model",
     # analysis
     "norm_stats": "per-epoch quantiles and histograms of the norm layers' gamma and beta",
+    "memorization": "with label noise: also score the flipped training examples (memorization of wrong labels)",
     "sharpness_at_end": "measure adaptive l-inf sharpness after the last epoch",
     "sharpness_rho": "rho of that measurement",
     "sharpness_steps": "APGD steps of that measurement",
