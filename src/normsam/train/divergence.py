@@ -101,7 +101,7 @@ class EpochWatch:
 
 
 def diverged_summary(err: RunDiverged, *, run_dir: Any, method: str, history: list[dict[str, Any]],
-                     sam_steps: int | None = None) -> dict[str, Any]:
+                     sam_steps: int | None = None, config_fingerprint: str | None = None) -> dict[str, Any]:
     """``summary.json`` of a diverged run: the status, where it diverged, and the last good epoch's figures
     (which a report uses only with ``--include-diverged``)."""
     last = history[-1] if history else {}
@@ -116,6 +116,7 @@ def diverged_summary(err: RunDiverged, *, run_dir: Any, method: str, history: li
         "final_train_loss": last.get("train_loss"),
         "final_val_acc": last.get("val_acc"),
         "sam_steps": sam_steps,
+        "config_fingerprint": config_fingerprint,
     }
 
 

@@ -46,7 +46,7 @@ from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
 from normsam.train.divergence import EpochWatch, RunDiverged, diverged_summary, is_diverged
-from normsam.train.identity import RESUME_SAFE, check_resumed_config, check_sam_window
+from normsam.train.identity import RESUME_SAFE, check_resumed_config, check_sam_window, config_fingerprint
 from normsam.train.run_lock import RunLock
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
 
@@ -576,7 +576,8 @@ class Trainer:
             if self.dist.is_main:
                 sam_steps = self.sam.counters["sam_steps"] if self.sam is not None else 0
                 ckpt.write_json(self.run_dir / ckpt.SUMMARY, diverged_summary(
-                    err, run_dir=self.run_dir, method=cfg.method, history=self.history, sam_steps=sam_steps))
+                    err, run_dir=self.run_dir, method=cfg.method, history=self.history, sam_steps=sam_steps,
+                    config_fingerprint=config_fingerprint(cfg)))
             raise
         summary = self._summary()
         if cfg.sharpness_at_end and self.dist.is_main:
@@ -626,6 +627,7 @@ class Trainer:
             "total_time": self.elapsed,
             "nonfinite_ascent_steps": self.sam.counters["nonfinite_ascent_steps"] if self.sam else 0,
             "sam_steps": self.sam.counters["sam_steps"] if self.sam else 0,  # what was trained, not asked for
+            "config_fingerprint": config_fingerprint(self.cfg),
         }
 
 

@@ -62,6 +62,7 @@ def _describe(info: dict[str, Any] | None) -> str:
 
 class RunLock:
     """An exclusive lock on a folder (created if needed); use as a context manager or acquire()/release().
+    Keep the object while you write: dropping it (garbage collection) releases the lock.
 
     Args:
         folder: the run folder (or a sweep's or study's parent folder).
