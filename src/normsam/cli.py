@@ -24,6 +24,9 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--resume takes the run's saved config; drop --config.")
         resume(args.resume, parse_overrides(args.overrides))
         return 0
+    from normsam.train.config_help import check_overrides_take_effect
+
+    check_overrides_take_effect(parse_overrides(args.overrides))
     Trainer(load_config(args.config, args.overrides)).run()
     return 0
 

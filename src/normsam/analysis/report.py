@@ -65,6 +65,7 @@ from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys
 from normsam.files import read_json
+from normsam.train.config_help import SAM_KEYS
 from normsam.train.divergence import is_diverged
 from normsam.train.identity import check_finished_config
 
@@ -84,10 +85,7 @@ _NOT_GROUPED = frozenset({
 })
 
 #: Settings that mean nothing for a run without SAM (scope none); ignored for those runs.
-_SAM_KEYS = frozenset({
-    "perturbation", "rho", "eta", "normalize_bias", "norm_over", "sparsity", "mask_interval", "fisher_samples",
-    "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
-})
+_SAM_KEYS = SAM_KEYS
 
 #: The names of the scopes in every table and figure (see :func:`arm_label`), shared with the plots.
 SCOPE_NAMES = plots.SCOPE_NAMES
