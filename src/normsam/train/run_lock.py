@@ -89,10 +89,14 @@ class RunLock:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.close()
+                info = holder_info(self.folder)
+                again = {
+                    "sweep": "a stopped sweep resumes when you run the same `normsam sweep` command again",
+                    "study": "a stopped study resumes when you run the same `normsam study` command again",
+                }.get((info or {}).get("what"), f"a stopped run resumes with `normsam train --resume {self.folder}`")
                 raise RunLockedError(
-                    f"{self.folder} is in use by {_describe(holder_info(self.folder))}: wait for it to finish or "
-                    f"stop it, then run again (a stopped run resumes with `normsam train --resume {self.folder}`); "
-                    "or choose another out=."
+                    f"{self.folder} is in use by {_describe(info)}: wait for it to finish or stop it, then run "
+                    f"again ({again}); or choose another out=."
                 ) from None
         info = {
             "pid": os.getpid(),
