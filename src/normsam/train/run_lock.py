@@ -51,6 +51,14 @@ def holder_info(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def _command() -> str | None:
+    """This process's command line, ``normsam ...`` for the CLI (``python -m normsam`` too)."""
+    if not sys.argv or not sys.argv[0]:
+        return None
+    first = "normsam" if Path(sys.argv[0]).name in ("normsam", "__main__.py") else sys.argv[0]
+    return " ".join([first, *sys.argv[1:]])
+
+
 def _describe(info: dict[str, Any] | None) -> str:
     if not info:
         return "another process (it has not written its details yet)"
@@ -102,7 +110,7 @@ class RunLock:
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+            "command": _command(),
             "what": self.what,
         }
         handle.seek(0)
