@@ -380,9 +380,10 @@ class Trainer:
         m = math.ceil(round(self.cfg.ascent_fraction * x.shape[0], 9)) if fresh else 0
         if fresh:
             loss, logits = self._accumulate(x[:m], y[:m], ascent=True)
-        self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
-        loss_perturbed, logits_perturbed = self._accumulate(x, y, ascent=False)
-        self.sam.restore()
+        with self.sam.restore_on_error():  # an error in the second pass (out of memory, Ctrl-C) leaves w, not w + ε
+            self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
+            loss_perturbed, logits_perturbed = self._accumulate(x, y, ascent=False)
+            self.sam.restore()
         self._base_step()
         if m < x.shape[0]:
             loss, logits = loss_perturbed, logits_perturbed
