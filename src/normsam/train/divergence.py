@@ -59,7 +59,10 @@ def check_loss(loss: float, *, epoch: int, step: int, amp: str | None = None) ->
 def check_weights(model: nn.Module, *, epoch: int, amp: str | None = None) -> None:
     """Raise :class:`RunDiverged` when a floating-point parameter or buffer (BatchNorm's running statistics)
     holds a NaN or infinity (one sync)."""
-    params = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    # FSDP2's DTensor parameters: each process checks its own shard; under torch.distributed the runner
+    # combines the processes' verdicts (EpochWatch.end)
+    params = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
+    params = [t for t in params if t.is_floating_point() and t.numel()]
     if not params:
         return
     flags = torch.stack([torch.isfinite(p).all().to(params[0].device) for p in params])
