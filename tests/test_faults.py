@@ -63,6 +63,13 @@ def test_runner_options_that_would_be_ignored_are_refused(overrides, message):
         load_config(None, {**TINY, **overrides})
 
 
+def test_sam_settings_with_scope_none_on_the_command_line_are_refused(tmp_path, capsys):
+    assert cli.main(_train_args(tmp_path / "run", "scope=none", "rho=2", "perturbation=asam")) == 2
+    assert "scope=none trains with the plain base optimizer, so perturbation=asam, rho=2 would be ignored" in (
+        _one_line(capsys, "train"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_compare_refuses_overrides_that_its_arms_replace(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"compare sets .*scope.* itself .* scope=all would be ignored"):
         compare(tmp_path / "c", overrides={"scope": "all"})

@@ -80,3 +80,15 @@ def test_sharpness_of_an_earlier_checkpoint_is_flagged_stale_and_not_paired(tmp_
     assert json.loads((tmp_path / "run" / "sharpness.json").read_text())["measurements"][-1]["epoch"] == 2
     assert load_run(cfg.out).sharpness["sharpness"] == fresh["sharpness"]  # current again: paired
     assert "n=64," in _sharpness_description([fresh])  # the report's header: the examples actually used
+
+
+def test_a_config_edited_after_the_run_finished_is_refused_by_the_report(tmp_path):
+    cfg = _cfg(tmp_path, epochs=1)
+    Trainer(cfg).run()
+    path = tmp_path / "run" / ckpt.CONFIG
+    original = path.read_text()
+    path.write_text(original.replace("rho: 0.5", "rho: 2.0"))
+    with pytest.raises(ValueError, match="config.yaml was edited after the run finished"):
+        load_run(cfg.out)
+    path.write_text(original.replace("progress: false", "progress: true"))  # a setting that changes nothing
+    assert load_run(cfg.out).config.rho == 0.5

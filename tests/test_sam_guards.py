@@ -128,3 +128,37 @@ def test_a_closure_that_skips_the_batch_is_not_counted_as_a_sam_step():
     assert sam.step(lambda: None) is None
     assert sam.counters["sam_steps"] == 0 and not sam.is_perturbed
     _assert_unchanged(model, before)
+
+
+def test_a_loop_of_its_own_can_guard_its_two_passes():
+    model = make_cnn()
+    before = _weights(model)
+    sam = normsam.SAM(model, torch.optim.SGD, lr=0.1, rho=0.5)
+    with pytest.raises(RuntimeError, match="second pass"), sam.restore_on_error():
+        sam.first_step(_loss(model, make_batch()))
+        raise RuntimeError("second pass")
+    assert not sam.is_perturbed
+    _assert_unchanged(model, before)
+
+
+def test_the_runner_leaves_no_perturbed_weights_after_an_error_in_the_second_pass(tmp_path, monkeypatch):
+    from normsam.train import data as D
+    from normsam.train.loop import Trainer
+    from tests.test_runner import _cfg
+
+    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
+    trainer = Trainer(_cfg(tmp_path, epochs=1))
+    before = _weights(trainer.model)
+    original = trainer._accumulate
+
+    def failing(x, y, *, ascent):
+        if not ascent:
+            raise RuntimeError("out of memory")
+        return original(x, y, ascent=ascent)
+
+    monkeypatch.setattr(trainer, "_accumulate", failing)
+    x, y = next(iter(trainer.train_loader))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        trainer.train_step(x, y, use_sam=True)
+    assert not trainer.sam.is_perturbed
+    _assert_unchanged(trainer.model, before)

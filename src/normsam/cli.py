@@ -28,6 +28,9 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--resume takes the run's saved config; drop --config.")
         resume(args.resume, parse_overrides(args.overrides))
         return 0
+    from normsam.train.config_help import check_overrides_take_effect
+
+    check_overrides_take_effect(parse_overrides(args.overrides))
     cfg = load_config(args.config, args.overrides)
     if args.dry_run:
         from normsam.train.plan import plan_run

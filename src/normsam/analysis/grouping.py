@@ -16,6 +16,7 @@ from normsam.analysis import plots, stats
 from normsam.analysis.runs import RunRecord
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train.config import TrainConfig, config_keys
+from normsam.train.config_help import SAM_KEYS
 
 
 #: The columns that define a method; further columns appear when other settings differ between runs.
@@ -29,11 +30,7 @@ _NOT_GROUPED = frozenset({
 })
 
 #: Settings that mean nothing for a run without SAM (scope none); ignored for those runs.
-_SAM_KEYS = frozenset({
-    "perturbation", "rho", "eta", "normalize_bias", "norm_over", "sparsity", "mask_interval", "fisher_samples",
-    "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
-    "ascent_fraction", "ascent",
-})
+_SAM_KEYS = SAM_KEYS
 
 #: The names of the scopes in every table and figure (see :func:`arm_label`), shared with the plots.
 SCOPE_NAMES = plots.SCOPE_NAMES

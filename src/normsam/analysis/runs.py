@@ -15,6 +15,7 @@ from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file
 from normsam.files import read_json
 from normsam.train.divergence import is_diverged
+from normsam.train.identity import check_finished_config
 
 
 @dataclass
@@ -73,6 +74,7 @@ def load_run(folder: str | Path) -> RunRecord:
         raise ValueError(f"{folder}/{ckpt.CONFIG} cannot be read ({err}); remove the folder from the report.") from None
     summary_path = folder / ckpt.SUMMARY
     summary = read_json(summary_path) if summary_path.is_file() else None
+    check_finished_config(folder, summary, config)  # numbers labelled with settings they were not trained with
     sharpness, stale = latest_measurement(folder), None
     if sharpness is not None and sharpness.get("sharpness") is None:
         sharpness = None  # not finite (a diverged model): no value to report

@@ -722,12 +722,14 @@ class SAM(torch.optim.Optimizer):
         After the cheap ascent ``first_step(loss)`` (the integrations' route), the weights are perturbed and
         ``step(closure)`` runs the closure once, as the second pass, then ``second_step()``; the closure may be
         ``None`` when the second pass's gradients are already there."""
-        with self._restored_on_error():
+        with self.restore_on_error():
             return self._step(closure)
 
     @contextlib.contextmanager
-    def _restored_on_error(self) -> Iterator[None]:
-        """An exception (or Ctrl-C) inside a step never leaves the weights at w + ε: restore, then re-raise."""
+    def restore_on_error(self) -> Iterator[None]:
+        """An exception (or Ctrl-C) inside the block never leaves the weights at w + ε: restore, then re-raise.
+        ``step`` runs in it; a loop that calls ``first_step`` and ``second_step`` itself can wrap the two passes:
+        ``with sam.restore_on_error(): sam.first_step(loss); loss2.backward(); sam.second_step()``."""
         try:
             yield
         except BaseException:

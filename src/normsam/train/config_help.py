@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["DESCRIPTIONS", "config_help"]
+__all__ = ["DESCRIPTIONS", "SAM_KEYS", "config_help", "check_overrides_take_effect"]
+
+#: The settings that only SAM uses: with ``scope: none`` (the plain base optimizer) they change nothing.
+SAM_KEYS = frozenset({
+    "perturbation", "rho", "eta", "normalize_bias", "norm_over", "sparsity", "mask_interval", "fisher_samples",
+    "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
+    "ascent_fraction", "ascent",
+})
 
 #: key -> meaning. Sections follow the dataclass.
 DESCRIPTIONS: dict[str, str] = {
@@ -83,6 +90,20 @@ DESCRIPTIONS: dict[str, str] = {
     "progress": "progress bars",
     "tensorboard": "also log to RUN_DIR/tensorboard",
 }
+
+
+def check_overrides_take_effect(overrides: dict) -> None:
+    """``normsam train ... scope=none rho=2``: refuse SAM settings given together with ``scope=none`` on the
+    command line, where they would be ignored. (Only there: a sweep's base may hold ρ for its SAM arms while its
+    grid adds an SGD arm, and a config file may keep them for later; reports leave them out for scope none.)"""
+    if overrides.get("scope") != "none":
+        return
+    ignored = sorted(set(overrides) & SAM_KEYS)
+    if ignored:
+        raise ValueError(
+            f"scope=none trains with the plain base optimizer, so {', '.join(f'{k}={overrides[k]}' for k in ignored)} "
+            "would be ignored: drop it, or pick a SAM scope (e.g. scope=norm)."
+        )
 
 
 def _default(f: dataclasses.Field) -> str:

@@ -59,7 +59,10 @@ def check_loss(loss: float, *, epoch: int, step: int, amp: str | None = None) ->
 def check_weights(model: nn.Module, *, epoch: int, amp: str | None = None) -> None:
     """Raise :class:`RunDiverged` when a floating-point parameter or buffer (BatchNorm's running statistics)
     holds a NaN or infinity (one sync)."""
-    params = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    # FSDP2's DTensor parameters: each process checks its own shard; under torch.distributed the runner
+    # combines the processes' verdicts (EpochWatch.end)
+    params = [t.to_local() if hasattr(t, "to_local") else t for t in (*model.parameters(), *model.buffers())]
+    params = [t for t in params if t.is_floating_point() and t.numel()]
     if not params:
         return
     flags = torch.stack([torch.isfinite(p).all().to(params[0].device) for p in params])
@@ -101,7 +104,7 @@ class EpochWatch:
 
 
 def diverged_summary(err: RunDiverged, *, run_dir: Any, method: str, history: list[dict[str, Any]],
-                     sam_steps: int | None = None) -> dict[str, Any]:
+                     sam_steps: int | None = None, config_fingerprint: str | None = None) -> dict[str, Any]:
     """``summary.json`` of a diverged run: the status, where it diverged, and the last good epoch's figures
     (which a report uses only with ``--include-diverged``)."""
     last = history[-1] if history else {}
@@ -116,6 +119,7 @@ def diverged_summary(err: RunDiverged, *, run_dir: Any, method: str, history: li
         "final_train_loss": last.get("train_loss"),
         "final_val_acc": last.get("val_acc"),
         "sam_steps": sam_steps,
+        "config_fingerprint": config_fingerprint,
     }
 
 

@@ -6,6 +6,10 @@ weights were trained with. On ``--resume`` the two are compared (:func:`check_re
 with one setting and the summary and report name another. Only the settings that do not change the result
 (:data:`RESUME_SAFE`) may differ.
 
+A finished run's ``summary.json`` carries :func:`config_fingerprint` of the config it was trained with, so a
+report can tell (:func:`check_finished_config`) when ``config.yaml`` was edited afterwards and refuse to
+label the run's numbers with settings it was not trained with.
+
 A run labelled with SAM must take SAM steps: :func:`check_sam_window` refuses a SAM window that starts after
 the last epoch (``sam_start=5`` with ``epochs=1`` would train plain SGD under the name ``norm-sam-rho0.5``),
 and the summary records ``sam_steps``, the SAM steps actually taken. The check is the runner's, not the
@@ -14,10 +18,12 @@ config's, so that run folders written before it stay readable.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESUME_SAFE", "check_resumed_config", "check_sam_window"]
+__all__ = ["RESUME_SAFE", "check_resumed_config", "check_sam_window", "config_fingerprint", "check_finished_config"]
 
 #: Settings that may change between the start of a run and a resume: they do not change what is trained.
 RESUME_SAFE = frozenset({"progress", "threads", "tensorboard", "device", "out"})
@@ -50,4 +56,21 @@ def check_sam_window(cfg: Any) -> None:
             f"sam_start={cfg.sam_start} with epochs={cfg.epochs}: the SAM window starts after the last epoch, so no "
             "SAM step would run and the run would be plain SGD labelled as SAM; lower sam_start (0-based) or "
             "train with scope=none."
+        )
+
+
+def config_fingerprint(cfg: Any) -> str:
+    """A short hash of the settings that define what is trained (all but :data:`RESUME_SAFE`)."""
+    settings = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in RESUME_SAFE}
+    return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_finished_config(run_dir: str | Path, summary: dict[str, Any] | None, cfg: Any) -> None:
+    """Raise ValueError when a finished run's ``config.yaml`` no longer matches the fingerprint its summary
+    recorded at the end of training (summaries written before fingerprints existed are not checked)."""
+    recorded = (summary or {}).get("config_fingerprint")
+    if recorded is not None and recorded != config_fingerprint(cfg):
+        raise ValueError(
+            f"{Path(run_dir) / 'config.yaml'} was edited after the run finished (its settings no longer match the "
+            "ones it was trained with, recorded in summary.json): restore the file, or leave the run out."
         )

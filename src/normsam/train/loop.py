@@ -46,7 +46,7 @@ from normsam.train.config import TrainConfig, autocast, load_config, save_config
 from normsam.train.data import BatchLoader, make_augment, stratified_subset_indices
 from normsam.train.data.streamed import make_streamed_loaders
 from normsam.train.divergence import EpochWatch, RunDiverged, diverged_summary, is_diverged
-from normsam.train.identity import RESUME_SAFE, check_resumed_config, check_sam_window
+from normsam.train.identity import RESUME_SAFE, check_resumed_config, check_sam_window, config_fingerprint
 from normsam.train.memorization import flipped_eval_sets
 from normsam.train.norm_stats import norm_parameter_stats
 from normsam.train.run_lock import RunLock
@@ -401,9 +401,10 @@ class Trainer:
         m = math.ceil(round(self.cfg.ascent_fraction * x.shape[0], 9)) if fresh else 0
         if fresh:
             loss, logits = self._accumulate(x[:m], y[:m], ascent=True)
-        self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
-        loss_perturbed, logits_perturbed = self._accumulate(x, y, ascent=False)
-        self.sam.restore()
+        with self.sam.restore_on_error():  # an error in the second pass (out of memory, Ctrl-C) leaves w, not w + ε
+            self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
+            loss_perturbed, logits_perturbed = self._accumulate(x, y, ascent=False)
+            self.sam.restore()
         self._base_step()
         if m < x.shape[0]:
             loss, logits = loss_perturbed, logits_perturbed
@@ -634,7 +635,8 @@ class Trainer:
             if self.dist.is_main:
                 sam_steps = self.sam.counters["sam_steps"] if self.sam is not None else 0
                 ckpt.write_json(self.run_dir / ckpt.SUMMARY, diverged_summary(
-                    err, run_dir=self.run_dir, method=cfg.method, history=self.history, sam_steps=sam_steps))
+                    err, run_dir=self.run_dir, method=cfg.method, history=self.history, sam_steps=sam_steps,
+                    config_fingerprint=config_fingerprint(cfg)))
             raise
         summary = self._summary()
         full_model = self._full_model() if cfg.sharpness_at_end else None  # collective under parallel=fsdp
@@ -687,6 +689,7 @@ class Trainer:
             "total_time": self.elapsed,
             "nonfinite_ascent_steps": self.sam.counters["nonfinite_ascent_steps"] if self.sam else 0,
             "sam_steps": self.sam.counters["sam_steps"] if self.sam else 0,  # what was trained, not asked for
+            "config_fingerprint": config_fingerprint(self.cfg),
         }
 
 

@@ -51,6 +51,14 @@ def holder_info(folder: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def _command() -> str | None:
+    """This process's command line, ``normsam ...`` for the CLI (``python -m normsam`` too)."""
+    if not sys.argv or not sys.argv[0]:
+        return None
+    first = "normsam" if Path(sys.argv[0]).name in ("normsam", "__main__.py") else sys.argv[0]
+    return " ".join([first, *sys.argv[1:]])
+
+
 def _describe(info: dict[str, Any] | None) -> str:
     if not info:
         return "another process (it has not written its details yet)"
@@ -62,6 +70,7 @@ def _describe(info: dict[str, Any] | None) -> str:
 
 class RunLock:
     """An exclusive lock on a folder (created if needed); use as a context manager or acquire()/release().
+    Keep the object while you write: dropping it (garbage collection) releases the lock.
 
     Args:
         folder: the run folder (or a sweep's or study's parent folder).
@@ -88,16 +97,20 @@ class RunLock:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.close()
+                info = holder_info(self.folder)
+                again = {
+                    "sweep": "a stopped sweep resumes when you run the same `normsam sweep` command again",
+                    "study": "a stopped study resumes when you run the same `normsam study` command again",
+                }.get((info or {}).get("what"), f"a stopped run resumes with `normsam train --resume {self.folder}`")
                 raise RunLockedError(
-                    f"{self.folder} is in use by {_describe(holder_info(self.folder))}: wait for it to finish or "
-                    f"stop it, then run again (a stopped run resumes with `normsam train --resume {self.folder}`); "
-                    "or choose another out=."
+                    f"{self.folder} is in use by {_describe(info)}: wait for it to finish or stop it, then run "
+                    f"again ({again}); or choose another out=."
                 ) from None
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
             "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv) if sys.argv and sys.argv[0] else None,
+            "command": _command(),
             "what": self.what,
         }
         handle.seek(0)
