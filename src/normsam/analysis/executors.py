@@ -192,7 +192,8 @@ class TrainJob(_checkpointable()):  # type: ignore[misc]
     """One sweep run as a submitit job: ``run_or_resume`` on its folder. Requeued on time-out/pre-emption."""
 
     def __init__(self, folder: str, overrides: dict[str, Any], preset: str | None):
-        self.folder, self.overrides, self.preset = str(folder), dict(overrides), preset
+        # absolute: a job may start in another directory than the one it was submitted from
+        self.folder, self.overrides, self.preset = str(Path(folder).resolve()), dict(overrides), preset
 
     def __call__(self) -> dict[str, Any]:
         from normsam.train.loop import run_or_resume
