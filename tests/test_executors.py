@@ -143,6 +143,7 @@ def _write(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a job subprocess (torch import) for the failed state: 5-15 s
 def test_a_failing_job_is_reported_failed_with_its_error(tmp_path):
     base = {k: v for k, v in BASE.items() if k != "image_size"}
     spec = _spec(tmp_path, base={**base, "data": "fashion-mnist", "data_dir": str(tmp_path / "nowhere")})

@@ -107,6 +107,7 @@ def test_make_shards_writes_every_image_once_with_a_manifest(image_folder, shard
     assert manifest["splits"]["val"]["count"] == N_VAL
 
 
+@pytest.mark.slow  # two spawned processes that import torch: 3-6 s
 def test_make_shards_with_several_workers_writes_the_same_shards(image_folder, shards, tmp_path):
     parallel = make_shards(image_folder, tmp_path / "p", shard_size=7, progress=False, workers=2)
     serial = json.loads((shards / "manifest.json").read_text())
