@@ -143,6 +143,7 @@ def _write(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a job subprocess (torch import) for the failed state: 5-15 s
 def test_a_failing_job_is_reported_failed_with_its_error(tmp_path):
     base = {k: v for k, v in BASE.items() if k != "image_size"}
     spec = _spec(tmp_path, base={**base, "data": "fashion-mnist", "data_dir": str(tmp_path / "nowhere")})
@@ -230,3 +231,12 @@ def test_slurm_submission_writes_the_sbatch_file_and_reads_sacct(tmp_path, monke
         run_sweep(load_sweep(no_time))
     again = run_sweep(load_sweep(spec))  # queued already: not submitted twice
     assert again.runs[0].status == "queued"
+    array = _spec(tmp_path / "c", executor="slurm", slurm={"time": 60, "array": True, "array_parallelism": 2},
+                  grid={"perturbation": ["sam", "asam"]})
+    sweep = run_sweep(load_sweep(array))  # one sbatch call for both runs
+    script = (tmp_path / "submitted.sh").read_text()
+    assert "#SBATCH --array=0-1%2" in script
+    for i, run in enumerate(sweep.runs):
+        record = json.loads((run.folder / executors.JOB_FILE).read_text())
+        assert record["job_id"] == f"4242_{i}"
+        assert (run.folder / "jobs").is_symlink() and Path(record["log_out"]).parent == (run.folder / "jobs").resolve()

@@ -107,6 +107,16 @@ def test_make_shards_writes_every_image_once_with_a_manifest(image_folder, shard
     assert manifest["splits"]["val"]["count"] == N_VAL
 
 
+@pytest.mark.slow  # two spawned processes that import torch: 3-6 s
+def test_make_shards_with_several_workers_writes_the_same_shards(image_folder, shards, tmp_path):
+    parallel = make_shards(image_folder, tmp_path / "p", shard_size=7, progress=False, workers=2)
+    serial = json.loads((shards / "manifest.json").read_text())
+    assert {k: v for k, v in parallel.items() if k != "source"} == {k: v for k, v in serial.items() if k != "source"}
+    for s in serial["splits"]["train"]["shards"]:
+        with tarfile.open(shards / s["name"]) as a, tarfile.open(tmp_path / "p" / s["name"]) as b:
+            assert [(m.name, a.extractfile(m).read()) for m in a] == [(m.name, b.extractfile(m).read()) for m in b]
+
+
 def test_make_shards_refuses_a_used_folder_and_undecodable_images(image_folder, shards, tmp_path, capsys):
     assert cli.main(["make-shards", str(image_folder), str(shards)]) == 2
     assert "already holds shards" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def _make_shards(args: argparse.Namespace) -> int:
     from normsam.train.data.make_shards import make_shards
 
     manifest = make_shards(args.image_folder, args.out, shard_size=args.shard_size, seed=args.seed,
-                           skip_corrupt=args.skip_corrupt)
+                           skip_corrupt=args.skip_corrupt, workers=args.workers)
     for split, entry in manifest["splits"].items():
         skipped = f", {len(entry['skipped'])} undecodable files skipped" if entry["skipped"] else ""
         print(f"{split}: {entry['count']:,} images of {len(manifest['classes'])} classes in {len(entry['shards'])} "
@@ -163,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="an empty or new folder for the shards")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="order of the training images across shards (default 0)")
+    p.add_argument("--workers", type=int, default=1, help="processes that decode (check) the images (default 1)")
     p.add_argument("--skip-corrupt", action="store_true",
                    help="leave out images that do not decode (listed in the manifest) instead of stopping")
     p.set_defaults(func=_make_shards)

@@ -192,7 +192,8 @@ class TrainJob(_checkpointable()):  # type: ignore[misc]
     """One sweep run as a submitit job: ``run_or_resume`` on its folder. Requeued on time-out/pre-emption."""
 
     def __init__(self, folder: str, overrides: dict[str, Any], preset: str | None):
-        self.folder, self.overrides, self.preset = str(folder), dict(overrides), preset
+        # absolute: a job may start in another directory than the one it was submitted from
+        self.folder, self.overrides, self.preset = str(Path(folder).resolve()), dict(overrides), preset
 
     def __call__(self) -> dict[str, Any]:
         from normsam.train.loop import run_or_resume
@@ -271,17 +272,8 @@ def submit_sweep(sweep, kind: str, *, conflict=lambda run: None, wait: bool = Fa
         else:
             run.resumed = (run.folder / ckpt.CHECKPOINT).exists()
             todo.append(run)
-    jobs = []
-    if todo and own["array"]:
-        executor = _executor(kind, sweep.out / "jobs" / "%j", params, own["max_requeues"])
-        with executor.batch():
-            pending = [executor.submit(TrainJob(str(r.folder), r.overrides, sweep.preset)) for r in todo]
-        jobs = [job for job in pending]
-    else:
-        for run in todo:
-            executor = _executor(kind, run.folder / "jobs", params, own["max_requeues"])
-            jobs.append(executor.submit(TrainJob(str(run.folder), run.overrides, sweep.preset)))
-    for run, job in zip(todo, jobs):
+
+    def submitted(run, job) -> None:  # recorded at once: a later failed submission must not lead to doubles
         record = _job_record(run.folder, kind, job)
         if own["array"]:  # the array's logs are in out/jobs/<id>/: a link from the run folder
             link = run.folder / "jobs"
@@ -292,7 +284,20 @@ def submit_sweep(sweep, kind: str, *, conflict=lambda run: None, wait: bool = Fa
         run.status = "submitted"
         print(f"{run.name}: job {record['job_id']}" + (" (resumes)" if run.resumed else "")
               + f", log {record['log_out']}", flush=True)
-    sweep.write()
+
+    try:
+        if todo and own["array"]:
+            executor = _executor(kind, sweep.out / "jobs" / "%j", params, own["max_requeues"])
+            with executor.batch():
+                jobs = [executor.submit(TrainJob(str(r.folder), r.overrides, sweep.preset)) for r in todo]
+            for run, job in zip(todo, jobs):
+                submitted(run, job)
+        else:
+            for run in todo:
+                executor = _executor(kind, run.folder / "jobs", params, own["max_requeues"])
+                submitted(run, executor.submit(TrainJob(str(run.folder), run.overrides, sweep.preset)))
+    finally:
+        sweep.write()
     waiting = [run for run in sweep.runs if run.status in ("submitted", "queued")]
     if wait and waiting:
         wait_for_runs([run.folder for run in waiting], poll_s=poll_s)

@@ -7,7 +7,8 @@ parameters (SGD with momentum keeps one buffer, AdamW two, Lion one); SAM's extr
 perturbed element (its saved copy and buffers); activations are the tensors autograd saves for the backward
 pass, counted on the ``meta`` device for one sample (no memory allocated, no compute) and scaled to the
 micro-batch per rank; under bf16/fp16 autocast they are halved (an estimate: autocast keeps some ops in
-float32). Not counted: the CUDA context, allocator fragmentation, cuDNN workspaces.
+float32). Not counted: the CUDA context, allocator fragmentation, cuDNN workspaces. The estimate has not been
+compared with a GPU's measured peak yet (no GPU in the session that wrote it).
 """
 
 from __future__ import annotations

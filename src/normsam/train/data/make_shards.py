@@ -18,6 +18,7 @@ their sample counts, the counts per class, and the skipped files. ``data=webdata
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 from collections import Counter
 from pathlib import Path
@@ -62,13 +63,17 @@ def make_shards(
     seed: int = 0,
     skip_corrupt: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, Any]:
-    """Write the shards and ``manifest.json``; returns the manifest."""
+    """Write the shards and ``manifest.json``; returns the manifest. ``workers`` processes decode the images
+    to check them (in order, so the shards are the same for any number); the main process writes."""
     import webdataset as wds
     from tqdm.auto import tqdm
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size must be an int >= 1 (samples per shard), got {shard_size!r}.")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"--workers must be an int >= 1 (processes that decode the images), got {workers!r}.")
     root, out = Path(image_folder).expanduser(), Path(out).expanduser()
     splits = [("train", root / "train")]
     eval_dir = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
@@ -103,10 +108,12 @@ def make_shards(
         pattern = str(out / f"{split}-%06d.tar")
         writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), post=finished, verbose=0)
         written = 0
+        pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
         try:
-            for path, label in tqdm(samples, desc=f"make-shards {split}", disable=None if progress else True,
-                                    unit="img"):
-                problem = _check_image(path)
+            checks = pool.imap(_check_image, [p for p, _ in samples], chunksize=32) if pool else map(
+                _check_image, (p for p, _ in samples))
+            for (path, label), problem in tqdm(zip(samples, checks), total=len(samples), desc=f"make-shards {split}",
+                                               disable=None if progress else True, unit="img"):
                 if problem is not None:
                     if not skip_corrupt:
                         raise CorruptDataError(f"{path} does not decode ({problem}); remove or replace it, or pass "
@@ -119,6 +126,8 @@ def make_shards(
                 written += 1
         finally:
             writer.close()
+            if pool is not None:
+                pool.terminate()
         shards = [s for s in shards if s["count"] > 0]
         if written == 0:
             raise CorruptDataError(f"{folder}: no image could be written (all {len(skipped)} failed to decode).")
