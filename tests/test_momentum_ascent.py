@@ -401,12 +401,13 @@ def test_options_that_do_not_fit_are_refused(options, message):
 @pytest.mark.parametrize("overrides, message", [
     (dict(ascent="fast"), r"Invalid ascent: 'fast'; valid values are gradient, momentum"),
     (dict(scope="none"), r"scope=none trains without SAM"),
-    (dict(ascent_interval=4), r"ascent_interval and ascent_fraction have nothing to save"),
-    (dict(ascent_fraction=0.5), r"ascent_interval and ascent_fraction have nothing to save"),
-    (dict(bn_policy="freeze"), r"set bn_policy=update"),
+    (dict(ascent_interval=4), r"ascent_interval=4 reuses a stored ε .* drop ascent_interval"),
+    (dict(ascent_fraction=0.5), r"ascent_fraction has nothing to save: drop it"),
+    (dict(bn_policy="freeze"), r"use bn_policy='update'"),
     (dict(momentum=0.0), r"momentum=0 keeps none: set momentum=0.9"),
     (dict(sync_ascent=True), r"drop sync_ascent"),
-    (dict(perturbation="fisher"), r"perturbation=fisher and scope=ssam-d need"),
+    (dict(perturbation="fisher"), r"perturbation='fisher' .* never computes"),
+    (dict(scope="ssam-d", sparsity=0.5, mask_interval=10), r"scope='ssam-d' updates its mask"),
 ])
 def test_the_runner_refuses_settings_that_do_not_fit(overrides, message):
     with pytest.raises(ValueError, match=message):
