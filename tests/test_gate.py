@@ -97,6 +97,8 @@ def test_gate_spec_errors_name_the_fix():
         check_gate_spec({"clean": {"label_noise": 0.2}}, 0.0)
     with pytest.raises(ValueError, match="clean must change label_noise"):
         check_gate_spec({"clean": {"label_noise": 0.4}}, 0.4)
+    with pytest.raises(ValueError, match=r"pilot's seeds \[1\] are also reported runs' seeds"):
+        load_study({"out": "x", "pilot": {"grid": {"rho": [1]}, "seeds": [1, 9]}, "phases": [{"grid": {}, "seeds": [0, 1]}]})
     with pytest.raises(ValueError, match="Unknown key 'extend' in pilot:"):
         load_study({"out": "x", "pilot": {"grid": {"rho": [1]}, "extend": 2}, "phases": [{"grid": {}}]})
 

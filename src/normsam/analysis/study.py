@@ -99,9 +99,17 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         if bad:
             raise ValueError(f"Unknown key {bad[0]!r} in phase {i}; valid keys are {', '.join(_PHASE_KEYS)}.")
         name = str(phase.get("name", f"phase{i + 1}"))
-        if name in names or name == "pilot":
-            raise ValueError(f"Phase name {name!r} is used twice (or is 'pilot'); give each phase its own name.")
+        if name in names or name in ("pilot", "gate"):
+            raise ValueError(f"Phase name {name!r} is used twice (or is 'pilot' or 'gate'); give each phase its own "
+                             "name.")
         names.add(name)
+    pilot_seeds = set(spec["pilot"].get("seeds", [0]))
+    reported = set().union(*(set(p.get("seeds", [0])) for p in phases))
+    if pilot_seeds & reported:
+        raise ValueError(
+            f"The pilot's seeds {sorted(pilot_seeds & reported)} are also reported runs' seeds: ρ chosen on them "
+            "would favour those runs. Give the pilot seeds no phase uses (e.g. pilot: {seeds: [100, 101]})."
+        )
     return spec
 
 
