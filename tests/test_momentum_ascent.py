@@ -523,3 +523,20 @@ def test_lightning_accumulation_runs_every_micro_batch_at_w_plus_epsilon(tmp_pat
 
     with pytest.raises(ValueError, match=r"call super\(\)\.on_train_batch_start"):
         lt.trainer(tmp_path / "b", max_steps=1, accumulate_grad_batches=2).fit(Overrides(), lt.data())
+
+
+def test_hf_trainer_steps_that_reuse_epsilon_are_single_pass_too(tmp_path):
+    pytest.importorskip("accelerate")
+    pytest.importorskip("transformers")
+    from tests.test_integration_transformers import TokenData, arguments, llama
+
+    from normsam.integrations.transformers import SAMTrainer
+
+    model = llama()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    trainer = SAMTrainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenData(),
+                         sam=dict(rho=0.5, ascent_interval=2))
+    trainer.train()
+    assert trainer.sam.counters["sam_steps"] == 4 and trainer.sam.counters["ascent_steps"] == 2
+    assert len(forwards) == 2 * (2 + 2) + 2 * 2  # fresh steps: 2 micro-batches twice; reuse steps: once
