@@ -297,7 +297,7 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 # --- the runner -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("amp, epochs", [("off", 2), ("bf16", 1)])  # (bf16 autocast is slow on a CPU)
+@pytest.mark.parametrize("amp, epochs", [("off", 2), ("bf16", 1), ("fp16", 1)])  # (autocast is slow on a CPU)
 def test_runner_trains_with_the_momentum_ascent(tmp_path, amp, epochs):
     run = {**TINY, "epochs": epochs, "eval_batch_size": 64}
     cfg = load_config(None, {**run, **MOMENTUM_RUN, "amp": amp, "out": str(tmp_path / "run")})
