@@ -97,6 +97,8 @@ def test_gate_spec_errors_name_the_fix():
         check_gate_spec({"clean": {"label_noise": 0.2}}, 0.0)
     with pytest.raises(ValueError, match="clean must change label_noise"):
         check_gate_spec({"clean": {"label_noise": 0.4}}, 0.4)
+    with pytest.raises(ValueError, match=r"pilot's seeds \[1\] are also reported runs' seeds"):
+        load_study({"out": "x", "pilot": {"grid": {"rho": [1]}, "seeds": [1, 9]}, "phases": [{"grid": {}, "seeds": [0, 1]}]})
     with pytest.raises(ValueError, match="Unknown key 'extend' in pilot:"):
         load_study({"out": "x", "pilot": {"grid": {"rho": [1]}, "extend": 2}, "phases": [{"grid": {}}]})
 
@@ -150,7 +152,9 @@ def test_a_gate_met_runs_the_pilot_extends_an_edge_and_reports_the_gate(tmp_path
     added = choice["extended"][0]["rho"][0]
     assert added in (0.005, 5.0)
     report = (out / "report" / "report.md").read_text()
-    assert report.index("## Regime gate (SGD only)") < report.index("## Results")
+    assert report.index("## Regime gate (SGD only)") < report.index("## Where each arm's ρ comes from") < (
+        report.index("## Results"))
+    assert f"| main | scope=norm | {choice['values']['@rho:norm']} | tuned for this arm |" in report
     assert (out / "report" / "gate_curves.png").is_file()
     record = json.loads((out / "study.json").read_text())
     assert set(record["phases"]) == {"gate", "pilot", "main"}
@@ -220,3 +224,21 @@ def test_the_report_shows_what_bf16_costs_each_arm_and_whether_sam_changes_it(tm
     assert float(sgd["shift_mean"]) == -4.0 and sgd["vs_sgd_mean"] == ""
     assert float(on["shift_mean"]) == -1.5 and float(on["vs_sgd_mean"]) == 2.5 and on["vs_sgd_n"] == "2"
     assert "## Precision" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_the_regime_study_says_which_arms_run_at_the_rho_of_sam_on():
+    from pathlib import Path
+
+    from normsam.analysis.study import rho_provenance_markdown
+
+    spec = load_study(Path(__file__).resolve().parents[1] / "configs/study/regime.yaml")
+    values = {"@rho:all": 0.2, "@rho:norm": 0.3, "@rho:norm/momentum": 1.0, "@sparsity:norm": 0.99}
+    rows = {line.split(" | ")[1]: line for line in rho_provenance_markdown(spec, values).splitlines()
+            if line.startswith("| main") or line.startswith("| extra") or line.startswith("| bf16")}
+    assert rows["scope=all, sharpness_at_end=True"].endswith("| 0.2 | tuned for this arm |")
+    assert rows["scope=random, sparsity=@sparsity:norm"].endswith("| 0.3 | ρ of SAM-ON, not tuned for this arm |")
+    assert rows["scope=norm, sam_start=30"].endswith("ρ of SAM-ON, not tuned for this arm |")
+    assert rows["scope=norm, ascent_interval=4"].endswith("ρ of SAM-ON, not tuned for this arm |")
+    assert rows["scope=no-norm"].endswith("| 0.2 | ρ of SAM-all, not tuned for this arm |")
+    assert rows["scope=norm, ascent=momentum, bn_policy=update"].endswith("| 1.0 | tuned for this arm |")
+    assert rows["scope=norm, amp=bf16"].endswith("| 0.3 | tuned for this arm (in the pilot's precision) |")

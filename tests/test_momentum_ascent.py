@@ -297,20 +297,21 @@ def test_accumulated_micro_batches_equal_one_large_batch():
 # --- the runner -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_runner_trains_with_the_momentum_ascent(tmp_path, amp):
-    cfg = load_config(None, {**TINY, **MOMENTUM_RUN, "amp": amp, "out": str(tmp_path / "run")})
+@pytest.mark.parametrize("amp, epochs", [("off", 2), ("bf16", 1), ("fp16", 1)])  # (autocast is slow on a CPU)
+def test_runner_trains_with_the_momentum_ascent(tmp_path, amp, epochs):
+    run = {**TINY, "epochs": epochs, "eval_batch_size": 64}
+    cfg = load_config(None, {**run, **MOMENTUM_RUN, "amp": amp, "out": str(tmp_path / "run")})
     assert cfg.method == "norm-sam-rho0.5-momentum"
     trainer = Trainer(cfg)
     calls = []
     trainer.model.register_forward_hook(lambda *_: calls.append(1))
     summary = trainer.run()
     rows = ckpt.read_jsonl(tmp_path / "run" / "metrics.jsonl")
-    assert summary["epochs"] == 2 and all(r["sam"] and math.isfinite(r["train_loss"]) for r in rows)
-    steps = 2 * len(trainer.train_loader)
+    assert summary["epochs"] == epochs and all(r["sam"] and math.isfinite(r["train_loss"]) for r in rows)
+    steps = epochs * len(trainer.train_loader)
     assert trainer.sam.ascent == "momentum" and trainer.sam.counters["sam_steps"] == steps
     evaluations = len(calls) - steps  # the rest are the evaluation passes, the same as for SGD
-    sgd = Trainer(load_config(None, {**TINY, "scope": "none", "out": str(tmp_path / "sgd")}))
+    sgd = Trainer(load_config(None, {**run, "scope": "none", "out": str(tmp_path / "sgd")}))
     sgd_calls = []
     sgd.model.register_forward_hook(lambda *_: sgd_calls.append(1))
     sgd.run()
@@ -401,12 +402,13 @@ def test_options_that_do_not_fit_are_refused(options, message):
 @pytest.mark.parametrize("overrides, message", [
     (dict(ascent="fast"), r"Invalid ascent: 'fast'; valid values are gradient, momentum"),
     (dict(scope="none"), r"scope=none trains without SAM"),
-    (dict(ascent_interval=4), r"ascent_interval and ascent_fraction have nothing to save"),
-    (dict(ascent_fraction=0.5), r"ascent_interval and ascent_fraction have nothing to save"),
-    (dict(bn_policy="freeze"), r"set bn_policy=update"),
+    (dict(ascent_interval=4), r"ascent_interval=4 reuses a stored ε .* drop ascent_interval"),
+    (dict(ascent_fraction=0.5), r"ascent_fraction has nothing to save: drop it"),
+    (dict(bn_policy="freeze"), r"use bn_policy='update'"),
     (dict(momentum=0.0), r"momentum=0 keeps none: set momentum=0.9"),
     (dict(sync_ascent=True), r"drop sync_ascent"),
-    (dict(perturbation="fisher"), r"perturbation=fisher and scope=ssam-d need"),
+    (dict(perturbation="fisher"), r"perturbation='fisher' .* never computes"),
+    (dict(scope="ssam-d", sparsity=0.5, mask_interval=10), r"scope='ssam-d' updates its mask"),
 ])
 def test_the_runner_refuses_settings_that_do_not_fit(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -522,3 +524,20 @@ def test_lightning_accumulation_runs_every_micro_batch_at_w_plus_epsilon(tmp_pat
 
     with pytest.raises(ValueError, match=r"call super\(\)\.on_train_batch_start"):
         lt.trainer(tmp_path / "b", max_steps=1, accumulate_grad_batches=2).fit(Overrides(), lt.data())
+
+
+def test_hf_trainer_steps_that_reuse_epsilon_are_single_pass_too(tmp_path):
+    pytest.importorskip("accelerate")
+    pytest.importorskip("transformers")
+    from tests.test_integration_transformers import TokenData, arguments, llama
+
+    from normsam.integrations.transformers import SAMTrainer
+
+    model = llama()
+    forwards = []
+    model.register_forward_hook(lambda *_: forwards.append(1))
+    trainer = SAMTrainer(model=model, args=arguments(tmp_path, save_strategy="no"), train_dataset=TokenData(),
+                         sam=dict(rho=0.5, ascent_interval=2))
+    trainer.train()
+    assert trainer.sam.counters["sam_steps"] == 4 and trainer.sam.counters["ascent_steps"] == 2
+    assert len(forwards) == 2 * (2 + 2) + 2 * 2  # fresh steps: 2 micro-batches twice; reuse steps: once

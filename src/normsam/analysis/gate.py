@@ -214,8 +214,9 @@ def gate_figure(gate_dir: str | Path, path: str | Path, noisy_label_noise: float
             epochs = sorted(set.intersection(*(set(v) for v in per_run)))
             spread = [stats.describe(v[e] for v in per_run) for e in epochs]
             series.setdefault(title, {})[arm] = (epochs, [s.mean for s in spread], [s.std for s in spread])
+    colors = plots.method_colors(["SGD, clean labels", "SGD, noisy labels"])  # alike in every panel
     return plots.plot_series_panels(series, path, xlabel="epoch", ylabel={t: t for t in series}, style="band",
-                                    log_x=False, integer_x=True)
+                                    log_x=False, integer_x=True, colors=colors)
 
 
 def write_gate(out: str | Path, result: GateResult, noisy_label_noise: float) -> list[Path]:

@@ -103,9 +103,17 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         if bad:
             raise ValueError(f"Unknown key {bad[0]!r} in phase {i}; valid keys are {', '.join(_PHASE_KEYS)}.")
         name = str(phase.get("name", f"phase{i + 1}"))
-        if name in names or name == "pilot":
-            raise ValueError(f"Phase name {name!r} is used twice (or is 'pilot'); give each phase its own name.")
+        if name in names or name in ("pilot", "gate"):
+            raise ValueError(f"Phase name {name!r} is used twice (or is 'pilot' or 'gate'); give each phase its own "
+                             "name.")
         names.add(name)
+    pilot_seeds = set(spec["pilot"].get("seeds", [0]))
+    reported = set().union(*(set(p.get("seeds", [0])) for p in phases))
+    if pilot_seeds & reported:
+        raise ValueError(
+            f"The pilot's seeds {sorted(pilot_seeds & reported)} are also reported runs' seeds: ρ chosen on them "
+            "would favour those runs. Give the pilot seeds no phase uses (e.g. pilot: {seeds: [100, 101]})."
+        )
     return spec
 
 
@@ -428,7 +436,53 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
         make_report([str(d) for d in dirs if d.exists()], out=str(out / "report"))
         if spec.get("gate") is not None:
             _add_gate_to_report(out, out / "report")
+        _insert_before_results(out / "report" / "report.md", rho_provenance_markdown(spec, values))
     return record
+
+
+#: Keys that do not make an arm a variant of the one whose ρ the pilot tuned (precision, measurement, the
+#: momentum ascent's required running-statistics policy).
+_NOT_VARIANT = frozenset({"scope", "rho", "ascent", "bn_policy", "amp", "sharpness_at_end", "seed"})
+_ARM_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm", "random": "random mask", "ssam-f": "SSAM-F",
+              "norm/momentum": "SAM-ON with the momentum ascent"}
+
+
+def rho_provenance_markdown(spec: Mapping[str, Any], values: Mapping[str, Any]) -> str:
+    """A section saying, for every reported arm with a placeholder ρ, whether the pilot tuned that ρ for it or
+    it runs at another arm's ρ ("ρ of SAM-ON")."""
+    rows = []
+    for i, phase in enumerate(spec["phases"]):
+        name = str(phase.get("name", f"phase{i + 1}"))
+        for entry in _grid_entries(phase["grid"]):
+            rhos = [r for r in entry.get("rho", []) if isinstance(r, str) and r.startswith("@rho:")]
+            if not rhos:
+                continue
+            for scope in entry.get("scope", []):
+                for ascent in entry.get("ascent", ["gradient"]):
+                    own = choice_key(scope, ascent)
+                    variant = {k: v for k, v in entry.items() if k not in _NOT_VARIANT}
+                    for placeholder in rhos:
+                        source = placeholder.partition(":")[2]
+                        tuned = source == own and not variant
+                        how = ("tuned for this arm" + (" (in the pilot's precision)" if "amp" in entry else "")
+                               if tuned else f"ρ of {_ARM_NAMES.get(source, source)}, not tuned for this arm")
+                        settings = ", ".join(f"{k}={'/'.join(map(str, v))}" for k, v in entry.items() if k != "rho")
+                        rows.append(f"| {name} | {settings} | {values.get(placeholder, '?')} | {how} |")
+    if not rows:
+        return ""
+    return "\n".join(["## Where each arm's ρ comes from", "",
+                      "The pilot chose ρ on the validation split for the arms it ran (choice.md); the others run at "
+                      "the ρ of the arm they vary.", "",
+                      "| phase | arm | ρ | source |", "|---|---|---:|---|", *rows, ""]) + "\n"
+
+
+def _insert_before_results(report: Path, section: str) -> None:
+    if not section or not report.is_file():
+        return
+    text = report.read_text()
+    marker = "## Results"
+    text = text.replace(marker, section + "\n" + marker, 1) if marker in text else text + "\n" + section
+    ckpt.atomic_write_text(report, text)
 
 
 def _noisy_label_noise(spec: Mapping[str, Any]) -> float:
@@ -462,13 +516,9 @@ def _add_gate_to_report(out: Path, report_dir: Path) -> None:
     import shutil
 
     gate_md, figure = out / "gate.md", out / "gate_curves.png"
-    report = report_dir / "report.md"
-    if not (gate_md.is_file() and report.is_file()):
+    if not gate_md.is_file():
         return
     if figure.is_file():
         shutil.copyfile(figure, report_dir / figure.name)
-    section = "#" + gate_md.read_text()  # its "# Regime gate" heading becomes a section of the report
-    text = report.read_text()
-    marker = "## Results"
-    text = text.replace(marker, section + "\n" + marker, 1) if marker in text else text + "\n" + section
-    ckpt.atomic_write_text(report, text)
+    # its "# Regime gate" heading becomes a section of the report, before the others
+    _insert_before_results(report_dir / "report.md", "#" + gate_md.read_text())

@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["ASCENTS", "GradientAscent", "MomentumAscent", "MomentumState", "MOMENTUM_STATES",
-           "register_momentum_state", "make_ascent"]
+           "register_momentum_state", "make_ascent", "check_momentum_options"]
 
 ASCENTS = ("gradient", "momentum")
 
@@ -194,6 +194,15 @@ def make_ascent(ascent: str, base_optimizer: torch.optim.Optimizer, *, foreach: 
         )
     if ascent == "gradient":
         return GradientAscent()
+    check_momentum_options(perturbation=perturbation, scope=scope, ascent_interval=ascent_interval,
+                           sync_ascent=sync_ascent, bn_policy=bn_policy)
+    return MomentumAscent(base_optimizer, foreach=foreach)
+
+
+def check_momentum_options(*, perturbation: str, scope: Any, ascent_interval: int, sync_ascent: bool,
+                           bn_policy: str | None) -> None:
+    """Refuse the options that do not fit ``ascent="momentum"`` (ValueError naming the fix); shared by
+    :class:`normsam.SAM` and the runner's config check."""
     conflicts = [  # (whether it applies, why it is refused and the fix)
         (ascent_interval != 1, f"ascent_interval={ascent_interval} reuses a stored ε to skip ascent passes, and "
                               "ascent='momentum' has none to skip: drop ascent_interval"),
@@ -211,4 +220,3 @@ def make_ascent(ascent: str, base_optimizer: torch.optim.Optimizer, *, foreach: 
     for conflict, message in conflicts:
         if conflict:
             raise ValueError(message + ".")
-    return MomentumAscent(base_optimizer, foreach=foreach)

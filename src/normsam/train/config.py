@@ -23,7 +23,7 @@ import yaml
 
 from normsam.files import read_yaml
 from normsam.optim.amp import AMP_MODES, autocast
-from normsam.optim.ascent import ASCENTS
+from normsam.optim.ascent import ASCENTS, check_momentum_options
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, SCOPES
@@ -231,26 +231,22 @@ class TrainConfig:
 
 
 def _check_momentum_ascent(cfg: TrainConfig) -> None:
-    """``ascent=momentum``: the settings it cannot run with, refused before any training (SAM refuses them
-    too, later; see normsam.optim.ascent)."""
+    """``ascent=momentum``: the settings it cannot run with, refused before any training (the same check as
+    SAM's, normsam.optim.ascent, plus the runner's own keys)."""
     conflicts = [
         (cfg.scope == "none", "ascent=momentum chooses SAM's ascent direction, and scope=none trains without SAM: "
                               "drop ascent or set a scope (scope=norm: SAM-ON)"),
-        (cfg.ascent_interval != 1 or cfg.ascent_fraction != 1.0,
-         "ascent=momentum has no ascent pass, so ascent_interval and ascent_fraction have nothing to save: drop them"),
-        (cfg.bn_policy == "freeze", "ascent=momentum's only forward pass is at w + ε, so bn_policy=freeze would never "
-                                    "update BatchNorm's running statistics: set bn_policy=update (as Momentum-SAM)"),
+        (cfg.ascent_fraction != 1.0,
+         "ascent=momentum has no ascent pass, so ascent_fraction has nothing to save: drop it"),
         (cfg.optimizer in ("sgd", "adamw") and cfg.momentum == 0,
          f"ascent=momentum perturbs along the base optimizer's momentum, and optimizer={cfg.optimizer} with "
          "momentum=0 keeps none: set momentum=0.9"),
-        (cfg.sync_ascent, "ascent=momentum: the momentum is already the same on every worker; drop sync_ascent"),
-        (cfg.perturbation == "fisher" or cfg.scope == "ssam-d",
-         "ascent=momentum computes no ascent gradient, which perturbation=fisher and scope=ssam-d need: use "
-         "another perturbation (sam, asam, layerwise, linf) or mask scope (random, ssam-f)"),
     ]
     for conflict, message in conflicts:
         if conflict:
             raise ValueError(message + ".")
+    check_momentum_options(perturbation=cfg.perturbation, scope=cfg.scope, ascent_interval=cfg.ascent_interval,
+                           sync_ascent=cfg.sync_ascent, bn_policy=cfg.bn_policy)
 
 
 def _one_of(key: str, value: Any, valid: tuple) -> None:
