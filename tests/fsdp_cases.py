@@ -361,7 +361,6 @@ def refusals(mesh) -> dict:
         sam.first_step()
 
     attempt("shards_as_backward_inputs", shards_as_backward_inputs)
-    assert DTensor is not None
     return out
 
 
