@@ -275,19 +275,20 @@ class ShardedTensors:
         0-d float64 tensor. Shards' squares are summed over the ranks (one all-reduce), replicas' counted once."""
         flags = [self.is_shard(p) for p in params]
 
+        def squares(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for idx in _grouped(tensors).values():  # one foreach norm per (device, dtype), squared in float64
+                norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx])).to(device, torch.float64)
+                total = total + norms.square().sum()
+            return total
+
         def norm(tensors: Sequence[Tensor]) -> Tensor:
-            device = tensors[0].device if tensors else torch.device("cpu")
-            squares = {True: torch.zeros((), dtype=torch.float64, device=device), False: None}
-            squares[False] = torch.zeros_like(squares[True])
-            for shard in (True, False):
-                pick = [t for t, s in zip(tensors, flags) if s == shard]
-                for idx in _grouped(pick).values():
-                    norms = torch.stack(torch._foreach_norm([pick[i] for i in idx])).to(device, torch.float64)
-                    squares[shard] = squares[shard] + norms.square().sum()
             import torch.distributed as dist
 
-            dist.all_reduce(squares[True], op=dist.ReduceOp.SUM, group=self.group)
-            return (squares[True] + squares[False]).sqrt()
+            device = tensors[0].device if tensors else torch.device("cpu")
+            shards = squares([t for t, s in zip(tensors, flags) if s], device)
+            dist.all_reduce(shards, op=dist.ReduceOp.SUM, group=self.group)  # every rank's shards
+            return (shards + squares([t for t, s in zip(tensors, flags) if not s], device)).sqrt()
 
         return norm
 
