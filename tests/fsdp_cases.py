@@ -319,7 +319,7 @@ def running_stats_frozen(mesh) -> dict:
 
 def refusals(mesh) -> dict:
     """Setups SAM refuses on FSDP2 models, each with its message."""
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import Replicate, distribute_tensor
 
     out = {}
 
@@ -352,7 +352,15 @@ def refusals(mesh) -> dict:
         sam.first_step(F.cross_entropy(model(my_half(x)), my_half(y)))
 
     attempt("sharded_after_sam", sharded_after_sam)
-    assert DTensor is not None
+
+    def shards_as_backward_inputs():  # autograd never reaches the shards: no gradient, silently
+        model = shard(make_model(), mesh)
+        sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
+        x, y = batches(0)
+        F.cross_entropy(model(my_half(x)), my_half(y)).backward(inputs=sam.perturbed_parameters())
+        sam.first_step()
+
+    attempt("shards_as_backward_inputs", shards_as_backward_inputs)
     return out
 
 

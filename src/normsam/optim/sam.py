@@ -409,7 +409,8 @@ class SAM(torch.optim.Optimizer):
 
     def perturbed_parameters(self) -> list[Tensor]:
         """The tensors SAM perturbs (the candidates, for a mask scope). ``loss.backward(inputs=...)`` with
-        them is the cheap ascent for callers that accumulate gradients over micro-batches."""
+        them is the cheap ascent for callers that accumulate gradients over micro-batches (under FSDP2 use
+        :meth:`ascent_inputs`)."""
         return self._targets()
 
     def ascent_inputs(self) -> list[Tensor]:

@@ -94,11 +94,17 @@ def _fsdp2_params(model: nn.Module) -> dict[int, Any]:
     except ImportError:
         return {}
     found: dict[int, Any] = {}
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            for group in module._get_fsdp_state()._fsdp_param_groups:
-                for fsdp_param in group.fsdp_params:
-                    found[id(fsdp_param.sharded_param)] = fsdp_param
+    try:  # FSDP2's bookkeeping is private; what normsam reads of it is pinned by tests/test_fsdp.py
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                for group in module._get_fsdp_state()._fsdp_param_groups:
+                    for fsdp_param in group.fsdp_params:
+                        found[id(fsdp_param.sharded_param)] = fsdp_param
+    except AttributeError as error:
+        raise ValueError(
+            f"normsam cannot read FSDP2's parameter bookkeeping in torch {torch.__version__} ({error}); its FSDP2 "
+            "support is tested with torch 2.14. Please report this with your torch version."
+        ) from None
     return found
 
 
@@ -133,11 +139,12 @@ def sharding_for(model: nn.Module | None, params: Sequence[Tensor]) -> ShardedTe
     layout = (Shard(0),) if mesh.ndim == 1 else (Replicate(), Shard(0))  # FSDP2, HSDP
     odd = sorted({str(p.placements) for p in shards if p.placements != layout})
     if odd or len(meshes) != 1 or mesh.ndim > 2 or mesh.size() != dist.get_world_size():
+        shapes = [tuple(m.shape) for m in meshes.values()]
+        got = f"placements {', '.join(odd)}" if odd else f"{len(meshes)} mesh(es) of shapes {shapes}"
         raise ValueError(
             "SAM supports FSDP2 on one device mesh over all processes: 1-D (placements (Shard(0),)) or HSDP's 2-D "
-            f"(Replicate(), Shard(0)); got {', '.join(odd) if odd else f'{len(meshes)} mesh(es) of shapes ' + str([tuple(m.shape) for m in meshes.values()])}"
-            " (FSDP + tensor parallelism?). Shard with fully_shard(module, mesh=init_device_mesh(device, "
-            "(world_size,)))."
+            f"(Replicate(), Shard(0)); got {got} (FSDP + tensor parallelism?). Shard with "
+            "fully_shard(module, mesh=init_device_mesh(device, (world_size,)))."
         )
     # norms sum the squares over the ranks that hold different shards (HSDP: one replica's shard group);
     # replicas of plain tensors average over every process
@@ -198,8 +205,19 @@ class ShardedTensors:
 
     def gradients(self, params: Sequence[Tensor]) -> list[Tensor | None]:
         """The local ascent gradients from ``.grad``: a shard's (FSDP2 already averaged it over the ranks),
-        and a replica's averaged over the ranks here."""
-        return self._localize(params, [p.grad for p in params])
+        and a replica's averaged over the ranks here.
+
+        No gradient on any shard is refused: ``loss.backward(inputs=<the sharded parameters>)`` gives exactly
+        that, silently (autograd never sees the shards), and the step would be plain SGD's."""
+        grads = [p.grad for p in params]
+        shards = [g for p, g in zip(params, grads) if self.is_shard(p)]
+        if shards and all(g is None for g in shards):
+            raise ValueError(
+                "first_step(): none of the perturbed FSDP2 shards has a gradient. Under FSDP2 autograd sees the "
+                "unsharded parameters, not the shards: call loss.backward() (or loss.backward(inputs="
+                "sam.ascent_inputs()) after the forward), or pass the loss, sam.first_step(loss)."
+            )
+        return self._localize(params, grads)
 
     def ascent_gradients(
         self, loss: Tensor, params: Sequence[Tensor], others: Sequence[Tensor]
@@ -257,19 +275,20 @@ class ShardedTensors:
         0-d float64 tensor. Shards' squares are summed over the ranks (one all-reduce), replicas' counted once."""
         flags = [self.is_shard(p) for p in params]
 
+        def squares(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for idx in _grouped(tensors).values():  # one foreach norm per (device, dtype), squared in float64
+                norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx])).to(device, torch.float64)
+                total = total + norms.square().sum()
+            return total
+
         def norm(tensors: Sequence[Tensor]) -> Tensor:
-            device = tensors[0].device if tensors else torch.device("cpu")
-            squares = {True: torch.zeros((), dtype=torch.float64, device=device), False: None}
-            squares[False] = torch.zeros_like(squares[True])
-            for shard in (True, False):
-                pick = [t for t, s in zip(tensors, flags) if s == shard]
-                for idx in _grouped(pick).values():
-                    norms = torch.stack(torch._foreach_norm([pick[i] for i in idx])).to(device, torch.float64)
-                    squares[shard] = squares[shard] + norms.square().sum()
             import torch.distributed as dist
 
-            dist.all_reduce(squares[True], op=dist.ReduceOp.SUM, group=self.group)
-            return (squares[True] + squares[False]).sqrt()
+            device = tensors[0].device if tensors else torch.device("cpu")
+            shards = squares([t for t, s in zip(tensors, flags) if s], device)
+            dist.all_reduce(shards, op=dist.ReduceOp.SUM, group=self.group)  # every rank's shards
+            return (shards + squares([t for t, s in zip(tensors, flags) if not s], device)).sqrt()
 
         return norm
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +71,17 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def full_copy(model: nn.Module, fresh: nn.Module) -> nn.Module | None:
-    """Collective: ``fresh`` (an unsharded model of the same architecture) loaded with the sharded model's
-    full weights on rank 0 (``None`` on the others); for the per-epoch norm statistics and the sharpness
-    measurement, which read whole tensors."""
+def full_copy(model: nn.Module, build: Callable[[], nn.Module]) -> nn.Module | None:
+    """Collective: an unsharded model from ``build()`` (same architecture) loaded with the sharded model's
+    full weights, on rank 0, on the CPU (``None`` on the others); for the per-epoch norm statistics and the
+    sharpness measurement, which read whole tensors."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if dist.get_rank() != 0:
         return None
+    fresh = build()
     fresh.load_state_dict(state)
     return fresh
 

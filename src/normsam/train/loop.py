@@ -534,7 +534,7 @@ class Trainer:
             return self.model if self.dist.is_main else None
         from normsam.train import fsdp
 
-        return fsdp.full_copy(self.model, build_run_model(self.cfg, self.data))
+        return fsdp.full_copy(self.model, lambda: build_run_model(self.cfg, self.data))
 
     def _load_checkpoint(self) -> None:
         if self.fsdp:
