@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import normsam
 from normsam.optim.ascent import MOMENTUM_STATES, register_momentum_state

@@ -35,7 +35,7 @@ from normsam.analysis import stats
 from normsam.train import checkpoint as ckpt
 
 __all__ = ["GATE_KEYS", "DEFAULT_GATE_MARGIN", "RegimeGateNotMet", "GateResult", "check_gate_spec", "gate_sweep_grid",
-           "evaluate_gate", "gate_markdown", "gate_figure", "write_gate"]
+           "evaluate_gate", "gate_markdown", "gate_figure", "write_gate", "gate_failure_message", "gate_summary_lines"]
 
 GATE_KEYS = ("seeds", "margin", "clean", "eval_every")
 DEFAULT_GATE_MARGIN = 5.0
