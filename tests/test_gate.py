@@ -91,6 +91,9 @@ def test_gate_spec_errors_name_the_fix():
     assert check_gate_spec({}, 0.4) == {"seeds": [200, 201], "margin": 5.0, "clean": {"label_noise": 0.0}}
     with pytest.raises(ValueError, match="Unknown key 'seed' in gate:"):
         check_gate_spec({"seed": [1]}, 0.4)
+    assert check_gate_spec({"eval_every": 5}, 0.4)["eval_every"] == 5
+    with pytest.raises(ValueError, match="eval_every must be an int >= 1"):
+        check_gate_spec({"eval_every": 0}, 0.4)
     with pytest.raises(ValueError, match="margin must be a number >= 0"):
         check_gate_spec({"margin": -1}, 0.4)
     with pytest.raises(ValueError, match="recipe has label_noise = 0"):

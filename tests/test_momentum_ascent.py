@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import normsam
 from normsam.optim.ascent import MOMENTUM_STATES, register_momentum_state
@@ -159,6 +158,34 @@ def test_lion_perturbs_against_its_exp_avg():
     torch.testing.assert_close(model.gn.weight.detach() - w, expected, rtol=1e-6, atol=1e-12)
     sam.restore()
     assert torch.equal(model.gn.weight.detach(), w)
+
+
+def _known_optimizers():
+    for entry in MOMENTUM_STATES:
+        if isinstance(entry, str):  # "module.QualName", matched by name (timm's Lion)
+            module, _, name = entry.rpartition(".")
+            try:
+                entry = getattr(__import__(module, fromlist=[name]), name)
+            except ImportError:
+                continue
+        yield pytest.param(entry, id=entry.__name__)
+
+
+@pytest.mark.parametrize("optimizer", list(_known_optimizers()))
+def test_every_registered_optimizer_is_perturbed_against_its_momentum(optimizer):
+    """The registry drives this test: each entry's state key must exist after a step, and ε = −ρ·v/‖v‖."""
+    model = make_cnn()
+    options = {"momentum": 0.9} if issubclass(optimizer, torch.optim.SGD) else {}  # SGD's default is 0
+    sam = normsam.SAM(model, optimizer, rho=0.5, lr=1e-3, ascent="momentum", **options)
+    _sam_steps(model, sam, 2)
+    key = sam.ascent_source.key
+    momenta = [sam.base_optimizer.state[p][key] for p in sam.perturbed_parameters()]
+    norm = torch.sqrt(sum(m.square().sum() for m in momenta))
+    before = [p.detach().clone() for p in sam.perturbed_parameters()]
+    sam.first_step()
+    for p, w, m in zip(sam.perturbed_parameters(), before, momenta):
+        torch.testing.assert_close(p.detach() - w, -0.5 * m / norm, rtol=1e-6, atol=1e-12)
+    sam.restore()
 
 
 def test_the_first_step_is_a_plain_step_and_every_step_is_one_pass():

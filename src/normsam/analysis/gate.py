@@ -17,6 +17,7 @@ the gate before anything else and stops with :class:`RegimeGateNotMet` (and the 
       seeds: [200, 201]       # seeds no reported run uses
       margin: 5               # points of test accuracy the noise must cost SGD
       clean: {label_noise: 0} # what turns the recipe into its clean twin (the default)
+      eval_every: 5           # optional: evaluate the gate's runs more often than the recipe (finer curves)
 
 Written into the study folder: ``gate.json`` and ``gate.md`` (the figures per seed and the verdict) and
 ``gate_curves.png`` (SGD's train and test accuracy and the flipped examples' accuracy per epoch).
@@ -34,9 +35,9 @@ from normsam.analysis import stats
 from normsam.train import checkpoint as ckpt
 
 __all__ = ["GATE_KEYS", "DEFAULT_GATE_MARGIN", "RegimeGateNotMet", "GateResult", "check_gate_spec", "gate_sweep_grid",
-           "evaluate_gate", "gate_markdown", "gate_figure", "write_gate"]
+           "evaluate_gate", "gate_markdown", "gate_figure", "write_gate", "gate_failure_message", "gate_summary_lines"]
 
-GATE_KEYS = ("seeds", "margin", "clean")
+GATE_KEYS = ("seeds", "margin", "clean", "eval_every")
 DEFAULT_GATE_MARGIN = 5.0
 
 
@@ -64,13 +65,20 @@ def check_gate_spec(gate: Any, noisy_label_noise: float) -> dict[str, Any]:
     if not noisy_label_noise > 0:
         raise ValueError("gate: the study's recipe has label_noise = 0, so there is no noise for the gate to "
                          "measure; set label_noise in the recipe (e.g. 0.4) or drop gate:.")
-    return {"seeds": list(seeds), "margin": float(margin), "clean": clean}
+    out = {"seeds": list(seeds), "margin": float(margin), "clean": clean}
+    if "eval_every" in gate:
+        every = gate["eval_every"]
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"gate: eval_every must be an int >= 1 (epochs between evaluations), got {every!r}.")
+        out["eval_every"] = every
+    return out
 
 
 def gate_sweep_grid(gate: Mapping[str, Any], noisy_label_noise: float) -> list[dict[str, list]]:
     """The gate's sweep grid: SGD on the noisy recipe and on its clean twin."""
     clean = {key: [value] for key, value in gate["clean"].items()}
-    return [{"scope": ["none"], "label_noise": [noisy_label_noise]}, {"scope": ["none"], **clean}]
+    every = {"eval_every": [gate["eval_every"]]} if "eval_every" in gate else {}
+    return [{"scope": ["none"], "label_noise": [noisy_label_noise], **every}, {"scope": ["none"], **clean, **every}]
 
 
 @dataclass

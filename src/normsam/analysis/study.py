@@ -383,6 +383,9 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
         entry["counts"] = sweep.counts()
         entry["sweep"] = str(sweep_file)
         ckpt.write_json(record_path, record)
+        total = entry["wall_clock_s"]
+        print(f"study {out}: phase {name}: {time.time() - started:.0f} s this time, {total // 3600:.0f} h "
+              f"{total % 3600 / 60:.0f} min over all sittings ({record_path})", flush=True)
         if sweep.failed:
             raise RuntimeError(f"Phase {name}: {len(sweep.failed)} run(s) failed; see {sweep.out / 'sweep.json'}.")
 

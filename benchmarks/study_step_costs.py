@@ -1,10 +1,11 @@
-"""What bf16 autocast costs a training step on this machine, against fp32 (the regime study's recipe shape).
+"""Step costs behind the regime study's wall-clock estimate (docs/results/study-regime/README.md).
 
-    python benchmarks/precision_cost.py            # ResNet-20, batch 128 × 1×28×28, 1 thread, 5 rounds
+    python benchmarks/study_step_costs.py          # ResNet-20, batch 128 × 1×28×28, 1 thread, 5 rounds
 
-Interleaved rounds of two SGD steps each in fp32 and under bf16 autocast, then the time of an evaluation
-forward pass of 512 images; prints per-round times and the median ratio. Used for the wall-clock estimate in
-docs/results/study-regime/README.md (on a CPU without bf16 instructions, bf16 autocast is emulated and slow).
+1. fp32 against bf16 autocast: interleaved rounds of two SGD steps each (on a CPU without bf16 instructions,
+   bf16 autocast is emulated and slow), then the time of an evaluation forward pass of 512 images;
+2. SAM-all against the random mask at SAM-ON's sparsity (asam): interleaved single steps.
+Prints per-round times and the median ratios.
 """
 
 from __future__ import annotations
@@ -58,6 +59,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: " + " ".join(f"{1000 * t:.0f}" for t in values) + " ms per step")
     ratio = statistics.median(b / f for b, f in zip(times["bf16"], times["fp32"]))
     print(f"bf16 / fp32 (median per round): {ratio:.1f}x; evaluation forward: {1000 * forward:.0f} ms per 512 images")
+
+    import normsam
+
+    def sam_step(**options):
+        net = build_model("resnet20", num_classes=10, in_channels=1, image_size=args.image_size)
+        sam = normsam.SAM(net, torch.optim.SGD, rho=0.3, perturbation="asam", lr=0.1, momentum=0.9, **options)
+
+        def step() -> None:
+            sam.first_step(F.cross_entropy(net(x), y), zero_grad=True)
+            F.cross_entropy(net(x), y).backward()
+            sam.second_step(zero_grad=True)
+
+        return step
+
+    share = normsam.describe_scope(build_model("resnet20", num_classes=10, in_channels=1,
+                                               image_size=args.image_size), "norm").share
+    steps = {"SAM-all": sam_step(scope="all"), "random mask": sam_step(scope="random", sparsity=1 - share)}
+    masks: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            masks[name].append(time.perf_counter() - start)
+    for name, values in masks.items():
+        print(f"{name}: " + " ".join(f"{1000 * t:.0f}" for t in values) + " ms per step")
+    ratio = statistics.median(r / a for r, a in zip(masks["random mask"], masks["SAM-all"]))
+    print(f"random mask (sparsity {1 - share:.6f}) / SAM-all (median per round): {ratio:.2f}x")
     return 0
 
 
