@@ -162,3 +162,16 @@ def test_the_fsdp_example_runs_as_the_readme_shows(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "scope='norm'" in done.stdout and "in 5 tensors" in done.stdout  # the 5 RMSNorm weights
     assert "done: 4 SAM-ON steps on 2 processes" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_fsdp_benchmark_runs_in_smoke_mode():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["timeout", "200", TORCHRUN, "--standalone", "--nproc_per_node=2",
+         str(root / "benchmarks" / "fsdp_step_time.py"), "--smoke"],
+        cwd=root, env={**ENV, "PYTHONPATH": str(root / "src")}, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for variant in ("AdamW (no SAM)", "normsam SAM-ON", "normsam SAM-all", "hand-written SAM-all"):
+        assert f"| {variant} |" in done.stdout
