@@ -58,6 +58,13 @@ def test_fsdp_run_writes_a_sharded_checkpoint_that_analysis_reads(tmp_path):
 
     result = measure_run_sharpness(run, rho=0.003, steps=2, n=32, m=16, progress=False)
     assert result["sharpness"] == result["sharpness"]  # a number, not NaN
+    from normsam.analysis.report import make_report
+
+    written = make_report([run], out=tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    final = f"{ckpt.read_jsonl(run / ckpt.METRICS_JSONL)[-1]['test_acc']:.2f}"
+    assert any(p.name == "report.md" for p in written) and "1 runs (1 finished, 0 unfinished)" in report
+    assert final in report  # the run's final test accuracy, read from its files
     # resuming with another number of processes is refused: each rank's data order depends on it
     (run / ckpt.SUMMARY).unlink()
     other = subprocess.run(
@@ -162,3 +169,16 @@ def test_the_fsdp_example_runs_as_the_readme_shows(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "scope='norm'" in done.stdout and "in 5 tensors" in done.stdout  # the 5 RMSNorm weights
     assert "done: 4 SAM-ON steps on 2 processes" in done.stdout
+
+
+@pytest.mark.slow
+def test_the_fsdp_benchmark_runs_in_smoke_mode():
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        ["timeout", "200", TORCHRUN, "--standalone", "--nproc_per_node=2",
+         str(root / "benchmarks" / "fsdp_step_time.py"), "--smoke"],
+        cwd=root, env={**ENV, "PYTHONPATH": str(root / "src")}, capture_output=True, text=True, timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for variant in ("AdamW (no SAM)", "normsam SAM-ON", "normsam SAM-all", "hand-written SAM-all"):
+        assert f"| {variant} |" in done.stdout
