@@ -278,12 +278,15 @@ def check_plan(spec: Mapping[str, Any], phases: Sequence[str] | None = None) -> 
     from normsam.analysis.sweep import load_sweep
     from normsam.optim.scopes import PARAMETER_SCOPES
 
-    names = ["pilot", *_phase_names(spec)]
+    names = [*(["gate"] if spec.get("gate") is not None else []), "pilot", *_phase_names(spec)]
     for wanted in phases or []:
         if wanted not in names:
             close = difflib.get_close_matches(wanted, names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ValueError(f"--phase {wanted!r} is not a phase of this study ({', '.join(names)}).{hint}")
+
+    if spec.get("gate") is not None:  # the gate's settings and its runs' configs, like every phase's
+        load_sweep(_gate_sweep(spec)[2])
 
     pilot_spec = spec["pilot"]
     pilot = load_sweep(_sweep_spec(spec, "pilot", pilot_spec.get("seeds", [0]), pilot_spec["grid"]))
@@ -494,8 +497,8 @@ def _noisy_label_noise(spec: Mapping[str, Any]) -> float:
     return float(load_config(spec.get("preset"), dict(spec.get("base") or {})).label_noise)
 
 
-def _run_gate(spec: Mapping[str, Any], out: Path, timed) -> None:
-    """The regime gate (normsam.analysis.gate): SGD on noisy and clean labels; stop when the cost is too small."""
+def _gate_sweep(spec: Mapping[str, Any]) -> tuple[float, dict[str, Any], dict[str, Any]]:
+    """The gate's label noise, checked settings and sweep spec (SGD on the noisy and the clean labels)."""
     from normsam.analysis import gate as gatelib
 
     noise = _noisy_label_noise(spec)
@@ -505,6 +508,14 @@ def _run_gate(spec: Mapping[str, Any], out: Path, timed) -> None:
     varied = {key for entry in grid for key in entry}
     if "base" in sweep:  # the grid sets label_noise (and the clean twin's keys) itself
         sweep["base"] = {k: v for k, v in sweep["base"].items() if k not in varied}
+    return noise, settings, sweep
+
+
+def _run_gate(spec: Mapping[str, Any], out: Path, timed) -> None:
+    """The regime gate (normsam.analysis.gate): SGD on noisy and clean labels; stop when the cost is too small."""
+    from normsam.analysis import gate as gatelib
+
+    noise, settings, sweep = _gate_sweep(spec)
     timed("gate", sweep)  # always: finished runs are skipped, and the verdict needs every one of them
     result = gatelib.evaluate_gate(out / "gate", settings["margin"], noise)
     gatelib.write_gate(out, result, noise)

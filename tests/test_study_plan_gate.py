@@ -1,0 +1,31 @@
+"""The study's plan check knows the regime gate: `--phase gate` is a phase, a bad gate fails before training."""
+
+from __future__ import annotations
+
+import pytest
+
+from normsam.analysis.study import check_plan, load_study
+
+
+def _spec(tmp_path, **gate):
+    return load_study({
+        "out": str(tmp_path / "study"),
+        "base": {"data": "synthetic", "model": "resnet20", "epochs": 1, "val_split": 0.2, "label_noise": 0.4},
+        "gate": {"seeds": [0], **gate},
+        "pilot": {"seeds": [100], "grid": [{"scope": ["norm"], "rho": [0.5]}]},
+        "phases": [{"name": "main", "seeds": [0], "grid": [{"scope": ["norm"], "rho": ["@rho:norm"]}]}],
+    })
+
+
+def test_gate_is_a_phase_name_and_typos_near_it_are_refused(tmp_path):
+    spec = _spec(tmp_path)
+    check_plan(spec, ["gate"])
+    with pytest.raises(ValueError, match="Did you mean 'gate'"):
+        check_plan(spec, ["gaet"])
+
+
+def test_a_bad_setting_of_the_gates_clean_twin_fails_the_plan_check(tmp_path):
+    """`clean:` holds config keys of the clean runs: only building the gate's sweep can check them."""
+    check_plan(_spec(tmp_path, clean={"label_noise": 0.0}))
+    with pytest.raises(ValueError, match="lrr"):
+        check_plan(_spec(tmp_path, clean={"label_noise": 0.0, "lrr": 0.1}))
