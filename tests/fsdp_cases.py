@@ -95,6 +95,13 @@ def average_plain_grads(model: nn.Module) -> None:
 
 
 def sam_step(model, sam, x, y, ascent: str, plain_grads: bool = False) -> None:
+    if ascent == "momentum":  # no pass at w: ε from the base optimizer's momentum (none yet: a plain step)
+        sam.first_step()
+        F.cross_entropy(model(x), y).backward()
+        if plain_grads:
+            average_plain_grads(model)
+        sam.second_step(zero_grad=True)
+        return
     loss = F.cross_entropy(model(x), y)
     if ascent == "cheap":
         sam.first_step(loss, zero_grad=True)
@@ -125,6 +132,8 @@ def equivalence(mesh, *, norm="layer", perturbation="sam", ascent="cheap", scope
     base_cls = torch.optim.SGD if base == "sgd" else torch.optim.AdamW
     kwargs = dict(rho=0.5 if scope == "norm" else 0.1, perturbation=perturbation, scope=scope, **base_kwargs,
                   **options)
+    if ascent == "momentum":
+        kwargs["ascent"] = "momentum"
     reference = make_model(norm)
     plain_sgd = copy.deepcopy(reference)
     model = shard(copy.deepcopy(reference), mesh, leave_norms_plain=leave_norms_plain)
@@ -397,6 +406,13 @@ def register_cases() -> None:
     for ascent in ("cheap", "classic"):  # steps 0 and 2 fresh, step 1 reuses the stored local ε
         CASES[f"eq-ascent-interval-{ascent}"] = lambda mesh, a=ascent: equivalence(
             mesh, perturbation="layerwise", ascent=a, ascent_interval=2)
+    for perturbation in ("sam", "layerwise"):  # Momentum-SAM: the momentum's local shards, global norms
+        for scope in ("norm", "all"):
+            CASES[f"eq-momentum-{perturbation}-{scope}"] = lambda mesh, p=perturbation, s=scope: equivalence(
+                mesh, perturbation=p, ascent="momentum", scope=s)
+    CASES["eq-momentum-adamw"] = lambda mesh: equivalence(mesh, perturbation="asam", ascent="momentum", base="adamw")
+    CASES["mixed-momentum"] = lambda mesh: equivalence(mesh, perturbation="sam", ascent="momentum", scope="all",
+                                                       leave_norms_plain=True)
     CASES["accumulation"] = accumulation
     CASES["mixed_precision"] = mixed_precision
     CASES["issue_report"] = issue_report

@@ -56,7 +56,8 @@ EQUIVALENCE = [
     for norm in ("layer", "rms") for p in normsam.PERTURBATIONS for ascent in ("cheap", "classic")
     for scope in ("norm", "all")
 ] + ["eq-loop-sam", "eq-loop-layerwise", "eq-loop-fisher", "eq-norm-over-all", "eq-no-norm", "eq-patterns",
-     "eq-adamw", "eq-ascent-interval-cheap", "eq-ascent-interval-classic", "mixed-sam-cheap", "mixed-sam-classic", "mixed-layerwise-cheap", "mixed-layerwise-classic"] + [
+     "eq-adamw", "eq-ascent-interval-cheap", "eq-ascent-interval-classic", "mixed-sam-cheap", "mixed-sam-classic", "mixed-layerwise-cheap", "mixed-layerwise-classic", "eq-momentum-sam-norm", "eq-momentum-sam-all",
+     "eq-momentum-layerwise-norm", "eq-momentum-layerwise-all", "eq-momentum-adamw", "mixed-momentum"] + [
     f"hsdp-{shape}-{case}" for shape in ("2x1", "1x2") for case in ("sam", "layerwise", "mixed")]
 
 

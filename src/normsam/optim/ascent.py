@@ -181,7 +181,11 @@ class MomentumAscent:
         """−momentum of the perturbed tensors (and of the others, for ``norm_over="all"``); None where the
         base optimizer has not stepped yet. The loss, ``.grad`` and the scaler are not used: the momentum is
         built from unscaled gradients."""
-        return self._negated(self._momenta(plan.params)), self._negated(self._momenta(plan.others))
+        momenta, others = self._momenta(plan.params), self._momenta(plan.others)
+        if plan.sharding is not None:  # FSDP2: the momentum of a sharded parameter is a DTensor like it; ε and
+            local = plan.sharding.local  # the backup act on local shards, so take the momentum's local shard
+            momenta, others = ([None if m is None else local([m])[0] for m in ms] for ms in (momenta, others))
+        return self._negated(momenta), self._negated(others)
 
 
 def make_ascent(ascent: str, base_optimizer: torch.optim.Optimizer, *, foreach: bool = True, perturbation: str,
