@@ -299,7 +299,7 @@ def check_plan(spec: Mapping[str, Any], phases: Sequence[str] | None = None) -> 
     rhos: dict[str, float] = {}
     for run in pilot.runs:
         if isinstance(run.config.scope, str) and run.config.scope != "none":
-            rhos.setdefault(run.config.scope, run.config.rho)
+            rhos.setdefault(choice_key(run.config.scope, run.config.ascent), run.config.rho)
 
     values: dict[str, Any] = {}
     for name, phase in zip(_phase_names(spec), spec["phases"]):

@@ -29,3 +29,15 @@ def test_a_bad_setting_of_the_gates_clean_twin_fails_the_plan_check(tmp_path):
     check_plan(_spec(tmp_path, clean={"label_noise": 0.0}))
     with pytest.raises(ValueError, match="lrr"):
         check_plan(_spec(tmp_path, clean={"label_noise": 0.0, "lrr": 0.1}))
+
+
+def test_the_shipped_study_files_pass_their_plan_check():
+    """Every phase of the committed studies (e.g. the momentum arm's `@rho:norm/momentum`) checks out before
+    anything trains, as `normsam study` will do."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "study"
+    studies = [p for p in sorted(root.glob("*.yaml")) if "phases" in p.read_text()]
+    assert studies
+    for path in studies:
+        check_plan(load_study(path))
