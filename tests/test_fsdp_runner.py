@@ -63,7 +63,7 @@ def test_fsdp_run_writes_a_sharded_checkpoint_that_analysis_reads(tmp_path):
     written = make_report([run], out=tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
     final = f"{ckpt.read_jsonl(run / ckpt.METRICS_JSONL)[-1]['test_acc']:.2f}"
-    assert any(p.name == "report.md" for p in written) and "1 runs (1 finished, 0 unfinished)" in report
+    assert any(p.name == "report.md" for p in written) and "1 runs (1 finished, 0 diverged, 0 unfinished)" in report
     assert final in report  # the run's final test accuracy, read from its files
     # resuming with another number of processes is refused: each rank's data order depends on it
     (run / ckpt.SUMMARY).unlink()
