@@ -26,7 +26,7 @@ from tests.test_runner import TINY, _cfg
 
 @pytest.fixture(autouse=True)
 def no_system_data(monkeypatch):
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
     monkeypatch.delenv(D.DATA_ENV_VAR, raising=False)
 
 

@@ -27,7 +27,7 @@ from tests.test_study import TINY as STUDY_TINY
 
 @pytest.fixture(autouse=True)
 def no_system_data(monkeypatch):
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
     monkeypatch.delenv(D.DATA_ENV_VAR, raising=False)
 
 

@@ -14,28 +14,18 @@ from normsam.analysis.run_sharpness import measure_run_sharpness
 from normsam.train import checkpoint as ckpt
 from normsam.train import data as D
 from normsam.train.loop import Trainer, resume
-from tests.test_runner import _cfg
+from tests.test_runner import _cfg, interrupt_in_second_epoch
 
 
 @pytest.fixture(autouse=True)
 def no_system_data(monkeypatch):
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
     monkeypatch.delenv(D.DATA_ENV_VAR, raising=False)
 
 
 def _interrupted(tmp_path, monkeypatch, **overrides):
     cfg = _cfg(tmp_path, **overrides)
-    original = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg).run()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_in_second_epoch(cfg, monkeypatch)
     return cfg
 
 

@@ -19,14 +19,14 @@ from normsam.train import checkpoint as ckpt
 from normsam.train import data as D
 from normsam.train.loop import Trainer
 from normsam.train.run_lock import LOCK_FILE, RunLock, RunLockedError, holder_info
-from tests.test_runner import TINY, _cfg, _metrics
+from tests.test_runner import TINY, _cfg, _metrics, interrupt_in_second_epoch
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 
 @pytest.fixture(autouse=True)
 def no_system_data(monkeypatch):
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
     monkeypatch.delenv(D.DATA_ENV_VAR, raising=False)
 
 
@@ -75,17 +75,7 @@ def test_a_second_train_process_exits_2_and_a_killed_holder_never_blocks(tmp_pat
 
 def test_resume_while_the_run_trains_is_refused(tmp_path, monkeypatch, capsys):
     cfg = _cfg(tmp_path)
-    original = Trainer.train_epoch
-
-    def interrupted(self, epoch):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return original(self, epoch)
-
-    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        Trainer(cfg).run()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    interrupt_in_second_epoch(cfg, monkeypatch)
     with RunLock(cfg.out):  # "still training"
         assert cli.main(["train", "--resume", cfg.out]) == 2
         assert "is in use by pid" in capsys.readouterr().err

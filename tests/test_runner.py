@@ -41,8 +41,8 @@ def _without_timing(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
-def interrupt_after_one_epoch_and_resume(cfg, monkeypatch) -> dict:
-    """Train ``cfg``, stop it with Ctrl-C during its second epoch, then ``resume`` it; returns the summary."""
+def interrupt_in_second_epoch(cfg, monkeypatch) -> None:
+    """Train ``cfg`` and stop it with Ctrl-C during its second epoch (one epoch is checkpointed)."""
     original = Trainer.train_epoch
 
     def interrupted(self, epoch):
@@ -55,6 +55,11 @@ def interrupt_after_one_epoch_and_resume(cfg, monkeypatch) -> dict:
         Trainer(cfg).run()
     assert len(_metrics(cfg.out)) == 1
     monkeypatch.setattr(Trainer, "train_epoch", original)
+
+
+def interrupt_after_one_epoch_and_resume(cfg, monkeypatch) -> dict:
+    """Train ``cfg``, stop it with Ctrl-C during its second epoch, then ``resume`` it; returns the summary."""
+    interrupt_in_second_epoch(cfg, monkeypatch)
     return resume(cfg.out)
 
 

@@ -146,7 +146,7 @@ def test_the_runner_leaves_no_perturbed_weights_after_an_error_in_the_second_pas
     from normsam.train.loop import Trainer
     from tests.test_runner import _cfg
 
-    monkeypatch.setattr(D, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
+    monkeypatch.setattr(D.readers, "SYSTEM_SEARCH_DIRS", {"fashion-mnist": (), "mnist": ()})
     trainer = Trainer(_cfg(tmp_path, epochs=1))
     before = _weights(trainer.model)
     original = trainer._accumulate
