@@ -36,9 +36,13 @@ begin=$SECONDS
 if [ "$SMOKE" = 1 ]; then
   # Tiny synthetic data on the CPU: checks the whole pipeline (gate, pilot, choice, phases, placeholders) in a
   # minute. Its 1-epoch runs cannot show a noise cost, so the gate's margin is 0 here (the gate still runs).
-  common=(device=cpu data=synthetic image_size=8 subset=100 epochs=1 batch_size=32 eval_batch_size=256
+  # Two epochs, and the late-phase arm's SAM window (sam_start: [30] of 60 epochs) moved to the second, so
+  # that every arm still trains what its label says (a window after the last epoch is refused).
+  common=(device=cpu data=synthetic image_size=8 subset=100 epochs=2 batch_size=32 eval_batch_size=256
           sharpness_steps=1 warmup_epochs=0 eval_every=1 model=resnet8)
   options=(--workers 2 --gate-margin 0)
+  sed -E 's/sam_start: \[[0-9]+\]/sam_start: [1]/' "$STUDY" > "$OUT/smoke-study.yaml"
+  STUDY="$OUT/smoke-study.yaml"
 else
   DATA_DIR=${DATA_DIR:-$PWD/.carry/fashion-mnist}
   if ! ls "$DATA_DIR"/train-images-idx3-ubyte.gz >/dev/null 2>&1; then

@@ -41,3 +41,13 @@ def test_the_shipped_study_files_pass_their_plan_check():
     assert studies
     for path in studies:
         check_plan(load_study(path))
+
+
+def test_a_sam_window_after_the_last_epoch_fails_the_plan_check_not_the_phase(tmp_path):
+    """A late-phase arm whose window starts after the schedule ends would train plain SGD labelled SAM: the
+    sweep refuses it when it is loaded, so a study refuses it before its gate and pilot train."""
+    spec = _spec(tmp_path)
+    spec["phases"].append({"name": "late", "seeds": [0],
+                           "grid": [{"scope": ["norm"], "rho": ["@rho:norm"], "sam_start": [30]}]})
+    with pytest.raises(ValueError, match="Phase late: Sweep run .*sam_start=30 with epochs=1"):
+        check_plan(spec)

@@ -63,6 +63,7 @@ from typing import Any, TextIO
 from normsam.files import read_json, read_yaml
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
+from normsam.train.identity import check_sam_window
 from normsam.train.divergence import RunDiverged, is_diverged
 from normsam.train.identity import RESUME_SAFE
 from normsam.train.run_lock import RunLock
@@ -305,6 +306,7 @@ def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
                 overrides = {**base, **point, "seed": seed}
                 try:
                     config = load_config(preset, {**overrides, "out": str(folder)})
+                    check_sam_window(config)  # the runner refuses it too, but only when that run starts
                 except ValueError as err:
                     raise ValueError(f"Sweep run {name}: {err}") from None
                 runs.append(SweepRun(name, folder, overrides, config))
