@@ -75,6 +75,18 @@ def test_fsdp_run_writes_a_sharded_checkpoint_that_analysis_reads(tmp_path):
     assert "trained by 2 processes" in other.stderr and "--nproc_per_node=2" in other.stderr
 
 
+def test_fsdp_run_with_the_momentum_ascent(tmp_path):
+    """parallel=fsdp sets sync_ascent for the gradient ascent only: the momentum ascent, which refuses
+    sync_ascent, trains (it used to stop with "drop sync_ascent", a key the user never set)."""
+    run = tmp_path / "run"
+    done = _train([*ARGS, "ascent=momentum", "bn_policy=update", "epochs=2", "norm_stats=false", f"out={run}"],
+                  tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = ckpt.read_jsonl(run / ckpt.METRICS_JSONL)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert RunFolder(run).config().sync_ascent is False
+
+
 def test_fsdp_without_torchrun_is_refused(tmp_path):
     from normsam.train.config import load_config, parse_overrides
     from normsam.train.loop import Trainer

@@ -218,8 +218,9 @@ class TrainConfig:
         if self.scope == "ssam-d" and self.mask_interval is None:
             raise ValueError("scope=ssam-d needs mask_interval=<SAM steps between mask updates>, e.g. 100.")
         _one_of("parallel", self.parallel, PARALLEL_MODES)
-        if self.parallel == "fsdp":
+        if self.parallel == "fsdp" and self.ascent == "gradient":
             self.sync_ascent = True  # FSDP2 reduces every gradient: the ascent gradient is the global batch's
+            # (the momentum ascent has no ascent gradient: its momentum is built from the reduced gradients)
         if self.parallel == "fsdp" and (self.amp == "fp16" or self.compile):
             raise ValueError(
                 f"parallel=fsdp does not support {'amp=fp16 (its GradScaler needs a sharded one)' if self.amp == 'fp16' else 'compile=true'} "

@@ -302,7 +302,9 @@ class Trainer:
             normalize_bias=cfg.normalize_bias,
             norm_over=cfg.norm_over,
             bn_policy=cfg.bn_policy,
-            sync_ascent=True if self.fsdp else cfg.sync_ascent,  # FSDP2 reduces the ascent gradient anyway
+            # (True under parallel=fsdp: the config records what FSDP2 does; unset for the momentum ascent,
+            # which has no ascent gradient to average, and whose config refuses sync_ascent=true)
+            sync_ascent=None if cfg.ascent == "momentum" else cfg.sync_ascent,
             ascent_interval=cfg.ascent_interval,
             ascent=cfg.ascent,
             layerwise_scaling=cfg.layerwise_scaling,
