@@ -347,8 +347,6 @@ def run_study(
     folder: the same study on another device (``device=cuda``) or as a quick smoke test (``epochs=1``);
     ``gate_margin`` replaces the gate's margin (``0`` for a smoke test whose tiny runs cannot meet it).
     """
-    from normsam.analysis.sweep import load_sweep, run_sweep
-
     spec = load_study(source)
     if overrides:
         spec["base"] = {**(spec.get("base") or {}), **overrides}
