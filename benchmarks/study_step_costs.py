@@ -2,8 +2,10 @@
 
     python benchmarks/study_step_costs.py          # ResNet-20, batch 128 × 1×28×28, 1 thread, 5 rounds
 
-1. fp32 against bf16 autocast: interleaved rounds of two SGD steps each (on a CPU without bf16 instructions,
-   bf16 autocast is emulated and slow), then the time of an evaluation forward pass of 512 images;
+1. fp32 against bf16 autocast on the native kernels and on the upcast ones (``bf16_kernels=upcast``,
+   normsam.optim.amp): interleaved rounds of two SGD steps each (on a CPU without bf16 instructions, the
+   native bf16 convolution is PyTorch's slow fallback), then the time of an evaluation forward pass of 512
+   images;
 2. SAM-all against the random mask at SAM-ON's sparsity (asam): interleaved single steps.
 Prints per-round times and the median ratios.
 """
@@ -17,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from normsam.optim.amp import upcast_bf16_matmuls
 from normsam.train.models import build_model
 
 
@@ -34,19 +37,22 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model("resnet20", num_classes=10, in_channels=1, image_size=args.image_size)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
-    def step(bf16: bool) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
+    def step(name: str) -> None:
+        with upcast_bf16_matmuls("upcast" if name == "bf16-upcast" else "native"):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name != "fp32"):
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
         opt.step()
         opt.zero_grad()
 
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    times: dict[str, list[float]] = {"fp32": [], "bf16": [], "bf16-upcast": []}
+    for name in times:  # warm-up: the first bf16 steps pay for oneDNN's kernel set-up
+        step(name)
     for _ in range(args.rounds):
         for name in times:
             start = time.perf_counter()
-            step(name == "bf16")
-            step(name == "bf16")
+            step(name)
+            step(name)
             times[name].append((time.perf_counter() - start) / 2)
     model.eval()
     with torch.no_grad():
@@ -57,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         forward = time.perf_counter() - start
     for name, values in times.items():
         print(f"{name}: " + " ".join(f"{1000 * t:.0f}" for t in values) + " ms per step")
-    ratio = statistics.median(b / f for b, f in zip(times["bf16"], times["fp32"]))
-    print(f"bf16 / fp32 (median per round): {ratio:.1f}x; evaluation forward: {1000 * forward:.0f} ms per 512 images")
+    for name in ("bf16", "bf16-upcast"):
+        ratio = statistics.median(b / f for b, f in zip(times[name], times["fp32"]))
+        print(f"{name} / fp32 (median per round): {ratio:.2f}x")
+    print(f"evaluation forward: {1000 * forward:.0f} ms per 512 images")
 
     import normsam
 

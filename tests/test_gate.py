@@ -187,7 +187,7 @@ def test_the_regime_study_files_are_valid_sweeps():
     spec = load_study(root / "configs/study/regime.yaml")
     recipe = load_config(str(root / spec["preset"]), {})
     assert (recipe.epochs, recipe.batch_size, recipe.label_noise, recipe.label_smoothing) == (60, 128, 0.4, 0.0)
-    assert round(recipe.subset * (1 - recipe.val_split)) == 2500
+    assert round(recipe.subset * (1 - recipe.val_split)) == 1000
     check_gate_spec(spec["gate"], recipe.label_noise)
     used = {"gate": set(spec["gate"]["seeds"]), "pilot": set(spec["pilot"]["seeds"])}
     reported = set().union(*(set(p["seeds"]) for p in spec["phases"]))
@@ -201,13 +201,15 @@ def test_the_regime_study_files_are_valid_sweeps():
         load_sweep(sweep)  # raises on an unknown key or a setting the runner refuses
 
 
-def test_the_report_shows_what_bf16_costs_each_arm_and_whether_sam_changes_it(tmp_path):
+@pytest.mark.parametrize("kernels", ["native", "upcast"])
+def test_the_report_shows_what_bf16_costs_each_arm_and_whether_sam_changes_it(tmp_path, kernels):
     from normsam.analysis.report import make_report
 
     def fake(point, seed, scope, amp, acc):
         folder = tmp_path / "runs" / point / f"seed={seed}"
         folder.mkdir(parents=True)
-        cfg = load_config(None, {**TINY, "scope": scope, "amp": amp, "seed": seed, "rho": 0.5})
+        cfg = load_config(None, {**TINY, "scope": scope, "amp": amp, "seed": seed, "rho": 0.5,
+                                 **({"bf16_kernels": kernels} if amp == "bf16" else {})})
         save_config(cfg, folder / ckpt.CONFIG)
         (folder / ckpt.METRICS_JSONL).write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "test_acc": acc}) + "\n")
         (folder / ckpt.SUMMARY).write_text(json.dumps({"final_test_acc": acc, "best_test_acc": acc}))
@@ -226,6 +228,8 @@ def test_the_report_shows_what_bf16_costs_each_arm_and_whether_sam_changes_it(tm
     on = next(r for (arm, _), r in rows.items() if arm.startswith("SAM-ON"))
     assert float(sgd["shift_mean"]) == -4.0 and sgd["vs_sgd_mean"] == ""
     assert float(on["shift_mean"]) == -1.5 and float(on["vs_sgd_mean"]) == 2.5 and on["vs_sgd_n"] == "2"
+    # bf16 on the upcast kernels is paired with fp32 like native bf16, and labelled as such
+    assert {p for _, p in rows} == {"bf16" if kernels == "native" else "bf16 (bf16_kernels=upcast)"}
     assert "## Precision" in (tmp_path / "report" / "report.md").read_text()
 
 
@@ -244,4 +248,4 @@ def test_the_regime_study_says_which_arms_run_at_the_rho_of_sam_on():
     assert rows["scope=norm, ascent_interval=4"].endswith("ρ of SAM-ON, not tuned for this arm |")
     assert rows["scope=no-norm"].endswith("| 0.2 | ρ of SAM-all, not tuned for this arm |")
     assert rows["scope=norm, ascent=momentum, bn_policy=update"].endswith("| 1.0 | tuned for this arm |")
-    assert rows["scope=norm, amp=bf16"].endswith("| 0.3 | tuned for this arm (in the pilot's precision) |")
+    assert rows["scope=norm, amp=bf16, bf16_kernels=upcast"].endswith("| 0.3 | tuned for this arm (in the pilot's precision) |")

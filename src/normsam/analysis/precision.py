@@ -27,7 +27,9 @@ def _pairs(groups: Sequence[Group]) -> list[tuple[Group, Group, str]]:
     by_rest: dict[str, dict[str, Group]] = {}
     for g in groups:
         amp = g.settings.get("amp", "off")
-        rest = {k: v for k, v in g.columns.items() if k != "amp"}
+        if g.settings.get("bf16_kernels", "native") != "native":  # the same bf16 arithmetic on other kernels
+            amp += f" (bf16_kernels={g.settings['bf16_kernels']})"
+        rest = {k: v for k, v in g.columns.items() if k not in ("amp", "bf16_kernels")}
         by_rest.setdefault(json.dumps(rest, sort_keys=True, default=str), {})[amp] = g
     return [(arms["off"], other, amp) for arms in by_rest.values() if "off" in arms
             for amp, other in arms.items() if amp != "off"]

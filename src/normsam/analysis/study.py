@@ -446,7 +446,7 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
 
 #: Keys that do not make an arm a variant of the one whose ρ the pilot tuned (precision, measurement, the
 #: momentum ascent's required running-statistics policy).
-_NOT_VARIANT = frozenset({"scope", "rho", "ascent", "bn_policy", "amp", "sharpness_at_end", "seed"})
+_NOT_VARIANT = frozenset({"scope", "rho", "ascent", "bn_policy", "amp", "bf16_kernels", "sharpness_at_end", "seed"})
 _ARM_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm", "random": "random mask", "ssam-f": "SSAM-F",
               "norm/momentum": "SAM-ON with the momentum ascent"}
 

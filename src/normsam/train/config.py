@@ -22,7 +22,7 @@ from typing import Any, Union
 import yaml
 
 from normsam.files import read_yaml
-from normsam.optim.amp import AMP_MODES, autocast
+from normsam.optim.amp import AMP_MODES, autocast, check_bf16_kernels
 from normsam.optim.ascent import ASCENTS, check_momentum_options
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
 from normsam.optim.running_stats import BN_POLICIES
@@ -103,6 +103,7 @@ class TrainConfig:
     scaled_tensors: str = "not-bias"  # weight-dependent T on: not-bias | name-contains-weight (official)
     # scale
     amp: str = "off"  # off | bf16 | fp16
+    bf16_kernels: str = "native"  # amp=bf16 on a CPU: native | upcast (matrix products on fp32 kernels, normsam.optim.amp)
     accumulation: int = 1  # micro-batches per step (batch_size is the whole step's batch)
     clip_grad_norm: Union[float, None] = None  # on the second-pass gradient
     sync_ascent: bool = False  # DDP: all-reduce the ascent gradient of the perturbed tensors (FSDP2: always)
@@ -155,6 +156,11 @@ class TrainConfig:
         _one_of("perturbation", self.perturbation, tuple(PERTURBATIONS))
         _one_of("bn_policy", self.bn_policy, BN_POLICIES)
         _one_of("amp", self.amp, AMP_MODES)
+        check_bf16_kernels(self.bf16_kernels, amp=self.amp, device_type="cuda" if self.device == "cuda" else "cpu")
+        if self.bf16_kernels == "upcast" and (self.parallel == "fsdp" or self.compile):
+            raise ValueError("bf16_kernels=upcast is not supported with "
+                             f"{'parallel=fsdp' if self.parallel == 'fsdp' else 'compile=true'} (untested): "
+                             "drop bf16_kernels, or train without it.")
         _one_of("device", self.device, DEVICES)
         _one_of("norm_over", self.norm_over, ("perturbed", "all"))
         _one_of("layerwise_scaling", self.layerwise_scaling, LAYERWISE_SCALINGS)

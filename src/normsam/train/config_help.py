@@ -67,6 +67,8 @@ DESCRIPTIONS: dict[str, str] = {
     "scaled_tensors": "weight-dependent T on: not-bias | name-contains-weight (official)",
     # scale
     "amp": "off | bf16 | fp16 (with a GradScaler)",
+    "bf16_kernels": "amp=bf16 on a CPU: native | upcast (bf16 convolutions and matrix products on the fp32 kernels: "
+                    "same bf16 operands and results, fp32 accumulation as on a GPU, at fp32 speed)",
     "accumulation": "micro-batches per step (batch_size is the whole step's batch)",
     "clip_grad_norm": "clip the second-pass gradient's norm (null: no clipping)",
     "sync_ascent": "DDP: all-reduce the ascent gradient of the perturbed tensors",

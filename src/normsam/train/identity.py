@@ -59,9 +59,16 @@ def check_sam_window(cfg: Any) -> None:
         )
 
 
+#: Keys added after fingerprints existed, with the default that reproduces the earlier behaviour: left out of
+#: the fingerprint at that default, so that runs trained before the key existed keep their fingerprint.
+ADDED_LATER = {"bf16_kernels": "native"}
+
+
 def config_fingerprint(cfg: Any) -> str:
-    """A short hash of the settings that define what is trained (all but :data:`RESUME_SAFE`)."""
-    settings = {k: v for k, v in sorted(cfg.to_dict().items()) if k not in RESUME_SAFE}
+    """A short hash of the settings that define what is trained (all but :data:`RESUME_SAFE`, and the
+    :data:`ADDED_LATER` keys at their earlier behaviour)."""
+    settings = {k: v for k, v in sorted(cfg.to_dict().items())
+                if k not in RESUME_SAFE and ADDED_LATER.get(k, object()) != v}
     return hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from normsam.files import check_writable, json_dumps, read_json
+from normsam.optim.amp import check_bf16_kernels, upcast_bf16_matmuls
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
@@ -159,6 +160,7 @@ class Trainer:
         if self.dist.enabled and self.device.type == "cuda":
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
+        check_bf16_kernels(cfg.bf16_kernels, amp=cfg.amp, device_type=self.device.type)  # device=auto resolved
         self.fsdp = cfg.parallel == "fsdp"
         if self.fsdp and "RANK" not in os.environ:
             raise ValueError(
@@ -596,7 +598,8 @@ class Trainer:
         Raises :class:`~normsam.train.divergence.RunDiverged` when the loss or the weights became non-finite,
         after writing a summary with ``status: diverged`` (the last good epoch's checkpoint stays)."""
         try:
-            return self._run()
+            with upcast_bf16_matmuls(self.cfg.bf16_kernels):  # forward and backward, training and evaluation
+                return self._run()
         finally:
             self._release_run_dir()
 
