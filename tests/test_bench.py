@@ -208,6 +208,23 @@ def test_bf16_context_and_variant_list():
     assert result.settings["amp"] == "bf16" and result[SGD].extra_bytes is None
 
 
+def test_bench_runs_every_variant_on_the_upcast_bf16_kernels(monkeypatch):
+    """--bf16-kernels upcast: each variant's steps (forward and backward) run inside the upcast context."""
+    import normsam.optim.amp as amp
+
+    entered = []
+    real = amp.upcast_bf16_matmuls
+    monkeypatch.setattr("normsam.bench.upcast_bf16_matmuls", lambda k: entered.append(k) or real(k))
+    x, y = _data()
+    result = run_benchmark(_tiny, x, y, context=StepContext(amp="bf16", bf16_kernels="upcast"),
+                           variants=default_variants(False, peer=False, ascent_interval=None),
+                           rounds=1, steps_per_round=1, warmup=1, measure_memory=False, progress=False)
+    assert result.settings["bf16_kernels"] == "upcast" and result[SAM_ON].median_ms > 0
+    assert len(entered) == 2 * 5 and set(entered) == {"upcast"}  # warm-up + round, 5 variants
+    with pytest.raises(ValueError, match="set amp=bf16 or drop bf16_kernels"):
+        StepContext(bf16_kernels="upcast")
+
+
 def test_bench_cli_smoke(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = cli.main(["bench", "--model", "resnet8", "--batch-size", "2", "--image-size", "8", "--rounds", "1",
@@ -217,6 +234,11 @@ def test_bench_cli_smoke(tmp_path, capsys):
     assert "resnet8, batch 2" in text and f"| {SAM_ALL} / {PEER} |" in text
     data = json.loads(out.read_text())
     assert {v["name"] for v in data["variants"]} >= {SGD, PEER, SAM_ALL, SAM_ON, FLOOR}
+    assert cli.main(["bench", "--model", "resnet8", "--batch-size", "2", "--image-size", "8", "--rounds", "1",
+                     "--steps-per-round", "1", "--warmup", "1", "--threads", "1", "--no-memory", "--no-handwritten",
+                     "--amp", "bf16", "--bf16-kernels", "upcast"]) == 0
+    assert "amp=bf16, bf16_kernels=upcast, compile=False" in capsys.readouterr().out
+    assert cli.main(["bench", "--bf16-kernels", "upcast"]) == 2  # without --amp bf16: refused, one line
     assert cli.main(["bench", "--device", "cuda"] if not torch.cuda.is_available() else ["bench", "--rounds", "0"]) == 2
 
 

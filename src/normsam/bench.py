@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normsam.optim.amp import autocast
+from normsam.optim.amp import autocast, check_bf16_kernels, upcast_bf16_matmuls
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import select
 
@@ -96,9 +96,24 @@ class StepContext:
     perturbation: str = "sam"
     amp: str = "off"
     device_type: str = "cpu"
+    bf16_kernels: str = "native"  # "upcast": bf16 matrix products on the fp32 kernels (normsam.optim.amp)
+
+    def __post_init__(self):
+        check_bf16_kernels(self.bf16_kernels, amp=self.amp, device_type=self.device_type)
 
     def autocast(self):
         return autocast(self.amp, self.device_type)
+
+    def with_kernels(self, step: StepFn) -> StepFn:
+        """``step`` run inside the ``bf16_kernels`` context (forward and backward); unchanged for native."""
+        if self.bf16_kernels == "native":
+            return step
+
+        def upcast_step(x, y):
+            with upcast_bf16_matmuls(self.bf16_kernels):
+                return step(x, y)
+
+        return upcast_step
 
     def scaler(self) -> torch.amp.GradScaler | None:
         return torch.amp.GradScaler(self.device_type) if self.amp == "fp16" else None
@@ -574,7 +589,7 @@ def run_benchmark(
         with _held_memory(device, measure_memory) as held:
             model = copy.deepcopy(template)
             try:
-                step = variant.build(torch.compile(model) if compile else model, context)
+                step = context.with_kernels(variant.build(torch.compile(model) if compile else model, context))
             except VariantUnavailable as reason:
                 res.unavailable = str(reason)
                 continue
@@ -616,6 +631,7 @@ def run_benchmark(
         "rounds": rounds,
         "steps_per_round": steps_per_round,
         "amp": context.amp,
+        "bf16_kernels": context.bf16_kernels,
         "compile": compile,
         "perturbation": context.perturbation,
         "torch": torch.__version__,

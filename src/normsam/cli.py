@@ -113,7 +113,7 @@ def _bench(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch_size, args.channels, args.image_size, args.image_size, device=device)
     y = torch.randint(0, args.num_classes, (args.batch_size,), device=device)
     context = StepContext(rho_all=args.rho_all, rho_on=args.rho_on, perturbation=args.perturbation, amp=args.amp,
-                          device_type=device.type)
+                          device_type=device.type, bf16_kernels=args.bf16_kernels)
     handwritten = not args.no_handwritten and args.amp != "fp16"  # the yardstick has no GradScaler path
     result = run_benchmark(
         lambda: build_model(args.model, num_classes=args.num_classes, in_channels=args.channels,
@@ -124,7 +124,8 @@ def _bench(args: argparse.Namespace) -> int:
     )
     s = result.settings
     header = (f"{args.model}, batch {s['batch_size']} × {'×'.join(map(str, s['input_shape']))}, {s['device']}, "
-              f"{s['threads']} threads, amp={s['amp']}, compile={s['compile']}, torch {s['torch']}, "
+              f"{s['threads']} threads, amp={s['amp']}"
+              f"{', bf16_kernels=' + s['bf16_kernels'] if s['bf16_kernels'] != 'native' else ''}, compile={s['compile']}, torch {s['torch']}, "
               f"{s['rounds']} rounds × {s['steps_per_round']} steps; "
               f"{s['norm_parameters']:,} of {s['parameters']:,} parameters in norm layers")
     print(header)
@@ -204,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default="off", choices=("off", "bf16", "fp16"))
+    p.add_argument("--bf16-kernels", default="native", choices=("native", "upcast"),
+                   help="with --amp bf16 on a CPU: upcast runs bf16 convolutions on the fp32 kernels (normsam.optim.amp)")
     p.add_argument("--compile", action="store_true", help="torch.compile every model copy")
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps-per-round", type=int, default=3)
