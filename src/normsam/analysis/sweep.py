@@ -63,9 +63,8 @@ from typing import Any, TextIO
 from normsam.files import read_json, read_yaml
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
-from normsam.train.identity import check_sam_window
 from normsam.train.divergence import RunDiverged, is_diverged
-from normsam.train.identity import RESUME_SAFE
+from normsam.train.identity import RESUME_SAFE, check_sam_window
 from normsam.train.run_lock import RunLock
 
 __all__ = ["SWEEP_KEYS", "SWEEP_FILE", "Sweep", "SweepRun", "load_sweep", "run_sweep", "point_name"]

@@ -15,6 +15,10 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
 __all__ = ["AMP_MODES", "BF16_KERNELS", "autocast", "upcast_bf16_matmuls"]
 
 AMP_MODES = ("off", "bf16", "fp16")
@@ -23,8 +27,6 @@ BF16_KERNELS = ("native", "upcast")
 
 def autocast(amp: str, device_type: str):
     """The autocast context of an ``amp`` mode: nothing for ``off``, bf16 or fp16 autocast otherwise."""
-    import torch
-
     if amp not in AMP_MODES:
         raise ValueError(f"Invalid amp: {amp!r}; valid values are {', '.join(map(str, AMP_MODES))}.")
     if amp == "off":
@@ -32,10 +34,14 @@ def autocast(amp: str, device_type: str):
     return torch.autocast(device_type=device_type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
-def check_bf16_kernels(bf16_kernels: str, *, amp: str, device_type: str) -> None:
-    """Refuse ``bf16_kernels`` where it would do nothing or was never tested (a ``ValueError`` naming the fix)."""
+def _check_value(bf16_kernels: str) -> None:
     if bf16_kernels not in BF16_KERNELS:
         raise ValueError(f"Invalid bf16_kernels: {bf16_kernels!r}; valid values are {', '.join(BF16_KERNELS)}.")
+
+
+def check_bf16_kernels(bf16_kernels: str, *, amp: str, device_type: str) -> None:
+    """Refuse ``bf16_kernels`` where it would do nothing or was never tested (a ``ValueError`` naming the fix)."""
+    _check_value(bf16_kernels)
     if bf16_kernels == "upcast" and amp != "bf16":
         raise ValueError(f"bf16_kernels=upcast changes bf16 autocast's kernels only, but amp={amp}: "
                          "set amp=bf16 or drop bf16_kernels.")
@@ -48,49 +54,33 @@ def upcast_bf16_matmuls(bf16_kernels: str = "upcast"):
     """A context in which bf16 convolutions and matrix products run on the fp32 kernels (see the module's
     docstring); ``bf16_kernels="native"`` gives a context that changes nothing. Enter it around forward *and*
     backward: the backward's kernels are dispatched when ``.backward()`` runs."""
-    if bf16_kernels not in BF16_KERNELS:
-        raise ValueError(f"Invalid bf16_kernels: {bf16_kernels!r}; valid values are {', '.join(BF16_KERNELS)}.")
-    if bf16_kernels == "native":
-        return contextlib.nullcontext()
-    return _UpcastBf16Matmuls()
+    _check_value(bf16_kernels)
+    return contextlib.nullcontext() if bf16_kernels == "native" else _UpcastBf16Matmuls()
 
 
-def _upcast_mode_class():
-    import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_map
-
-    aten = torch.ops.aten
-    # the ops autocast runs in bf16 whose kernels are matrix products (the rest are elementwise or reductions,
-    # which have fast bf16 kernels and are left alone)
-    upcast_ops = {aten.convolution.default, aten.convolution_backward.default, aten.mm.default,
-                  aten.addmm.default, aten.bmm.default, aten.baddbmm.default}
-
-    def is_bf16(t):
-        return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
-
-    def widen(t):
-        return t.float() if is_bf16(t) else t
-
-    def narrow(t):
-        return t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
-
-    class UpcastBf16Matmuls(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            if func in upcast_ops and any(is_bf16(a) for a in args):
-                # the op's tensors are all bf16 under autocast; its results go back to bf16 (one rounding)
-                return tree_map(narrow, func(*tree_map(widen, args), **tree_map(widen, kwargs)))
-            return func(*args, **kwargs)
-
-    return UpcastBf16Matmuls
+_aten = torch.ops.aten
+# the ops autocast runs in bf16 whose kernels are matrix products (the rest are elementwise or reductions, which
+# have fast bf16 kernels and are left alone)
+_UPCAST_OPS = frozenset({_aten.convolution.default, _aten.convolution_backward.default, _aten.mm.default,
+                         _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default})
 
 
-def _UpcastBf16Matmuls():  # noqa: N802 (a class made on first use, so importing normsam.optim needs no torch internals)
-    global _MODE_CLASS
-    if _MODE_CLASS is None:
-        _MODE_CLASS = _upcast_mode_class()
-    return _MODE_CLASS()
+def _is_bf16(t) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16
 
 
-_MODE_CLASS = None
+def _widen(t):
+    return t.float() if _is_bf16(t) else t
+
+
+def _narrow(t):
+    return t.to(torch.bfloat16) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+
+
+class _UpcastBf16Matmuls(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _UPCAST_OPS and any(_is_bf16(a) for a in args):
+            # the op's tensors are all bf16 under autocast; its results go back to bf16 (one rounding)
+            return tree_map(_narrow, func(*tree_map(_widen, args), **tree_map(_widen, kwargs)))
+        return func(*args, **kwargs)
