@@ -26,7 +26,7 @@ def _fake(runs: Path, point: str, seed: int, acc: float, epoch_time: float, **se
     save_config(load_config(None, {**TINY, "seed": seed, **settings}), folder / ckpt.CONFIG)
     (folder / ckpt.METRICS_JSONL).write_text(json.dumps({"epoch": 1, "train_loss": 1.0, "test_acc": acc}) + "\n")
     (folder / ckpt.SUMMARY).write_text(json.dumps({"final_test_acc": acc, "best_test_acc": acc,
-                                                   "mean_epoch_time": epoch_time}))
+                                                   "mean_epoch_time": epoch_time, "final_flipped_acc": 100 - acc}))
 
 
 @pytest.fixture
@@ -64,9 +64,11 @@ def test_each_precision_is_paired_with_its_own_sgd_and_costs_come_from_the_bench
     fp32 = _row(table, "SAM-ON", "amp=off")
     bf16 = _row(table, "SAM-ON", "amp=bf16")
     assert fp32[5].startswith("+4.00") and bf16[5].startswith("+6.50")  # − SGD of the same precision
-    assert fp32[7] == "1.66" and bf16[7] == "1.66"  # the benchmark's SAM-ON step
-    assert fp32[8] == "3.0 (1.50)" and bf16[8] == "2.0 (2.00)"  # the study's own seconds, × its SGD's
-    assert _row(table, "random mask", "amp=off")[7] == "–"  # not a benchmarked step
+    assert fp32[7] == "15.5" and bf16[7] == "17.0"  # memorization: the mean of 100 − acc here
+    assert fp32[8] == "1.66" and bf16[8] == "1.66"  # the benchmark's SAM-ON step
+    assert fp32[9] == "3.0 (1.50)" and bf16[9] == "2.0 (2.00)"  # the study's own seconds, × its SGD's
+    assert _row(table, "random mask", "amp=off")[8] == "–"  # not a benchmarked step
+    assert "memorization of the flipped labels (%) mean [95% CI]" in (folder / "report.md").read_text()
     # the precision table: SGD loses 4 points in bf16, SAM-ON 1.5, i.e. 2.5 more than SGD's shift
     assert _row(table, "SGD", "bf16")[2].startswith("-4.00")
     assert _row(table, "SAM-ON", "bf16")[3].startswith("+2.50")

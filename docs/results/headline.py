@@ -5,7 +5,7 @@
 
 The arms table gives, per arm (and per precision when the report has several): the seeds, the final test
 accuracy's mean ± std and 95% interval, the paired difference to SGD *of the same precision*, the sharpness,
-and two step costs: the interleaved benchmark's median ratio to SGD (``benchmarks/step_time.py --json``, for
+the share of the flipped training labels the arm fitted (with label noise), and two step costs: the interleaved benchmark's median ratio to SGD (``benchmarks/step_time.py --json``, for
 the arms it benchmarks; "–" for the others) and the study's own training seconds per epoch (the runs'
 ``mean_epoch_time``, measured with two runs side by side) as a ratio to SGD's in the same precision. Then
 the precision table, when there is one, and the claims table.
@@ -87,8 +87,9 @@ def headline(report: str, bench: str | None = None) -> str:
     vs_sgd = {(r["context"], r["arm"]): r for r in paired
               if r["reference_role"] == "sgd" and r["metric"] == "final_test_acc"}
     sgd_seconds = {a["context"]: seconds.get(a["point"]) for a in arms if "sgd" in a["roles"].split()}
+    memorized = any(a.get("final_flipped_acc_mean") for a in arms)  # runs with label noise
     head = ["arm", *(["precision"] if contexts else []), "seeds", "test acc. (%) mean ± std", "95% CI",
-            "− SGD, paired: mean [95% CI]", "sharpness"]
+            "− SGD, paired: mean [95% CI]", "sharpness", *(["memorized flipped labels (%)"] if memorized else [])]
     if bench:
         head.append("step cost: benchmark, × SGD")
     head.append("training s / epoch in the study (× SGD)")
@@ -100,7 +101,8 @@ def headline(report: str, bench: str | None = None) -> str:
         cells = [a["arm"], *([a["context"] or "–"] if contexts else []), a["final_test_acc_n"],
                  f"{float(a['final_test_acc_mean']):.2f} ± {_num(a['final_test_acc_std'], '.2f')}",
                  f"[{_num(a['final_test_acc_ci_low'], '.2f')}, {_num(a['final_test_acc_ci_high'], '.2f')}]",
-                 diff, _num(a["sharpness_mean"], ".3f")]
+                 diff, _num(a["sharpness_mean"], ".3f"),
+                 *([_num(a["final_flipped_acc_mean"], ".1f")] if memorized else [])]
         if bench:
             variant = bench_variant(a.get("point", ""))
             cells.append(f"{ratios[variant]:.2f}" if variant in ratios else "–")

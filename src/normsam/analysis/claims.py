@@ -35,8 +35,10 @@ ROLE_SCOPES = {"sgd": "none", "sam-all": "all", "sam-on": "norm", "no-norm": "no
 _ARM_KEYS = frozenset({"scope", "perturbation", "rho"}) | _SAM_KEYS
 
 _ACC = "final_test_acc"
+#: memorization: the accuracy on the training examples whose labels were flipped, against the flipped labels
+#: (``memorization=true``, the default with label noise); how much of the noise an arm fitted.
 _STAT_METRICS = (("final_test_acc", "test acc. (%)", 2), ("final_val_acc", "val. acc. (%)", 2),
-                 ("sharpness", "sharpness", 4))
+                 ("sharpness", "sharpness", 4), ("final_flipped_acc", "memorization (%)", 2))
 
 
 @dataclass
@@ -301,14 +303,18 @@ def _statistics_markdown(contexts: Sequence[Context], margin: float,
     for ctx in contexts:
         if len(contexts) > 1:
             lines += [f"### {_md(ctx.heading())}", ""]
+        memorized = any(g.interval("final_flipped_acc").n for g in ctx.groups)  # only runs with label noise have it
         rows = []
         for g in ctx.groups:
             acc = g.interval(_ACC)
             rows.append([_md(g.label), ", ".join(stats.ROLE_NAMES[r] for r in ctx.roles_of(g)), str(acc.n),
                          _pm(acc.mean, acc.std, 2), acc.ci_text(2),
-                         g.interval("final_val_acc").text(2), g.interval("sharpness").text(4)])
+                         g.interval("final_val_acc").text(2), g.interval("sharpness").text(4),
+                         *([g.interval("final_flipped_acc").text(2)] if memorized else [])])
         lines += [_markdown_table(["arm", "role", "n", "test acc. mean ± std (%)", "test acc. 95% CI",
-                                   "val. acc. mean [95% CI]", "sharpness mean [95% CI]"], rows, numeric_from=2), ""]
+                                   "val. acc. mean [95% CI]", "sharpness mean [95% CI]",
+                                   *(["memorization of the flipped labels (%) mean [95% CI]"] if memorized else [])],
+                                  rows, numeric_from=2), ""]
         refs = [(role, ctx.roles[role].group) for role in ("sgd", "sam-all") if ctx.roles[role].group]
         if refs:
             diffs = {(id(g), role): pairs for g, role, _, metric, pairs in _paired_with(ctx) if metric == _ACC}
