@@ -61,20 +61,22 @@ def _row(table: str, *starts: str) -> list[str]:
 def test_each_precision_is_paired_with_its_own_sgd_and_costs_come_from_the_benchmark(report):
     folder, bench = report
     table = headline.headline(str(folder), str(bench))
-    fp32 = _row(table, "SAM-ON", "amp=off")
-    bf16 = _row(table, "SAM-ON", "amp=bf16")
+    fp32 = _row(table, "SAM-ON (ρ=0.5)", "fp32")
+    bf16 = _row(table, "SAM-ON (ρ=0.5)", "bf16")
     assert fp32[5].startswith("+4.00") and bf16[5].startswith("+6.50")  # − SGD of the same precision
     assert fp32[7] == "15.5" and bf16[7] == "17.0"  # memorization: the mean of 100 − acc here
     assert fp32[8] == "1.66" and bf16[8] == "1.66"  # the benchmark's SAM-ON step
     assert fp32[9] == "3.0 (1.50)" and bf16[9] == "2.0 (2.00)"  # the study's own seconds, × its SGD's
-    assert _row(table, "random mask", "amp=off")[8] == "–"  # not a benchmarked step
+    assert _row(table, "random mask (ρ=0.5, sparsity 0.99)", "fp32")[8] == "–"  # not a benchmarked step
     assert "memorization of the flipped labels (%) mean [95% CI]" in (folder / "report.md").read_text()
     # the precision table: SGD loses 4 points in bf16, SAM-ON 1.5, i.e. 2.5 more than SGD's shift
-    assert _row(table, "SGD", "bf16")[2].startswith("-4.00")
-    assert _row(table, "SAM-ON", "bf16")[3].startswith("+2.50")
+    precision = table.split("\n\n")[1]
+    assert precision.startswith("| arm | precision | test acc. shift vs fp32")
+    assert _row(precision, "SGD", "bf16")[2].startswith("-4.00")
+    assert _row(precision, "SAM-ON (ρ=0.5)", "bf16")[3].startswith("+2.50")
     # claims: the one with its arms is a row, those without are listed as not tested
-    assert _row(table, "C4", "amp=off")[2] == "**supported**"
-    assert "Not tested (no arm plays one of the claim's roles): C1 (amp=bf16)," in table
+    assert _row(table, "C4", "fp32")[2] == "**supported**"
+    assert "Not tested (no arm plays one of the claim's roles): C1 in bf16," in table
     assert "| C1" not in table
 
 
@@ -96,3 +98,13 @@ def test_without_a_benchmark_the_cost_column_is_left_out_and_a_missing_report_is
 ])
 def test_arms_map_to_the_benchmark_step_they_take(point, variant):
     assert headline.bench_variant(point) == variant
+
+
+def test_precision_contexts_are_named_in_words():
+    assert headline.precision_name("amp=off, bf16_kernels=native") == "fp32"
+    assert headline.precision_name("amp=bf16, bf16_kernels=upcast") == "bf16 (upcast kernels)"
+    assert headline.precision_name("amp=bf16") == "bf16"
+    assert headline.precision_name("amp=off, model=resnet8") == "amp=off, model=resnet8"  # not only precision
+    assert headline._without_context("SAM-all (asam, ρ=0.4, amp=off, bf16_kernels=native)",
+                                     "amp=off, bf16_kernels=native") == "SAM-all (asam, ρ=0.4)"
+    assert headline._without_context("SGD (amp=bf16, bf16_kernels=upcast)", "amp=bf16, bf16_kernels=upcast") == "SGD"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import statistics
 from pathlib import Path
 
@@ -58,6 +59,24 @@ def bench_variant(point: str) -> str | None:
     return None
 
 
+def precision_name(context: str) -> str:
+    """A report context ("amp=bf16, bf16_kernels=upcast") in words ("bf16 (upcast kernels)"); others as they are."""
+    settings = _point(context.replace(", ", ","))
+    amp = settings.pop("amp", None)
+    kernels = settings.pop("bf16_kernels", "native")
+    if amp is None or settings:
+        return context or "–"
+    name = "fp32" if amp == "off" else amp
+    return name + (f" ({kernels} kernels)" if amp == "bf16" and kernels != "native" else "")
+
+
+def _without_context(label: str, context: str) -> str:
+    """An arm's label without the settings its precision column already says."""
+    for part in context.split(", ") if context else []:
+        label = label.replace(f", {part}", "").replace(f" ({part})", "").replace(f"({part}, ", "(")
+    return label
+
+
 def _bench_ratios(path: str | None) -> dict[str, float]:
     if path is None:
         return {}
@@ -98,7 +117,8 @@ def headline(report: str, bench: str | None = None) -> str:
         d = vs_sgd.get((a["context"], a["arm"]))
         diff = (f"{float(d['diff_mean']):+.2f} [{_num(d['diff_ci_low'], '+.2f')}, {_num(d['diff_ci_high'], '+.2f')}]"
                 if d and d["diff_mean"] else "–")
-        cells = [a["arm"], *([a["context"] or "–"] if contexts else []), a["final_test_acc_n"],
+        arm = _without_context(a["arm"], a["context"]) if contexts else a["arm"]
+        cells = [arm, *([precision_name(a["context"])] if contexts else []), a["final_test_acc_n"],
                  f"{float(a['final_test_acc_mean']):.2f} ± {_num(a['final_test_acc_std'], '.2f')}",
                  f"[{_num(a['final_test_acc_ci_low'], '.2f')}, {_num(a['final_test_acc_ci_high'], '.2f')}]",
                  diff, _num(a["sharpness_mean"], ".3f"),
@@ -112,7 +132,7 @@ def headline(report: str, bench: str | None = None) -> str:
 
     precision = _rows(folder / "precision.csv")
     if precision:
-        lines += ["", "| arm (fp32 label) | precision | test acc. shift vs fp32: mean [95% CI] (n) | "
+        lines += ["", "| arm | precision | test acc. shift vs fp32: mean [95% CI] (n) | "
                       "shift minus SGD's shift: mean [95% CI] (n) |", "|---|---|---:|---:|"]
         for p in precision:
             def interval(prefix: str) -> str:
@@ -120,7 +140,12 @@ def headline(report: str, bench: str | None = None) -> str:
                     return "–"
                 return (f"{float(p[f'{prefix}_mean']):+.2f} [{_num(p[f'{prefix}_ci_low'], '+.2f')}, "
                         f"{_num(p[f'{prefix}_ci_high'], '+.2f')}] ({p[f'{prefix}_n']})")
-            lines.append(f"| {p['arm']} | {p['precision']} | {interval('shift')} | {interval('vs_sgd')} |")
+            arm = p["arm"]
+            for a in arms:  # the fp32 arm's label, less its precision
+                if a["arm"] == arm:
+                    arm = _without_context(arm, a["context"])
+            name = re.sub(r"\(bf16_kernels=(\w+)\)", r"(\1 kernels)", p["precision"])  # as the arms table says it
+            lines.append(f"| {arm} | {name} | {interval('shift')} | {interval('vs_sgd')} |")
 
     lines += ["", "| claim | " + ("precision | " if contexts else "") + "verdict | deciding comparison: "
               "mean [95% CI] (n) → verdict; seeds to decide |", "|---|" + ("---|" if contexts else "") + "---|---|"]
@@ -130,13 +155,13 @@ def headline(report: str, bench: str | None = None) -> str:
     untested = []
     for (context, claim), parts in by_claim.items():
         if parts[0]["claim_verdict"] == "not tested":  # no arm plays one of its roles here: said below the table
-            untested.append(claim + (f" ({context})" if contexts and context else ""))
+            untested.append(claim + (f" in {precision_name(context)}" if contexts and context else ""))
             continue
         tests = "; ".join(
             f"{p['test']}: {_num(p['diff_mean'], '+.3g')} [{_num(p['diff_ci_low'], '+.3g')}, "
             f"{_num(p['diff_ci_high'], '+.3g')}] (n={p['diff_n'] or 0}) → {p['verdict']}"
             + (f", {p['seeds_needed']} seeds to decide" if p.get("seeds_needed") else "") for p in parts)
-        where = [context or "–"] if contexts else []
+        where = [precision_name(context)] if contexts else []
         lines.append(f"| {claim}: {parts[0]['statement']} | " + "".join(w + " | " for w in where)
                      + f"**{parts[0]['claim_verdict']}** | {tests} |")
     if untested:
