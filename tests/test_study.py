@@ -112,3 +112,58 @@ def test_study_end_to_end_and_restart(tmp_path, capsys):
     record = json.loads((out / "study.json").read_text())
     assert record["phases"]["main"]["counts"]["skipped"] == 4
     assert json.loads((out / "choice.json").read_text())["values"]["@rho:norm"] == rho
+
+
+# --- wall-clock per phase: kept for a sitting cut short --------------------------------------------------
+
+
+def test_the_phase_clock_saves_while_the_phase_runs_and_adds_to_earlier_sittings(tmp_path):
+    import time
+
+    from normsam.analysis.study import PhaseClock
+
+    path = tmp_path / "study.json"
+    record = {"phases": {"main": {"wall_clock_s": 100.0}}}
+    entry = record["phases"]["main"]
+    with PhaseClock(path, record, entry, every=0.05):
+        deadline = time.time() + 5
+        while not path.exists() and time.time() < deadline:  # the ticking thread writes it, not the exit
+            time.sleep(0.01)
+        ticked = json.loads(path.read_text())["phases"]["main"]["wall_clock_s"]
+        assert ticked >= 100.0
+        time.sleep(0.2)
+    final = json.loads(path.read_text())["phases"]["main"]["wall_clock_s"]
+    assert 100.2 <= final < 105 and final == entry["wall_clock_s"]
+
+
+def test_an_interrupted_phase_keeps_its_time_and_a_finished_one_clears_the_mark(tmp_path, monkeypatch):
+    import time
+
+    from normsam.analysis import sweep as sweep_module
+
+    study = {"base": dict(TINY), "out": str(tmp_path / "study"), "workers": 1,
+             "pilot": {"seeds": [7], "grid": [{"scope": ["norm"], "rho": [0.05, 0.5]}], "max_extensions": 0},
+             "phases": [{"name": "main", "seeds": [0], "grid": [{"scope": ["none"]}]}]}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
+    real_run_sweep = sweep_module.run_sweep
+
+    def stopped_by_ctrl_c(sweep, **kwargs):
+        if sweep.out.name == "main":
+            time.sleep(0.3)
+            raise KeyboardInterrupt
+        return real_run_sweep(sweep, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_sweep", stopped_by_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, report=False)
+    out = tmp_path / "study"
+    main = json.loads((out / "study.json").read_text())["phases"]["main"]
+    assert main["wall_clock_s"] >= 0.3 and "interrupted" in main and "finished" not in main
+    first_sitting = main["wall_clock_s"]
+
+    monkeypatch.setattr(sweep_module, "run_sweep", real_run_sweep)
+    run_study(path, report=False)
+    main = json.loads((out / "study.json").read_text())["phases"]["main"]
+    assert main["wall_clock_s"] > first_sitting and "interrupted" not in main
+    assert main["counts"]["done"] == 1 and "finished" in main

@@ -33,9 +33,10 @@ with ``ascent: momentum``, whose ρ lives on another scale), and ``@sparsity:SCO
 share of the model's trainable elements that ``SCOPE`` does *not* select (SAM-ON's sparsity for ``norm``), so a
 mask scope can be compared at SAM-ON's sparsity. The choice, with every pilot run's validation accuracy, is
 written to ``out/choice.json`` and ``out/choice.md``; each phase's generated sweep file to
-``out/sweeps/<phase>.yaml``; the wall-clock of each phase to ``out/study.json``. Like sweeps, a study can be
-stopped and started again: finished runs are skipped, interrupted ones resumed, and the choice is recomputed
-from the same pilot runs (so it is the same).
+``out/sweeps/<phase>.yaml``; the wall-clock of each phase to ``out/study.json``, saved every minute while the
+phase runs, so a sitting cut short still counts. Like sweeps, a study can be stopped and started again:
+finished runs are skipped, interrupted ones resumed, and the choice is recomputed from the same pilot runs (so
+it is the same).
 
 A chosen ρ at an edge of its grid (the largest, or the smallest above 0) says the best ρ may lie outside it:
 the pilot then adds the next value out, at the ratio of the grid's two outermost values, and runs again, up to
@@ -48,6 +49,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
@@ -364,6 +366,39 @@ def run_study(
         return _run_phases(spec, out, workers=workers, phases=phases, report=report)
 
 
+class PhaseClock:
+    """Adds a phase's elapsed time to ``entry["wall_clock_s"]`` and saves ``record`` to ``path``: every
+    ``every`` seconds while the phase runs and once when it ends, however it ends. A sitting stopped by Ctrl-C
+    or an error keeps all of its time; one killed outright (SIGKILL, the machine going away) loses at most
+    ``every`` seconds of it, where a record written only at the end would lose the whole sitting."""
+
+    def __init__(self, path: Path, record: dict[str, Any], entry: dict[str, Any], *, every: float = 60.0):
+        self.path, self.record, self.entry, self.every = path, record, entry, every
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def save(self) -> None:
+        with self._lock:  # the ticking thread and the final save must not interleave their writes
+            self.entry["wall_clock_s"] = round(self._before + time.time() - self.started, 1)
+            ckpt.write_json(self.path, self.record)
+
+    def _tick(self) -> None:
+        while not self._stop.wait(self.every):
+            self.save()
+
+    def __enter__(self) -> PhaseClock:
+        self._before = float(self.entry.get("wall_clock_s", 0.0))
+        self.started = time.time()
+        self._thread = threading.Thread(target=self._tick, name="normsam-phase-clock", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.save()
+
+
 def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases: list[str] | None,
                 report: bool) -> dict[str, Any]:
     from normsam.analysis.sweep import load_sweep, run_sweep
@@ -375,15 +410,19 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
     def timed(name: str, sweep_spec: dict[str, Any]) -> None:
         sweep_file = out / "sweeps" / f"{name}.yaml"
         ckpt.atomic_write_text(sweep_file, yaml.safe_dump(sweep_spec, sort_keys=False))
-        started = time.time()
         print(f"study {out}: phase {name} ({sweep_file})", flush=True)
-        sweep = run_sweep(load_sweep(sweep_file), workers=workers, wait=True)  # wait: later phases need its results
         entry = record["phases"].setdefault(name, {"wall_clock_s": 0.0})
-        entry["wall_clock_s"] = round(entry["wall_clock_s"] + time.time() - started, 1)
-        entry["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        entry["counts"] = sweep.counts()
         entry["sweep"] = str(sweep_file)
-        ckpt.write_json(record_path, record)
+        with PhaseClock(record_path, record, entry) as clock:  # the time counts even for a sitting cut short
+            try:
+                sweep = run_sweep(load_sweep(sweep_file), workers=workers, wait=True)  # later phases need it
+            except BaseException:
+                entry["interrupted"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                raise
+            entry.pop("interrupted", None)
+            entry["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            entry["counts"] = sweep.counts()
+        started = clock.started
         total = entry["wall_clock_s"]
         print(f"study {out}: phase {name}: {time.time() - started:.0f} s this time, {total // 3600:.0f} h "
               f"{total % 3600 / 60:.0f} min over all sittings ({record_path})", flush=True)
