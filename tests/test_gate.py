@@ -161,6 +161,13 @@ def test_a_gate_met_runs_the_pilot_extends_an_edge_and_reports_the_gate(tmp_path
     assert (out / "report" / "gate_curves.png").is_file()
     record = json.loads((out / "study.json").read_text())
     assert set(record["phases"]) == {"gate", "pilot", "main"}
+    # A later sitting finds every pilot run finished, so the choice needs no extension; the record still keeps
+    # the value the first sitting added, and the pilot's sweep file still lists its runs.
+    run_study(path, report=False)
+    assert json.loads((out / "choice.json").read_text())["extended"] == choice["extended"]
+    pilot_sweep = yaml.safe_load((out / "sweeps" / "pilot.yaml").read_text())
+    assert choice["extended"][0] in pilot_sweep["grid"]
+    assert json.loads((out / "study.json").read_text())["phases"]["pilot"]["counts"]["skipped"] == 3
 
 
 def test_edge_extensions_step_outwards_at_the_grids_ratio():

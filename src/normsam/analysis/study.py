@@ -437,7 +437,11 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
     pilot = spec["pilot"]
     metric = "final_val_acc"
     grid = _grid_entries(pilot["grid"])
-    extended: list[dict[str, Any]] = []
+    # A later sitting starts from the grid as the earlier ones extended it, so that the pilot's sweep file and
+    # choice.json keep listing every value added (the choice, made from the finished runs, would not need them).
+    earlier = read_json(out / "choice.json").get("extended", []) if (out / "choice.json").exists() else []
+    extended: list[dict[str, Any]] = [e for e in earlier if e not in grid]
+    grid += extended
     while True:  # always: finished pilot runs are skipped, and the choice needs every one of them
         timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), grid))
         choice = choose_rho(out / "pilot", metric)
