@@ -105,6 +105,34 @@ def test_precision_contexts_are_named_in_words():
     assert headline.precision_name("amp=bf16, bf16_kernels=upcast") == "bf16 (upcast kernels)"
     assert headline.precision_name("amp=bf16") == "bf16"
     assert headline.precision_name("amp=off, model=resnet8") == "amp=off, model=resnet8"  # not only precision
-    assert headline._without_context("SAM-all (asam, ρ=0.4, amp=off, bf16_kernels=native)",
-                                     "amp=off, bf16_kernels=native") == "SAM-all (asam, ρ=0.4)"
-    assert headline._without_context("SGD (amp=bf16, bf16_kernels=upcast)", "amp=bf16, bf16_kernels=upcast") == "SGD"
+    from normsam.analysis.grouping import without_context
+
+    assert without_context("SAM-all (asam, ρ=0.4, amp=off, bf16_kernels=native)",
+                           "amp=off, bf16_kernels=native") == "SAM-all (asam, ρ=0.4)"
+    assert without_context("SGD (amp=bf16, bf16_kernels=upcast)", "amp=bf16, bf16_kernels=upcast") == "SGD"
+    assert without_context("SAM-ON (ρ=0.5, amp=bf16, model=resnet8)", "amp=bf16") == "SAM-ON (ρ=0.5, model=resnet8)"
+
+
+def test_the_per_arm_figures_name_arms_without_their_panels_context(report, monkeypatch):
+    from normsam.analysis import plots
+    from normsam.analysis.report import make_report
+
+    seen = {}
+    for name in ("plot_estimates", "plot_interval_bands"):
+        real = getattr(plots, name)
+
+        def spy(panels, path, *args, _real=real, _name=name, **kwargs):
+            seen[_name] = (panels, kwargs.get("colors"), kwargs.get("references"))
+            return _real(panels, path, *args, **kwargs)
+
+        monkeypatch.setattr(plots, name, spy)
+    report_dir, _ = report
+    make_report([report_dir.parent / "runs"], out=report_dir.parent / "again")
+    panels, colors, references = seen["plot_estimates"]
+    assert {title: sorted(arms) for title, arms in panels.items()} == {
+        "final test accuracy per arm — amp=bf16": ["SAM-ON (ρ=0.5)", "SGD"],
+        "final test accuracy per arm — amp=off": ["SAM-ON (ρ=0.5)", "SGD", "random mask (ρ=0.5, sparsity 0.99)"]}
+    assert set(colors) >= {"SGD", "SAM-ON (ρ=0.5)", "random mask (ρ=0.5, sparsity 0.99)"}  # colours carried over
+    assert references["final test accuracy per arm — amp=bf16"] == {"SGD mean": pytest.approx(76.5)}
+    curves, colors, _ = seen["plot_interval_bands"]
+    assert all("amp=" not in arm for arms in curves.values() for arm in arms) and set(colors) >= {"SGD"}

@@ -20,6 +20,7 @@ import re
 import statistics
 from pathlib import Path
 
+from normsam.analysis.grouping import without_context
 from normsam.bench import MOMENTUM, SAM_ALL, SAM_ON, SGD, interval_name
 
 
@@ -70,13 +71,6 @@ def precision_name(context: str) -> str:
     return name + (f" ({kernels} kernels)" if amp == "bf16" and kernels != "native" else "")
 
 
-def _without_context(label: str, context: str) -> str:
-    """An arm's label without the settings its precision column already says."""
-    for part in context.split(", ") if context else []:
-        label = label.replace(f", {part}", "").replace(f" ({part})", "").replace(f"({part}, ", "(")
-    return label
-
-
 def _bench_ratios(path: str | None) -> dict[str, float]:
     if path is None:
         return {}
@@ -117,7 +111,7 @@ def headline(report: str, bench: str | None = None) -> str:
         d = vs_sgd.get((a["context"], a["arm"]))
         diff = (f"{float(d['diff_mean']):+.2f} [{_num(d['diff_ci_low'], '+.2f')}, {_num(d['diff_ci_high'], '+.2f')}]"
                 if d and d["diff_mean"] else "–")
-        arm = _without_context(a["arm"], a["context"]) if contexts else a["arm"]
+        arm = without_context(a["arm"], a["context"]) if contexts else a["arm"]
         cells = [arm, *([precision_name(a["context"])] if contexts else []), a["final_test_acc_n"],
                  f"{float(a['final_test_acc_mean']):.2f} ± {_num(a['final_test_acc_std'], '.2f')}",
                  f"[{_num(a['final_test_acc_ci_low'], '.2f')}, {_num(a['final_test_acc_ci_high'], '.2f')}]",
@@ -143,7 +137,7 @@ def headline(report: str, bench: str | None = None) -> str:
             arm = p["arm"]
             for a in arms:  # the fp32 arm's label, less its precision
                 if a["arm"] == arm:
-                    arm = _without_context(arm, a["context"])
+                    arm = without_context(arm, a["context"])
             name = re.sub(r"\(bf16_kernels=(\w+)\)", r"(\1 kernels)", p["precision"])  # as the arms table says it
             lines.append(f"| {arm} | {name} | {interval('shift')} | {interval('vs_sgd')} |")
 

@@ -127,6 +127,14 @@ def _order(columns: dict[str, Any]) -> tuple:
             -1.0 if rho is None else rho)
 
 
+def without_context(label: str, context: str) -> str:
+    """An arm's label without the ``key=value`` settings that ``context`` (a comparison context's title, e.g.
+    ``amp=bf16, bf16_kernels=upcast``) already names: for a figure panel or a table column headed by it."""
+    for part in context.split(", ") if context else []:
+        label = label.replace(f", {part}", "").replace(f" ({part})", "").replace(f"({part}, ", "(")
+    return label
+
+
 def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: bool = True) -> str:
     """The name of an arm in every table and figure of the report: ``SGD``, ``SAM-ON (ρ=0.5)``,
     ``SAM-all (asam, ρ=1)``, ``random mask (ρ=0.5, sparsity 0.9995)``, ``SAM-ON (ρ=0.5, late from epoch 6)``.

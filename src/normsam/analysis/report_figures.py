@@ -14,7 +14,7 @@ from typing import Any
 
 from normsam.analysis import plots, stats
 from normsam.analysis.claims import _ACC, Context
-from normsam.analysis.grouping import METHOD_KEYS, Group, _text, arm_label, mean_std
+from normsam.analysis.grouping import METHOD_KEYS, Group, _text, arm_label, mean_std, without_context
 from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
 from normsam.train import checkpoint as ckpt
 
@@ -145,21 +145,32 @@ def _training_curves(groups: Sequence[Group], path: Path, colors: dict[str, str]
     )
 
 
+def _in_panel(ctx: Context, g: Group, colors: dict[str, str], panel_colors: dict[str, str]) -> str:
+    """The arm's label in its context's panel, without the settings the panel's title names (long labels
+    would squeeze the axes), with the arm's colour carried over to that label."""
+    label = without_context(g.label, ctx.title)
+    if g.label in colors:
+        panel_colors.setdefault(label, colors[g.label])
+    return label
+
+
 def _arm_accuracy(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
     panels: dict[str, dict[str, plots.Estimate]] = {}
     references: dict[str, dict[str, float]] = {}
+    panel_colors: dict[str, str] = {}
     for ctx in contexts:
         title = f"final test accuracy per arm{f' — {ctx.title}' if ctx.title else ''}"
         for g in ctx.groups:
             acc = g.interval(_ACC)
             if acc.mean is not None:
-                panels.setdefault(title, {})[g.label] = (acc.mean, acc.lo, acc.hi)
+                panels.setdefault(title, {})[_in_panel(ctx, g, colors, panel_colors)] = (acc.mean, acc.lo, acc.hi)
         sgd = ctx.roles["sgd"].group
         if sgd is not None and sgd.stat(_ACC)[0] is not None:
-            references[title] = {f"{sgd.label} mean": sgd.stat(_ACC)[0]}
+            references[title] = {f"{without_context(sgd.label, ctx.title)} mean": sgd.stat(_ACC)[0]}
     if not panels:
         return None
-    return plots.plot_estimates(panels, path, xlabel="final test accuracy (%)", references=references, colors=colors)
+    return plots.plot_estimates(panels, path, xlabel="final test accuracy (%)", references=references,
+                                colors=panel_colors)
 
 
 def _arm_sharpness_vs_accuracy(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
@@ -178,6 +189,7 @@ def _arm_sharpness_vs_accuracy(groups: Sequence[Group], path: Path, colors: dict
 
 def _arm_test_curves(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
     panels: dict[str, dict[str, tuple[list, list, list, list]]] = {}
+    panel_colors: dict[str, str] = {}
     for ctx in contexts:
         title = f"test accuracy, mean and 95% CI{f' — {ctx.title}' if ctx.title else ''}"
         for g in ctx.groups:
@@ -185,8 +197,8 @@ def _arm_test_curves(contexts: Sequence[Context], path: Path, colors: dict[str, 
             if not epochs:
                 continue
             cis = [stats.describe(v[e] for v in per_run) for e in epochs]
-            panels.setdefault(title, {})[g.label] = (epochs, [c.mean for c in cis], [c.lo for c in cis],
-                                                     [c.hi for c in cis])
+            panels.setdefault(title, {})[_in_panel(ctx, g, colors, panel_colors)] = (
+                epochs, [c.mean for c in cis], [c.lo for c in cis], [c.hi for c in cis])
     if not panels:
         return None
-    return plots.plot_interval_bands(panels, path, ylabel="test accuracy (%)", colors=colors)
+    return plots.plot_interval_bands(panels, path, ylabel="test accuracy (%)", colors=panel_colors)
