@@ -125,7 +125,9 @@ def test_the_phase_clock_saves_while_the_phase_runs_and_adds_to_earlier_sittings
     path = tmp_path / "study.json"
     record = {"phases": {"main": {"wall_clock_s": 100.0}}}
     entry = record["phases"]["main"]
-    with PhaseClock(path, record, entry, every=0.05):
+    with PhaseClock(path, record, entry, every=0.05) as clock:
+        clock.note(interrupted="earlier")
+        clock.note(interrupted=None, counts={"done": 1})  # changed under the lock the ticking thread saves with
         deadline = time.time() + 5
         while not path.exists() and time.time() < deadline:  # the ticking thread writes it, not the exit
             time.sleep(0.01)
@@ -134,6 +136,7 @@ def test_the_phase_clock_saves_while_the_phase_runs_and_adds_to_earlier_sittings
         time.sleep(0.2)
     final = json.loads(path.read_text())["phases"]["main"]["wall_clock_s"]
     assert 100.2 <= final < 105 and final == entry["wall_clock_s"]
+    assert json.loads(path.read_text())["phases"]["main"] == {"wall_clock_s": final, "counts": {"done": 1}}
 
 
 def test_an_interrupted_phase_keeps_its_time_and_a_finished_one_clears_the_mark(tmp_path, monkeypatch):

@@ -377,6 +377,15 @@ class PhaseClock:
         self._lock = threading.Lock()
         self._stop = threading.Event()
 
+    def note(self, **fields: Any) -> None:
+        """Set (``None``: remove) fields of the entry; under the lock, so that a save never sees it change."""
+        with self._lock:
+            for key, value in fields.items():
+                if value is None:
+                    self.entry.pop(key, None)
+                else:
+                    self.entry[key] = value
+
     def save(self) -> None:
         with self._lock:  # the ticking thread and the final save must not interleave their writes
             self.entry["wall_clock_s"] = round(self._before + time.time() - self.started, 1)
@@ -417,11 +426,10 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
             try:
                 sweep = run_sweep(load_sweep(sweep_file), workers=workers, wait=True)  # later phases need it
             except BaseException:
-                entry["interrupted"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                clock.note(interrupted=datetime.now(timezone.utc).isoformat(timespec="seconds"))
                 raise
-            entry.pop("interrupted", None)
-            entry["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            entry["counts"] = sweep.counts()
+            clock.note(interrupted=None, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                       counts=sweep.counts())
         started = clock.started
         total = entry["wall_clock_s"]
         print(f"study {out}: phase {name}: {time.time() - started:.0f} s this time, {total // 3600:.0f} h "
