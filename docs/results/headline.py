@@ -5,10 +5,11 @@
 
 The arms table gives, per arm (and per precision when the report has several): the seeds, the final test
 accuracy's mean ± std and 95% interval, the paired difference to SGD *of the same precision*, the sharpness,
-the share of the flipped training labels the arm fitted (with label noise), and two step costs: the interleaved benchmark's median ratio to SGD (``benchmarks/step_time.py --json``, for
-the arms it benchmarks; "–" for the others) and the study's own training seconds per epoch (the runs'
-``mean_epoch_time``, measured with two runs side by side) as a ratio to SGD's in the same precision. Then
-the precision table, when there is one, and the claims table.
+the share of the flipped training labels the arm fitted (with label noise), and two step costs: the
+interleaved benchmark's median ratio to SGD (``benchmarks/step_time.py --json``, for the arms it benchmarks;
+"–" for the others) and the study's own training seconds per epoch (the runs' ``mean_epoch_time``, measured
+with two runs side by side) as a ratio to SGD's in the same precision. Then the precision table, when there
+is one, and the claims table.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ def headline(report: str, bench: str | None = None) -> str:
 
     precision = _rows(folder / "precision.csv")
     if precision:
+        context_of = {a["arm"]: a["context"] for a in arms}
         lines += ["", "| arm | precision | test acc. shift vs fp32: mean [95% CI] (n) | "
                       "shift minus SGD's shift: mean [95% CI] (n) |", "|---|---|---:|---:|"]
         for p in precision:
@@ -134,10 +136,7 @@ def headline(report: str, bench: str | None = None) -> str:
                     return "–"
                 return (f"{float(p[f'{prefix}_mean']):+.2f} [{_num(p[f'{prefix}_ci_low'], '+.2f')}, "
                         f"{_num(p[f'{prefix}_ci_high'], '+.2f')}] ({p[f'{prefix}_n']})")
-            arm = p["arm"]
-            for a in arms:  # the fp32 arm's label, less its precision
-                if a["arm"] == arm:
-                    arm = without_context(arm, a["context"])
+            arm = without_context(p["arm"], context_of.get(p["arm"], ""))  # the fp32 arm, less its precision
             name = re.sub(r"\(bf16_kernels=(\w+)\)", r"(\1 kernels)", p["precision"])  # as the arms table says it
             lines.append(f"| {arm} | {name} | {interval('shift')} | {interval('vs_sgd')} |")
 

@@ -430,9 +430,8 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
                 raise
             clock.note(interrupted=None, finished=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                        counts=sweep.counts())
-        started = clock.started
         total = entry["wall_clock_s"]
-        print(f"study {out}: phase {name}: {time.time() - started:.0f} s this time, {total // 3600:.0f} h "
+        print(f"study {out}: phase {name}: {time.time() - clock.started:.0f} s this time, {total // 3600:.0f} h "
               f"{total % 3600 / 60:.0f} min over all sittings ({record_path})", flush=True)
         if sweep.failed:
             raise RuntimeError(f"Phase {name}: {len(sweep.failed)} run(s) failed; see {sweep.out / 'sweep.json'}.")
