@@ -170,3 +170,86 @@ def test_an_interrupted_phase_keeps_its_time_and_a_finished_one_clears_the_mark(
     main = json.loads((out / "study.json").read_text())["phases"]["main"]
     assert main["wall_clock_s"] > first_sitting and "interrupted" not in main
     assert main["counts"]["done"] == 1 and "finished" in main
+
+
+# --- ρ warm-up arms and an earlier pilot's record (issue 24) ------------------------------------------------
+
+
+def test_choice_keys_name_the_warmup_and_parse_back():
+    from normsam.analysis.study import choice_key, parse_choice_key
+
+    assert choice_key("norm") == "norm" and choice_key("norm", "momentum") == "norm/momentum"
+    assert choice_key("norm", "gradient", 6.0) == "norm+warmup6"
+    assert choice_key("norm", "momentum", 0.5) == "norm/momentum+warmup0.5"
+    for key in ("all", "norm/momentum", "norm+warmup6", "norm/momentum+warmup0.5"):
+        assert choice_key(*parse_choice_key(key)) == key
+
+
+def test_a_warmup_arm_is_chosen_apart_from_its_constant_rho_twin(tmp_path):
+    def run(folder, rho, warmup, val):
+        folder.mkdir(parents=True)
+        save_config(load_config(None, {**TINY, "scope": "norm", "rho": rho, "rho_warmup_epochs": warmup}),
+                    folder / ckpt.CONFIG)
+        (folder / ckpt.SUMMARY).write_text(json.dumps({"final_val_acc": val, "final_test_acc": 0.0}))
+
+    run(tmp_path / "a", 1.0, 0, 60.0)
+    run(tmp_path / "b", 2.0, 0, 20.0)  # the constant-ρ arm collapses at 2.0 ...
+    run(tmp_path / "c", 1.0, 6, 55.0)
+    run(tmp_path / "d", 2.0, 6, 65.0)  # ... the warmed-up one does not
+    choice = choose_rho(tmp_path)
+    assert choice["norm"]["rho"] == 1.0 and choice["norm+warmup6"]["rho"] == 2.0
+
+
+def test_an_earlier_record_adds_its_candidates_and_is_no_extension(tmp_path):
+    from normsam.analysis.study import earlier_candidates, edge_extensions
+
+    record = tmp_path / "choice.json"
+    record.write_text(json.dumps({"choice": {"all": {"rho": 0.4, "candidates": {"0.2": [50.0, 52.0],
+                                                                                "0.4": [60.0, 61.0]}}}}))
+    _fake_run(tmp_path / "pilot/a", "all", 0.8, val=58.0, test=0.0)
+    _fake_run(tmp_path / "pilot/b", "all", 1.6, val=20.0, test=0.0)
+    earlier = earlier_candidates([record])
+    choice = choose_rho(tmp_path / "pilot", earlier=earlier)
+    assert choice["all"]["rho"] == 0.4 and choice["all"]["earlier"] == [0.2, 0.4]
+    assert set(choice["all"]["candidates"]) == {"0.2", "0.4", "0.8", "1.6"}
+    grid = [{"scope": ["all"], "rho": [0.8, 1.6]}]
+    assert edge_extensions(choice, grid, grid, 1) == []  # 0.4 is interior once the record is counted
+    # a run at a ρ the record holds would count its seeds twice
+    _fake_run(tmp_path / "pilot/c", "all", 0.4, val=99.0, test=0.0)
+    with pytest.raises(ValueError, match=r"trains all at ρ=0.4, which the earlier record already holds"):
+        choose_rho(tmp_path / "pilot", earlier=earlier)
+
+
+def test_a_warmup_arm_at_an_edge_extends_its_own_grid():
+    from normsam.analysis.study import edge_extensions
+
+    grid = [{"scope": ["norm"], "rho": [1.0, 2.0]}, {"scope": ["norm"], "rho_warmup_epochs": [6], "rho": [1.0, 2.0]}]
+    choice = {"norm": {"rho": 1.0, "candidates": {"1.0": [60.0], "2.0": [20.0]}},
+              "norm+warmup6": {"rho": 2.0, "candidates": {"1.0": [55.0], "2.0": [65.0]}}}
+    assert edge_extensions(choice, grid, grid, 3) == [
+        {"scope": ["norm"], "rho": [0.5]},
+        {"scope": ["norm"], "rho_warmup_epochs": [6], "rho": [4.0]},
+    ]
+
+
+def test_the_study_file_checks_its_earlier_record(tmp_path):
+    spec = {"out": str(tmp_path / "s"), "base": dict(TINY),
+            "pilot": {"seeds": [100], "earlier": str(tmp_path / "missing.json"), "grid": {"scope": ["all"], "rho": [1]}},
+            "phases": [{"name": "main", "seeds": [0], "grid": {"scope": ["all"], "rho": ["@rho:all"]}}]}
+    with pytest.raises(FileNotFoundError, match=r"earlier: .*missing.json does not exist; name the choice.json"):
+        load_study(spec)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is not a pilot's choice.json"):
+        load_study({**spec, "pilot": {**spec["pilot"], "earlier": str(tmp_path / "bad.json")}})
+    from normsam.analysis.study import check_plan
+
+    (tmp_path / "rec.json").write_text(json.dumps({"choice": {"all": {"rho": 1, "candidates": {"1": [50.0]}}}}))
+    with pytest.raises(ValueError, match=r"trains all at ρ=1, which its earlier: record already holds"):
+        check_plan(load_study({**spec, "pilot": {**spec["pilot"], "earlier": str(tmp_path / "rec.json")}}))
+    # the record alone may supply a phase's @rho: placeholder
+    ok = {**spec, "pilot": {"seeds": [100], "earlier": str(tmp_path / "rec.json"),
+                            "grid": {"scope": ["all"], "rho_warmup_epochs": [2], "rho": [1]}},
+          "phases": [{"name": "main", "seeds": [0], "grid": [{"scope": ["all"], "rho": ["@rho:all"]},
+                                                             {"scope": ["all"], "rho_warmup_epochs": [2],
+                                                              "rho": ["@rho:all+warmup2"]}]}]}
+    check_plan(load_study(ok))

@@ -11,6 +11,9 @@ from normsam.optim import (
     PERTURBATIONS,
     SAM,
     SCOPES,
+    RhoLambda,
+    RhoSchedule,
+    RhoWarmup,
     ParamInfo,
     ScopeReport,
     describe_scope,
@@ -25,6 +28,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "RhoSchedule",
+    "RhoWarmup",
+    "RhoLambda",
     "param_groups",
     "describe_scope",
     "is_norm_layer",

@@ -42,6 +42,13 @@ A chosen ρ at an edge of its grid (the largest, or the smallest above 0) says t
 the pilot then adds the next value out, at the ratio of the grid's two outermost values, and runs again, up to
 ``max_extensions`` times per scope (pilot key, default 3); ``choice.json`` lists the values added and any
 choice still at an edge.
+
+An arm with a ρ warm-up (``rho_warmup_epochs: [6]`` in its grid entry) is chosen on its own, as
+``@rho:norm+warmup6``: its best ρ need not be the constant-ρ arm's. ``earlier:`` (pilot key: one or more
+``choice.json`` files of an earlier pilot with the same recipe and pilot seeds) adds that pilot's candidates to
+the choice, so a new pilot can extend an old grid (say, to larger ρ) without training its runs again;
+``choice.md`` says which values came from the record. A grid entry that would train a (scope, ρ) the record
+already holds is refused.
 """
 
 from __future__ import annotations
@@ -65,7 +72,7 @@ from normsam.train.run_lock import RunLock
 __all__ = ["STUDY_KEYS", "load_study", "check_plan", "choose_rho", "norm_sparsity", "resolve_grid", "run_study"]
 
 STUDY_KEYS = ("preset", "base", "out", "workers", "gate", "pilot", "phases", "executor", "slurm")
-_PILOT_KEYS = ("seeds", "grid", "max_extensions")
+_PILOT_KEYS = ("seeds", "grid", "max_extensions", "earlier")
 _PHASE_KEYS = ("name", "seeds", "grid")
 _PLACEHOLDER_KINDS = ("rho", "sparsity")
 
@@ -109,6 +116,7 @@ def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"Phase name {name!r} is used twice (or is 'pilot' or 'gate'); give each phase its own "
                              "name.")
         names.add(name)
+    spec = {**spec, "pilot": {**spec["pilot"], "earlier": _earlier_paths(spec["pilot"].get("earlier"))}}
     pilot_seeds = set(spec["pilot"].get("seeds", [0]))
     reported = set().union(*(set(p.get("seeds", [0])) for p in phases))
     if pilot_seeds & reported:
@@ -127,20 +135,67 @@ def _sweep_spec(spec: Mapping[str, Any], name: str, seeds: Any, grid: Any) -> di
     return out
 
 
-def choice_key(scope: str, ascent: str = "gradient") -> str:
-    """The name of a pilot arm's ρ choice: its scope, with ``/momentum`` for the momentum ascent."""
-    return scope if ascent == "gradient" else f"{scope}/{ascent}"
+def choice_key(scope: str, ascent: str = "gradient", rho_warmup_epochs: float = 0.0) -> str:
+    """The name of a pilot arm's ρ choice: its scope, with ``/momentum`` for the momentum ascent and
+    ``+warmup6`` for a 6-epoch ρ warm-up (``norm/momentum``, ``norm+warmup6``)."""
+    key = scope if ascent == "gradient" else f"{scope}/{ascent}"
+    return key + (f"+warmup{float(rho_warmup_epochs):g}" if rho_warmup_epochs else "")
 
 
-def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str, dict[str, Any]]:
-    """Per scope (and ascent, see :func:`choice_key`), the ρ whose pilot runs have the best mean ``metric``
-    (ties: the smaller ρ).
+def parse_choice_key(key: str) -> tuple[str, str, float]:
+    """``"norm/momentum+warmup6"`` → ``("norm", "momentum", 6.0)``: the inverse of :func:`choice_key`."""
+    arm, _, warmup = key.partition("+warmup")
+    scope, _, ascent = arm.partition("/")
+    return scope, ascent or "gradient", float(warmup) if warmup else 0.0
 
-    Returns ``{key: {"rho": ρ, "candidates": {ρ: [values over seeds]}}}`` for every scope with a ρ.
+
+def _entry_choice_keys(entry: Mapping[str, Any]) -> list[str]:
+    """The choice keys of the arms a grid entry trains (its scopes × ascents × warm-ups)."""
+    return [choice_key(scope, ascent, warmup)
+            for scope in entry.get("scope", [])
+            for ascent in entry.get("ascent", ["gradient"])
+            for warmup in entry.get("rho_warmup_epochs", [0.0])]
+
+
+def _earlier_paths(earlier: Any) -> list[str]:
+    """The pilot's ``earlier:`` record files, checked: each a ``choice.json`` with a ``choice``."""
+    paths = [] if earlier is None else [earlier] if isinstance(earlier, (str, Path)) else list(earlier)
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(
+                f"pilot: earlier: {path} does not exist; name the choice.json of an earlier pilot (with the same "
+                "recipe and pilot seeds), e.g. earlier: docs/results/study-regime/pilot/choice.json."
+            )
+        record = read_json(Path(path))
+        if not isinstance(record, Mapping) or not isinstance(record.get("choice"), Mapping):
+            raise ValueError(f"pilot: earlier: {path} is not a pilot's choice.json (it has no 'choice').")
+    return [str(p) for p in paths]
+
+
+def earlier_candidates(paths: Sequence[str | Path]) -> dict[str, dict[float, list[float]]]:
+    """``{key: {ρ: [metric per seed]}}`` from earlier pilots' ``choice.json`` records."""
+    table: dict[str, dict[float, list[float]]] = {}
+    for path in paths:
+        for key, entry in read_json(Path(path))["choice"].items():
+            for rho, values in entry["candidates"].items():
+                table.setdefault(key, {}).setdefault(float(rho), []).extend(float(v) for v in values)
+    return table
+
+
+def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc", *,
+               earlier: Mapping[str, Mapping[float, Sequence[float]]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per arm (scope, ascent and ρ warm-up, see :func:`choice_key`), the ρ whose pilot runs have the best mean
+    ``metric`` (ties: the smaller ρ). ``earlier``: candidates of an earlier pilot (:func:`earlier_candidates`),
+    added to this pilot's.
+
+    Returns ``{key: {"rho": ρ, "candidates": {ρ: [values over seeds]}}}`` for every arm with a ρ, with
+    ``"earlier": [ρ, ...]`` listing the candidates that came from the record.
     """
     from normsam.train.config import config_from_file
 
-    table: dict[str, dict[float, list[float]]] = {}
+    table: dict[str, dict[float, list[float]]] = {
+        key: {rho: list(values) for rho, values in by_rho.items()} for key, by_rho in (earlier or {}).items()
+    }
     for summary_path in sorted(Path(pilot_dir).rglob(ckpt.SUMMARY)):
         run = summary_path.parent
         cfg = config_from_file(run / ckpt.CONFIG)
@@ -155,14 +210,21 @@ def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc") -> dict[str
                 f"Pilot run {run} has no {metric}: the pilot must train with val_split > 0 so that ρ is "
                 "chosen on validation data, never on the test set."
             )
-        key = choice_key(cfg.scope, getattr(cfg, "ascent", "gradient"))
+        key = choice_key(cfg.scope, cfg.ascent, cfg.rho_warmup_epochs)
+        if float(cfg.rho) in (earlier or {}).get(key, {}):
+            raise ValueError(
+                f"Pilot run {run} trains {key} at ρ={cfg.rho:g}, which the earlier record already holds: drop that ρ "
+                "from the pilot's grid (or the record from earlier:)."
+            )
         table.setdefault(key, {}).setdefault(float(cfg.rho), []).append(float(value))
     if not table:
         raise ValueError(f"No finished pilot run with a ρ under {pilot_dir}: run the pilot first.")
     choice = {}
-    for scope, by_rho in table.items():
+    for key, by_rho in table.items():
         best = max(sorted(by_rho), key=lambda r: sum(by_rho[r]) / len(by_rho[r]))  # sorted: ties → smaller ρ
-        choice[scope] = {"rho": best, "candidates": {str(r): v for r, v in sorted(by_rho.items())}}
+        choice[key] = {"rho": best, "candidates": {str(r): v for r, v in sorted(by_rho.items())}}
+        if key in (earlier or {}):
+            choice[key]["earlier"] = sorted(earlier[key])
     return choice
 
 
@@ -171,10 +233,9 @@ def _grid_entries(grid: Any) -> list[dict[str, Any]]:
 
 
 def _template(grid: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
-    """The pilot grid entry that holds the arm ``key`` (scope, and ascent), to copy for a new ρ."""
-    scope, _, ascent = key.partition("/")
+    """The pilot grid entry that holds the arm ``key`` (scope, ascent and warm-up), to copy for a new ρ."""
     for entry in grid:
-        if scope in entry.get("scope", []) and (ascent or "gradient") in entry.get("ascent", ["gradient"]):
+        if key in _entry_choice_keys(entry):
             return entry
     return None
 
@@ -194,6 +255,7 @@ def edge_extensions(choice: Mapping[str, Any], grid: Any, original: Any, limit: 
         if len(rhos) < 2 or template is None:
             continue
         originally = {float(r) for e in base if e is template for r in e.get("rho", [])}
+        originally |= {float(r) for r in entry.get("earlier", [])}  # an earlier pilot's values are no extension
         if len(set(rhos) - originally) >= limit:
             continue
         best = float(entry["rho"])
@@ -203,10 +265,12 @@ def edge_extensions(choice: Mapping[str, Any], grid: Any, original: Any, limit: 
             new = _round(best * rhos[0] / rhos[1])
         else:
             continue
-        scope, _, ascent = key.partition("/")
+        scope, ascent, warmup = parse_choice_key(key)
         extra = {**template, "scope": [scope], "rho": [new]}
-        if ascent:
+        if ascent != "gradient":
             extra["ascent"] = [ascent]
+        if warmup:
+            extra["rho_warmup_epochs"] = [warmup]
         if extra not in entries:
             out.append(extra)
     return out
@@ -250,13 +314,18 @@ def _placeholders(grid: Any) -> set[str]:
     return {grid} if isinstance(grid, str) and grid.startswith("@") else set()
 
 
-def _choice_markdown(choice: Mapping[str, Any], metric: str) -> str:
-    lines = [f"# ρ chosen by the pilot (best mean {metric}; the test set played no part)", "",
-             "| scope | ρ | mean " + metric + " | seeds | chosen |", "|---|---:|---:|---:|:---:|"]
+def _choice_markdown(choice: Mapping[str, Any], metric: str, earlier: Sequence[str] = ()) -> str:
+    lines = [f"# ρ chosen by the pilot (best mean {metric}; the test set played no part)", ""]
+    if earlier:
+        lines += ["Candidates marked *record* come from an earlier pilot's record, not from runs in this folder: "
+                  + ", ".join(earlier) + ".", ""]
+    lines += ["| scope | ρ | mean " + metric + " | seeds | chosen |", "|---|---:|---:|---:|:---:|"]
     for scope, entry in choice.items():
+        from_record = {float(r) for r in entry.get("earlier", [])}
         for rho, vals in entry["candidates"].items():
             mark = "✔" if math.isclose(float(rho), entry["rho"]) else ""
-            lines.append(f"| {scope} | {float(rho):g} | {sum(vals) / len(vals):.2f} | {len(vals)} | {mark} |")
+            source = " (*record*)" if float(rho) in from_record else ""
+            lines.append(f"| {scope} | {float(rho):g}{source} | {sum(vals) / len(vals):.2f} | {len(vals)} | {mark} |")
     return "\n".join(lines) + "\n"
 
 
@@ -298,10 +367,17 @@ def check_plan(spec: Mapping[str, Any], phases: Sequence[str] | None = None) -> 
             f"The study's pilot run {no_val[0]} has val_split=0, but ρ is chosen on validation accuracy (never on "
             "the test set): set val_split in the study's base (e.g. base: {val_split: 0.1})."
         )
-    rhos: dict[str, float] = {}
+    record = earlier_candidates(pilot_spec.get("earlier") or [])
+    rhos: dict[str, float] = {key: min(by_rho) for key, by_rho in record.items()}
     for run in pilot.runs:
         if isinstance(run.config.scope, str) and run.config.scope != "none":
-            rhos.setdefault(choice_key(run.config.scope, run.config.ascent), run.config.rho)
+            key = choice_key(run.config.scope, run.config.ascent, run.config.rho_warmup_epochs)
+            if float(run.config.rho) in record.get(key, {}):
+                raise ValueError(
+                    f"The pilot's grid trains {key} at ρ={run.config.rho:g}, which its earlier: record already "
+                    "holds (the same seeds would be counted twice): drop that ρ from the grid."
+                )
+            rhos.setdefault(key, run.config.rho)
 
     values: dict[str, Any] = {}
     for name, phase in zip(_phase_names(spec), spec["phases"]):
@@ -443,6 +519,7 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
 
     pilot = spec["pilot"]
     metric = "final_val_acc"
+    from_record = earlier_candidates(pilot.get("earlier") or [])
     grid = _grid_entries(pilot["grid"])
     # A later sitting starts from the grid as the earlier ones extended it, so that the pilot's sweep file and
     # choice.json keep listing every value added (the choice, made from the finished runs, would not need them).
@@ -451,13 +528,12 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
     grid += extended
     while True:  # always: finished pilot runs are skipped, and the choice needs every one of them
         timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), grid))
-        choice = choose_rho(out / "pilot", metric)
+        choice = choose_rho(out / "pilot", metric, earlier=from_record)
         more = edge_extensions(choice, grid, pilot["grid"], pilot.get("max_extensions", 3))
         if not more:
             break
         print("study: ρ at the edge of the pilot grid, adding " + ", ".join(
-            f"{e['scope'][0]}{'/' + e['ascent'][0] if 'ascent' in e else ''} ρ={e['rho'][0]:g}" for e in more),
-            flush=True)
+            f"{_entry_choice_keys(e)[0]} ρ={e['rho'][0]:g}" for e in more), flush=True)
         grid += more
         extended += more
     at_edge = [key for key in choice if edge_extensions({key: choice[key]}, grid, grid, 1)]
@@ -470,11 +546,12 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
         elif kind not in _PLACEHOLDER_KINDS:
             raise ValueError(f"Unknown placeholder {name!r}; use @rho:SCOPE or @sparsity:SCOPE.")
     ckpt.write_json(out / "choice.json", {"metric": metric, "choice": choice, "values": values,
-                                          "extended": extended, "at_edge": at_edge})
+                                          "extended": extended, "at_edge": at_edge,
+                                          "earlier": list(pilot.get("earlier") or [])})
     if at_edge:
         print(f"study: warning: the chosen ρ of {', '.join(at_edge)} is still at an edge of the pilot grid "
               "(max_extensions reached); see choice.md.", flush=True)
-    ckpt.atomic_write_text(out / "choice.md", _choice_markdown(choice, metric))
+    ckpt.atomic_write_text(out / "choice.md", _choice_markdown(choice, metric, pilot.get("earlier") or []))
     print("study: chosen " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
     for i, phase in enumerate(spec["phases"]):
@@ -496,9 +573,16 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
 
 #: Keys that do not make an arm a variant of the one whose ρ the pilot tuned (precision, measurement, the
 #: momentum ascent's required running-statistics policy).
-_NOT_VARIANT = frozenset({"scope", "rho", "ascent", "bn_policy", "amp", "bf16_kernels", "sharpness_at_end", "seed"})
+_NOT_VARIANT = frozenset({"scope", "rho", "ascent", "rho_warmup_epochs", "bn_policy", "amp", "bf16_kernels",
+                          "sharpness_at_end", "seed"})
 _ARM_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm", "random": "random mask", "ssam-f": "SSAM-F",
               "norm/momentum": "SAM-ON with the momentum ascent"}
+
+
+def _arm_name(key: str) -> str:
+    scope, ascent, warmup = parse_choice_key(key)
+    base = _ARM_NAMES.get(choice_key(scope, ascent), choice_key(scope, ascent))
+    return base + (f" with a {warmup:g}-epoch ρ warm-up" if warmup else "")
 
 
 def rho_provenance_markdown(spec: Mapping[str, Any], values: Mapping[str, Any]) -> str:
@@ -511,17 +595,15 @@ def rho_provenance_markdown(spec: Mapping[str, Any], values: Mapping[str, Any]) 
             rhos = [r for r in entry.get("rho", []) if isinstance(r, str) and r.startswith("@rho:")]
             if not rhos:
                 continue
-            for scope in entry.get("scope", []):
-                for ascent in entry.get("ascent", ["gradient"]):
-                    own = choice_key(scope, ascent)
-                    variant = {k: v for k, v in entry.items() if k not in _NOT_VARIANT}
-                    for placeholder in rhos:
-                        source = placeholder.partition(":")[2]
-                        tuned = source == own and not variant
-                        how = ("tuned for this arm" + (" (in the pilot's precision)" if "amp" in entry else "")
-                               if tuned else f"ρ of {_ARM_NAMES.get(source, source)}, not tuned for this arm")
-                        settings = ", ".join(f"{k}={'/'.join(map(str, v))}" for k, v in entry.items() if k != "rho")
-                        rows.append(f"| {name} | {settings} | {values.get(placeholder, '?')} | {how} |")
+            for own in _entry_choice_keys(entry):
+                variant = {k: v for k, v in entry.items() if k not in _NOT_VARIANT}
+                for placeholder in rhos:
+                    source = placeholder.partition(":")[2]
+                    tuned = source == own and not variant
+                    how = ("tuned for this arm" + (" (in the pilot's precision)" if "amp" in entry else "")
+                           if tuned else f"ρ of {_arm_name(source)}, not tuned for this arm")
+                    settings = ", ".join(f"{k}={'/'.join(map(str, v))}" for k, v in entry.items() if k != "rho")
+                    rows.append(f"| {name} | {settings} | {values.get(placeholder, '?')} | {how} |")
     if not rows:
         return ""
     return "\n".join(["## Where each arm's ρ comes from", "",

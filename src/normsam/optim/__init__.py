@@ -2,6 +2,7 @@
 
 from normsam.optim.ascent import ASCENTS, register_momentum_state
 from normsam.optim.perturbations import PERTURBATIONS, PerturbationModel, get_perturbation, perturbation
+from normsam.optim.rho_schedules import RhoLambda, RhoSchedule, RhoWarmup
 from normsam.optim.running_stats import BN_POLICIES, frozen_running_stats, running_stat_modules
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import (
@@ -17,6 +18,9 @@ from normsam.optim.scopes import (
 
 __all__ = [
     "SAM",
+    "RhoSchedule",
+    "RhoWarmup",
+    "RhoLambda",
     "ASCENTS",
     "register_momentum_state",
     "PERTURBATIONS",

@@ -40,6 +40,7 @@ from normsam.optim.perturbations import (
     perturbation,
 )
 from normsam.optim.new_groups import place_new_group
+from normsam.optim.rho_schedules import RhoSchedule, as_rho_schedule, scheduled_rho
 from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, RunningStatsSwap, running_stat_modules
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
 from normsam.optim.sharded import ShardedTensors, check_sharded_options, refuse_late_sharding, sharding_for
@@ -106,6 +107,11 @@ class SAM(torch.optim.Optimizer):
             ``"momentum"`` (Momentum-SAM: minus the base optimizer's momentum, no pass at w, ≈ the cost of the
             base optimizer; the first step is a plain step; needs ``bn_policy="update"``, its default then). See
             :mod:`normsam.optim.ascent`.
+        rho_schedule: ``None`` (a constant ρ), :class:`normsam.RhoWarmup` ``(steps)`` (ρ rises linearly over the
+            first SAM steps), a callable ``step -> factor`` of each group's ρ, or any
+            :class:`normsam.RhoSchedule`. Each group's base ρ is kept in ``group["initial_rho"]``; ``group["rho"]``
+            holds the ρ in effect, set before every SAM step from ``counters["sam_steps"]`` (so ``state_dict``
+            round trips keep the schedule's position). See :mod:`normsam.optim.rho_schedules`.
         **base_kwargs: options of the base optimizer (``lr``, ``momentum``, ``weight_decay`` …).
 
     Use either ``step(closure)``, the classic two passes (``loss.backward(); first_step(zero_grad=True);
@@ -139,9 +145,11 @@ class SAM(torch.optim.Optimizer):
         ascent: str = "gradient",
         layerwise_scaling: str = "additive",
         scaled_tensors: str = "not-bias",
+        rho_schedule: RhoSchedule | Callable[[int], float] | None = None,
         **base_kwargs: Any,
     ):
         rho = _check_rho(rho)
+        self.rho_schedule = as_rho_schedule(rho_schedule)
         self.perturbation_model = get_perturbation(perturbation, layerwise_scaling=layerwise_scaling)
         self.eta = self.perturbation_model.default_eta if eta is None else eta
         if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0):
@@ -212,6 +220,8 @@ class SAM(torch.optim.Optimizer):
             group.setdefault("rho", rho)
             group.setdefault("perturb", True)
             _check_rho(group["rho"], "rho of a param group")
+            if self.rho_schedule is not None:  # the base ρ the schedule scales, as LR schedulers keep initial_lr
+                group.setdefault("initial_rho", group["rho"])
         # FSDP2: ε and the backup on local shards, global norms; other sharding schemes are refused here
         self._sharding = sharding_for(model, [p for group in groups for p in group["params"]])
         if self._sharding is not None:
@@ -237,6 +247,16 @@ class SAM(torch.optim.Optimizer):
         self._mask_generator = torch.Generator().manual_seed(mask_seed)
         if self.mask_scope in ("random", "ssam-d"):
             self._set_masks(masklib.random_masks(self._targets(), self._keep(), self._mask_generator))
+        self._apply_rho_schedule()  # repr and describe() show the ρ of the first step
+
+    def _apply_rho_schedule(self) -> None:
+        """Set each group's ρ to the schedule's value for the next SAM step (``counters["sam_steps"]``)."""
+        if self.rho_schedule is None:
+            return
+        step = self._rho_step = self.counters["sam_steps"]
+        for group in self.param_groups:
+            group.setdefault("initial_rho", group["rho"])
+            group["rho"] = scheduled_rho(self.rho_schedule, step, group)
 
     # --- construction helpers -----------------------------------------------------------------------------
 
@@ -486,6 +506,7 @@ class SAM(torch.optim.Optimizer):
             )
         if plan.flat is not None:  # the backup in one kernel, before ε: the flat path reads w from it
             torch.cat(plan.params, out=plan.flat.backup)
+        self._apply_rho_schedule()
         if self.needs_ascent or not self.ascent_source.needs_pass:  # a fresh ε (from the momentum: no pass)
             eps = self._fresh_epsilon(plan, loss, grad_scaler)
             self._eps, self._eps_params = (eps, plan.params) if self.ascent_interval > 1 else (None, None)
@@ -792,6 +813,7 @@ class SAM(torch.optim.Optimizer):
             _check_rho(group["rho"], "rho of a param group")
             self.base_optimizer.add_param_group(group)
         self._plan = None
+        self._apply_rho_schedule()
 
     # --- masks from data -------------------------------------------------------------------------------
 
@@ -870,6 +892,7 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
         self._plan, self._eps, self._eps_params = None, None, None
         if sam_state is None:
+            self._apply_rho_schedule()
             return
         params = [p for g in self.param_groups for p in g["params"]]
         self.state.clear()
@@ -887,16 +910,24 @@ class SAM(torch.optim.Optimizer):
                 for p in self._eps_params
             ]
         self._mask_generator.set_state(sam_state["mask_generator"])
+        self._apply_rho_schedule()  # at the restored step: the schedule goes on where it stopped
 
     def __repr__(self) -> str:
         perturbed = sum(p.numel() for p in self._targets())
         total = sum(p.numel() for g in self.param_groups for p in g["params"])
         return (
             f"SAM(base={type(self.base_optimizer).__name__}, perturbation={self.perturbation_model.name!r}, "
-            f"scope={self.scope!r}, rho={self.defaults['rho']}, eta={self.eta}, perturbed={perturbed:,}/{total:,}"
+            f"scope={self.scope!r}, rho={self._rho_in_effect()}, eta={self.eta}, perturbed={perturbed:,}/{total:,}"
+            + (f", rho_schedule={self.rho_schedule!r}" if self.rho_schedule is not None else "")
             + (f", ascent={self.ascent!r})" if self.ascent != "gradient" else ")")
             + self._no_model_note()
         )
+
+    def _rho_in_effect(self) -> str:
+        """The perturbed groups' ρ as the next step uses it (one value, or one per group where they differ)."""
+        rhos = [g["rho"] for g in self.param_groups if g["perturb"]]
+        distinct = list(dict.fromkeys(rhos))
+        return f"{distinct[0]:g}" if len(distinct) == 1 else "[" + ", ".join(f"{r:g}" for r in rhos) + "]"
 
     def _no_model_note(self) -> str:
         if self.model is not None or self.scope != "all":
@@ -911,7 +942,10 @@ class SAM(torch.optim.Optimizer):
         named = [name for _, _, name in entries if name is not None]
         lines = [
             f"scope={self.scope!r}: {perturbed:,} of {total:,} trainable parameters perturbed "
-            f"({100 * perturbed / max(total, 1):.4f}%) in {len(entries)} tensors{self._no_model_note()}"
+            f"({100 * perturbed / max(total, 1):.4f}%) in {len(entries)} tensors{self._no_model_note()}",
+            f"rho={self._rho_in_effect()}" + (
+                f" (set by {self.rho_schedule!r} for SAM step {self._rho_step}, counted from 0)"
+                if self.rho_schedule is not None else ""),
         ]
         if named:
             shown = named[:12]

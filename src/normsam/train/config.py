@@ -85,6 +85,7 @@ class TrainConfig:
     scope: Union[str, list] = "norm"  # none | all | norm | no-norm | random | ssam-f | ssam-d | [glob, ...]
     perturbation: str = "sam"
     rho: float = 0.5
+    rho_warmup_epochs: float = 0.0  # linear ρ warm-up over the first SAM epochs (normsam.RhoWarmup); 0: none
     eta: Union[float, None] = None
     normalize_bias: bool = False
     norm_over: str = "perturbed"
@@ -141,6 +142,8 @@ class TrainConfig:
             label += f"-frac{self.ascent_fraction:g}"
         if self.ascent != "gradient":
             label += f"-{self.ascent}"
+        if self.rho_warmup_epochs:
+            label += f"-rhowarmup{self.rho_warmup_epochs:g}"
         if self.layerwise_scaling != "additive":
             label += f"-lw-{self.layerwise_scaling}"
         if self.scaled_tensors != "not-bias":
@@ -187,9 +190,15 @@ class TrainConfig:
                     "mask_refresh_epochs", "sharpness_steps", "ascent_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
-        for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "rho", "sharpness_rho"):
+        for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "rho", "sharpness_rho",
+                    "rho_warmup_epochs"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"{key} must be >= 0 and finite, got {getattr(self, key)}.")
+        if self.rho_warmup_epochs and self.scope == "none":
+            raise ValueError(
+                f"rho_warmup_epochs={self.rho_warmup_epochs:g} warms up SAM's rho, and scope=none trains without SAM: "
+                "drop rho_warmup_epochs or set a scope (scope=norm: SAM-ON)."
+            )
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1 (or null for torch's default), got {self.threads}.")
         if self.sparsity is not None and self.scope not in MASK_SCOPES:

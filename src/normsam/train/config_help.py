@@ -15,7 +15,7 @@ __all__ = ["DESCRIPTIONS", "SAM_KEYS", "config_help", "check_overrides_take_effe
 SAM_KEYS = frozenset({
     "perturbation", "rho", "eta", "normalize_bias", "norm_over", "sparsity", "mask_interval", "fisher_samples",
     "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
-    "ascent_fraction", "ascent",
+    "ascent_fraction", "ascent", "rho_warmup_epochs",
 })
 
 #: key -> meaning. Sections follow the dataclass.
@@ -49,6 +49,8 @@ DESCRIPTIONS: dict[str, str] = {
     "scope": "none (plain base optimizer) | all | norm (SAM-ON) | no-norm | random | ssam-f | ssam-d | [glob, ...]",
     "perturbation": "sam | asam | layerwise | linf | fisher",
     "rho": "perturbation radius; SAM-ON needs a larger rho than SAM-all (sam: 0.05-0.2 all, 0.5-1 norm)",
+    "rho_warmup_epochs": "linear warm-up of rho over the first SAM epochs (may be fractional; 0: none); a "
+                         "late SAM window (sam_start) warms up from its start",
     "eta": "eta of the scaling T (null: 0.01, fisher 1.0)",
     "normalize_bias": "apply the weight-dependent scaling T to biases too",
     "norm_over": "perturbed (norm over the perturbed set) | all (SSAM's convention)",

@@ -61,7 +61,7 @@ def check_sam_window(cfg: Any) -> None:
 
 #: Keys added after fingerprints existed, with the default that reproduces the earlier behaviour: left out of
 #: the fingerprint at that default, so that runs trained before the key existed keep their fingerprint.
-ADDED_LATER = {"bf16_kernels": "native"}
+ADDED_LATER = {"bf16_kernels": "native", "rho_warmup_epochs": 0.0}
 
 
 def config_fingerprint(cfg: Any) -> str:

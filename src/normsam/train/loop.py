@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from normsam.files import check_writable, json_dumps, read_json
 from normsam.optim.amp import check_bf16_kernels, upcast_bf16_matmuls
+from normsam.optim.rho_schedules import RhoWarmup
 from normsam.optim.sam import SAM
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train import checkpoint as ckpt
@@ -311,6 +312,9 @@ class Trainer:
             ascent=cfg.ascent,
             layerwise_scaling=cfg.layerwise_scaling,
             scaled_tensors=cfg.scaled_tensors,
+            # counted in SAM steps, so a late SAM window (sam_start) warms up from its own start
+            rho_schedule=(RhoWarmup(max(1, round(cfg.rho_warmup_epochs * self.steps_per_epoch)))
+                          if cfg.rho_warmup_epochs else None),
             **mask_kw,
             **base_kwargs,
         )
@@ -620,7 +624,8 @@ class Trainer:
                     if (self.dist.is_main or self.fsdp) and scored:
                         row[f"{split}_loss"], row[f"{split}_acc"] = self.evaluate(loader)
                 row["lr"] = self.optimizer.param_groups[0]["lr"]
-                row["rho"] = self.sam.param_groups[0]["rho"] if self.sam is not None else 0.0
+                # the ρ of the epoch's last SAM step (a ρ schedule changes it); 0 in an epoch without SAM
+                row["rho"] = next(g["rho"] for g in self.sam.param_groups if g["perturb"]) if row["sam"] else 0.0
                 self.elapsed += time.perf_counter() - started
                 row["elapsed"] = self.elapsed
                 self.history.append(row)
