@@ -152,7 +152,9 @@ def equivalence(mesh, *, norm="layer", perturbation="sam", ascent="cheap", scope
         F.cross_entropy(plain_sgd(x), y).backward()
         sgd.step()
     return {"diff": max_diff(model, reference), "sam_vs_sgd": max_diff(plain_sgd, reference),
-            "base_state": sum(bool(s) for s in sam.base_optimizer.state.values())}
+            "base_state": sum(bool(s) for s in sam.base_optimizer.state.values()),
+            # the FSDP2 model's weights, pinned bit for bit by tests/data/fsdp_regression.json (issue 23)
+            "params": [x for p in model.parameters() for x in full(p).detach().reshape(-1).tolist()]}
 
 
 def accumulation(mesh) -> dict:

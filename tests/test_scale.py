@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import copy
 import os
 import shutil
@@ -196,6 +198,17 @@ def test_ddp_synced_ascent_equals_one_process_on_the_global_batch(tmp_path):
             assert a[key] == pytest.approx(b[key], rel=1e-5), key
     assert done.stdout.count("epoch   1/2") == 1  # logging on rank 0 only
     assert (tmp_path / "ddp" / "checkpoint.pt").is_file() and (tmp_path / "ddp" / "summary.json").is_file()
+    assert _digests(tmp_path / "ddp") == DDP_RECORD["synced"]
+
+
+#: The DDP runs' final weights as recorded before the core was rebuilt (issue 23; SHA-256 per tensor).
+DDP_RECORD = json.loads((Path(__file__).parent / "data" / "ddp_regression.json").read_text())
+
+
+def _digests(run_dir: Path) -> dict[str, str]:
+    from tests.core_regression import digest
+
+    return {k: digest(v) for k, v in torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"].items()}
 
 
 def test_ddp_unsynced_ascent_runs(tmp_path):
@@ -203,6 +216,7 @@ def test_ddp_unsynced_ascent_runs(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     rows = ckpt.read_jsonl(tmp_path / "ddp" / "metrics.jsonl")
     assert len(rows) == 1 and rows[0]["sam"]
+    assert _digests(tmp_path / "ddp") == DDP_RECORD["unsynced"]
 
 
 @pytest.mark.slow
