@@ -115,7 +115,7 @@ def test_sam_on_equals_a_plain_loop(base, options, key, pert, foreach):
     """SAM-ON (BN and GN γ/β) on a CNN with BatchNorm: ε = ε_model(−momentum), restored exactly, base step."""
     rho, eta = 0.4, 0.01
     model, ref = make_cnn(), make_cnn()
-    sam = normsam.SAM(model, base, rho=rho, perturbation=pert, eta=eta, ascent="momentum", foreach=foreach,
+    sam = normsam.SAM(model, base, rho=rho, perturbation=pert, **({} if pert == "sam" else {"eta": eta}), ascent="momentum", foreach=foreach,
                       **options)
     opt = base(ref.parameters(), **options)
     names = ["bn1.weight", "bn1.bias", "gn.weight", "gn.bias"]

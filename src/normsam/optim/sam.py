@@ -40,6 +40,7 @@ from normsam.optim.perturbations import (
     perturbation,
 )
 from normsam.optim.new_groups import place_new_group
+from normsam.optim.options import SAMOptions
 from normsam.optim.rho_schedules import RhoSchedule, as_rho_schedule, scheduled_rho
 from normsam.optim.running_stats import BN_POLICIES, RunningStatsFreezer, RunningStatsSwap, running_stat_modules
 from normsam.optim.scopes import MASK_SCOPES, PARAMETER_SCOPES, ScopeSpec, param_groups, select
@@ -123,53 +124,30 @@ class SAM(torch.optim.Optimizer):
         self,
         params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],
         base_optimizer: Callable[..., torch.optim.Optimizer],
+        options: SAMOptions | None = None,
         *,
-        rho: float = 0.05,
-        perturbation: str = "sam",
-        eta: float | None = None,
-        normalize_bias: bool = False,
-        norm_over: str = "perturbed",
-        scope: ScopeSpec | None = None,
-        include: ScopeSpec | None = None,
-        exclude: ScopeSpec | None = None,
-        sparsity: float | None = None,
-        mask_interval: int | None = None,
-        mask_total_steps: int | None = None,
-        drop_rate: float = 0.5,
-        mask_seed: int = 0,
-        bn_policy: str | None = None,
         model: nn.Module | None = None,
-        foreach: bool = True,
-        sync_ascent: bool | None = None,
-        ascent_interval: int = 1,
-        ascent: str = "gradient",
-        layerwise_scaling: str = "additive",
-        scaled_tensors: str = "not-bias",
-        rho_schedule: RhoSchedule | Callable[[int], float] | None = None,
-        **base_kwargs: Any,
+        **kwargs: Any,
     ):
-        rho = _check_rho(rho)
-        self.rho_schedule = as_rho_schedule(rho_schedule)
+        sam_kwargs, base_kwargs = SAMOptions.split(kwargs)
+        if options is None:
+            options = SAMOptions(**sam_kwargs)
+        elif not isinstance(options, SAMOptions):
+            raise ValueError(f"options must be a normsam.SAMOptions, got {type(options).__name__}; or pass SAM's "
+                             "options as keywords, SAM(model, SGD, rho=0.5, lr=0.1).")
+        elif sam_kwargs:
+            options = options.replace(**sam_kwargs)
+        self.options = options
+        rho, perturbation, eta = options.rho, options.perturbation, options.eta
+        normalize_bias, norm_over, scope = options.normalize_bias, options.norm_over, options.scope
+        include, exclude, sparsity = options.include, options.exclude, options.sparsity
+        mask_interval, mask_total_steps = options.mask_interval, options.mask_total_steps
+        drop_rate, mask_seed, bn_policy = options.resolved_drop_rate, options.mask_seed, options.bn_policy
+        foreach, sync_ascent, ascent_interval = options.foreach, options.sync_ascent, options.ascent_interval
+        ascent, layerwise_scaling, scaled_tensors = options.ascent, options.layerwise_scaling, options.scaled_tensors
+        self.rho_schedule = options.rho_schedule
         self.perturbation_model = get_perturbation(perturbation, layerwise_scaling=layerwise_scaling)
-        self.eta = self.perturbation_model.default_eta if eta is None else eta
-        if not (isinstance(self.eta, (int, float)) and math.isfinite(self.eta) and self.eta >= 0):
-            raise ValueError(f"Invalid eta: {eta!r}; eta must be a finite number >= 0.")
-        if scaled_tensors not in SCALED_TENSORS:
-            raise ValueError(
-                f"Invalid scaled_tensors: {scaled_tensors!r}; use 'not-bias' (T = 1 for names ending in 'bias', "
-                "the default) or 'name-contains-weight' (T only for names containing 'weight', the official code)."
-            )
-        if isinstance(ascent_interval, bool) or not isinstance(ascent_interval, int) or ascent_interval < 1:
-            raise ValueError(
-                f"Invalid ascent_interval: {ascent_interval!r}; it must be an int >= 1 (1: a fresh ascent every "
-                "step; k: every k-th step, the steps between reuse the last perturbation)."
-            )
-        if norm_over not in NORM_OVER:
-            raise ValueError(f"Invalid norm_over: {norm_over!r}; use one of {', '.join(map(repr, NORM_OVER))}.")
-        if bn_policy is not None and bn_policy not in BN_POLICIES:
-            raise ValueError(
-                f"Invalid bn_policy: {bn_policy!r}; use one of {', '.join(map(repr, BN_POLICIES))}."
-            )
+        self.eta = options.resolved_eta
         if isinstance(base_optimizer, torch.optim.Optimizer) or not callable(base_optimizer):
             raise ValueError(
                 "base_optimizer must be an optimizer class such as torch.optim.SGD, not an instance; "

@@ -1,0 +1,219 @@
+"""``SAMOptions``: every option of :class:`normsam.SAM` in one frozen, validated value.
+
+The one thing the runner (:class:`normsam.train.config.TrainConfig`), ``normsam bench``, the HF ``SAMTrainer`` and
+the Lightning mixin build instead of copying SAM's keyword list. ``SAM(model, SGD, lr=0.1, rho=0.5)`` builds
+one from its keywords; ``SAM(model, SGD, SAMOptions(rho=0.5), lr=0.1)`` takes a ready one. Every check that
+does not need the model happens here, when the value is made, so a typo or a conflict surfaces before a model
+is built or a framework starts training. Options are fixed for the life of a ``SAM``: the radius a step uses
+is each param group's ``rho`` (set it there, or give a ``rho_schedule``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from normsam.optim.ascent import ASCENTS, check_momentum_options
+from normsam.optim.perturbations import LAYERWISE_SCALINGS, SCALED_TENSORS, get_perturbation
+from normsam.optim.rho_schedules import RhoSchedule, as_rho_schedule
+from normsam.optim.running_stats import BN_POLICIES
+from normsam.optim.scopes import MASK_SCOPES, ScopeSpec
+
+__all__ = ["SAMOptions", "NORM_OVER", "check_rho", "option_names", "unknown_option_error"]
+
+NORM_OVER = ("perturbed", "all")
+
+#: ssam-d's drop rate at step 0 of its cosine schedule when none is given.
+DEFAULT_DROP_RATE = 0.5
+
+
+def check_rho(rho: Any, where: str = "rho") -> float:
+    """``rho`` as a float, or a ValueError naming the fix (a finite number >= 0; not a bool or a string)."""
+    if isinstance(rho, (str, bytes, bool)):  # float('0.7') would pass, and the flat path then fails on a str
+        raise ValueError(f"Invalid {where}: {rho!r} ({type(rho).__name__}); rho must be a number >= 0, e.g. 0.5.")
+    try:
+        value = float(rho)
+    except (TypeError, ValueError):
+        raise ValueError(f"Invalid {where}: {rho!r}; rho must be a number >= 0.") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"Invalid {where}: {rho!r}; rho must be a finite number >= 0 "
+            "(SAM-all typically 0.05-0.2, SAM-ON larger, e.g. 0.5-1 for perturbation='sam')."
+        )
+    return value
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SAMOptions:
+    """The options of :class:`normsam.SAM` (see its docstring for what each one does).
+
+    ``None`` means "the default for this setup": ``scope`` is ``"norm"`` (SAM-ON) with a model and every tensor
+    passed without one; ``eta`` the perturbation model's η (0.01, fisher 1.0); ``bn_policy`` ``"freeze"`` with a
+    model (``"update"`` for the momentum ascent or without a model); ``drop_rate`` 0.5 for ``ssam-d``.
+    """
+
+    rho: float = 0.05
+    perturbation: str = "sam"
+    eta: float | None = None
+    normalize_bias: bool = False
+    norm_over: str = "perturbed"
+    scope: ScopeSpec | None = None
+    include: ScopeSpec | None = None
+    exclude: ScopeSpec | None = None
+    sparsity: float | None = None
+    mask_interval: int | None = None
+    mask_total_steps: int | None = None
+    drop_rate: float | None = None
+    mask_seed: int = 0
+    bn_policy: str | None = None
+    foreach: bool = True
+    sync_ascent: bool | None = None
+    ascent_interval: int = 1
+    ascent: str = "gradient"
+    layerwise_scaling: str = "additive"
+    scaled_tensors: str = "not-bias"
+    rho_schedule: RhoSchedule | Callable[[int], float] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rho", check_rho(self.rho))
+        get_perturbation(self.perturbation, layerwise_scaling=self.layerwise_scaling)  # names the valid ones
+        object.__setattr__(self, "rho_schedule", as_rho_schedule(self.rho_schedule))
+        self._check_values()
+        self._check_mask_options()
+        if self.ascent == "momentum":
+            check_momentum_options(perturbation=self.perturbation, scope=self.scope,
+                                   ascent_interval=self.ascent_interval, sync_ascent=self.sync_ascent,
+                                   bn_policy=self.bn_policy)
+
+    def _check_values(self) -> None:
+        if self.eta is not None:
+            if not (_is_number(self.eta) and math.isfinite(self.eta) and self.eta >= 0):
+                raise ValueError(f"Invalid eta: {self.eta!r}; eta must be a finite number >= 0.")
+            if self.perturbation == "sam":
+                raise ValueError(
+                    f"eta={self.eta!r} is the offset of a perturbation model's scaling T, and perturbation='sam' "
+                    "has none (T = 1): drop eta, or use perturbation='asam', 'layerwise', 'linf' or 'fisher'."
+                )
+        if self.scaled_tensors not in SCALED_TENSORS:
+            raise ValueError(
+                f"Invalid scaled_tensors: {self.scaled_tensors!r}; use 'not-bias' (T = 1 for names ending in 'bias', "
+                "the default) or 'name-contains-weight' (T only for names containing 'weight', the official code)."
+            )
+        if self.layerwise_scaling not in LAYERWISE_SCALINGS:  # (get_perturbation names it too)
+            raise ValueError(f"Invalid layerwise_scaling: {self.layerwise_scaling!r}.")
+        if not _is_int(self.ascent_interval) or self.ascent_interval < 1:
+            raise ValueError(
+                f"Invalid ascent_interval: {self.ascent_interval!r}; it must be an int >= 1 (1: a fresh ascent every "
+                "step; k: every k-th step, the steps between reuse the last perturbation)."
+            )
+        if self.norm_over not in NORM_OVER:
+            raise ValueError(f"Invalid norm_over: {self.norm_over!r}; use one of {', '.join(map(repr, NORM_OVER))}.")
+        if self.bn_policy is not None and self.bn_policy not in BN_POLICIES:
+            raise ValueError(f"Invalid bn_policy: {self.bn_policy!r}; use one of {', '.join(map(repr, BN_POLICIES))}.")
+        if self.ascent not in ASCENTS:
+            raise ValueError(
+                f"Invalid ascent: {self.ascent!r}; use 'gradient' (this step's gradient, SAM) or 'momentum' (the base "
+                "optimizer's momentum, Momentum-SAM: no ascent pass)."
+            )
+        for name in ("normalize_bias", "foreach"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be True or False.")
+        if self.sync_ascent is not None and not isinstance(self.sync_ascent, bool):
+            raise ValueError(f"Invalid sync_ascent: {self.sync_ascent!r}; it must be True, False or None.")
+        if not _is_int(self.mask_seed):
+            raise ValueError(f"Invalid mask_seed: {self.mask_seed!r}; it must be an int.")
+
+    @property
+    def mask_scope(self) -> str | None:
+        """The element-mask scope (``random``, ``ssam-f``, ``ssam-d``), or None for a tensor scope."""
+        return self.scope if isinstance(self.scope, str) and self.scope in MASK_SCOPES else None
+
+    def _check_mask_options(self) -> None:
+        mask = self.mask_scope
+        only = {  # option → the scopes that read it
+            "sparsity": MASK_SCOPES, "mask_interval": ("ssam-d",), "mask_total_steps": ("ssam-d",),
+            "drop_rate": ("ssam-d",),
+        }
+        scope = "the default scope ('norm' with a model)" if self.scope is None else f"scope={self.scope!r}"
+        for name, scopes in only.items():
+            if getattr(self, name) is not None and mask not in scopes:
+                users = (f"the element-mask scopes {', '.join(scopes)}" if len(scopes) > 1
+                         else f"scope={scopes[0]!r}")
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r}: {name} is only used by {users}, and {scope} would ignore "
+                    f"it. Drop {name}= or pick " + ("a mask scope." if len(scopes) > 1 else f"scope={scopes[0]!r}.")
+                )
+        if mask is None:
+            return
+        if not (_is_number(self.sparsity) and 0.0 < self.sparsity < 1.0):
+            raise ValueError(
+                f"scope={mask!r} needs sparsity in (0, 1), the share of elements NOT perturbed "
+                f"(the paper uses 0.9995 and 0.5); got {self.sparsity!r}."
+            )
+        if mask == "ssam-d":
+            if not (_is_int(self.mask_interval) and self.mask_interval > 0):
+                raise ValueError(
+                    f"scope='ssam-d' needs mask_interval, the number of SAM steps between mask updates (> 0); "
+                    f"got {self.mask_interval!r}."
+                )
+            if not (_is_int(self.mask_total_steps) and self.mask_total_steps > 0):
+                raise ValueError(
+                    "scope='ssam-d' needs mask_total_steps, the length in SAM steps of the cosine drop-rate "
+                    f"schedule (e.g. epochs * steps_per_epoch); got {self.mask_total_steps!r}."
+                )
+            if self.drop_rate is not None and not (_is_number(self.drop_rate) and 0.0 <= self.drop_rate <= 1.0):
+                raise ValueError(f"Invalid drop_rate: {self.drop_rate!r}; it must be a number in [0, 1].")
+
+    # --- what the defaults resolve to -------------------------------------------------------------------
+
+    @property
+    def resolved_eta(self) -> float:
+        """η in effect: the given one, or the perturbation model's default."""
+        return get_perturbation(self.perturbation).default_eta if self.eta is None else self.eta
+
+    @property
+    def resolved_drop_rate(self) -> float:
+        return DEFAULT_DROP_RATE if self.drop_rate is None else self.drop_rate
+
+    def resolved_bn_policy(self, has_model: bool) -> str:
+        """``bn_policy`` in effect: the momentum ascent's only pass is at w + ε, so its statistics are the step's."""
+        if self.bn_policy is not None:
+            return self.bn_policy
+        return "freeze" if has_model and self.ascent != "momentum" else "update"
+
+    def replace(self, **changes: Any) -> SAMOptions:
+        """A copy with ``changes`` (checked like the original)."""
+        unknown = [name for name in changes if name not in option_names()]
+        if unknown:
+            raise unknown_option_error(unknown[0])
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def split(cls, kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """``kwargs`` → (SAM's options, the rest: the base optimizer's)."""
+        names = option_names()
+        return ({k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names})
+
+
+def option_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(SAMOptions))
+
+
+def unknown_option_error(name: str, base: str | None = None) -> ValueError:
+    """The error for a keyword that neither SAM nor the base optimizer takes, with the closest SAM option."""
+    close = difflib.get_close_matches(name, option_names(), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    who = f"neither SAM nor {base} takes it" if base else "SAM has no such option"
+    return ValueError(f"Unknown option {name!r}: {who}.{hint} SAM's options: {', '.join(option_names())}.")
