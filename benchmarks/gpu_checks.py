@@ -64,12 +64,6 @@ def no_host_sync(mode: str = "error"):
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _has_ascent_interval() -> bool:
-    from normsam.bench import sam_supports_ascent_interval
-
-    return sam_supports_ascent_interval()
-
-
 # (label, SAM options); scopes with ℓ2 SAM, then every perturbation on SAM-ON.
 SYNC_CASES: list[tuple[str, dict]] = [
     ("scope=norm", dict(scope="norm")),
@@ -127,16 +121,10 @@ def check_no_host_sync():
             for label, opts in SYNC_CASES for cheap in (True, False)]
     runs += [(f"{label}, {'cheap' if cheap else 'classic'}, fp16+GradScaler", opts, cheap, True)
              for label, opts in SYNC_CASES[:2] for cheap in (True, False)]
-    if _has_ascent_interval():
-        runs += [(f"scope={s}, ascent_interval=2, cheap", dict(scope=s, ascent_interval=2), True, False)
-                 for s in ("norm", "all")]
-    else:
-        print("     (ascent_interval: not in this normsam's SAM, not checked)")
-    from normsam.bench import sam_supports_momentum_ascent
-
-    if sam_supports_momentum_ascent():
-        runs += [(f"scope={s}, ascent=momentum{', fp16+GradScaler' if fp16 else ''}", dict(scope=s, ascent="momentum"),
-                  True, fp16) for s in ("norm", "all") for fp16 in (False, True)]
+    runs += [(f"scope={s}, ascent_interval=2, cheap", dict(scope=s, ascent_interval=2), True, False)
+             for s in ("norm", "all")]
+    runs += [(f"scope={s}, ascent=momentum{', fp16+GradScaler' if fp16 else ''}", dict(scope=s, ascent="momentum"),
+              True, fp16) for s in ("norm", "all") for fp16 in (False, True)]
     failures, first_step_syncs = [], {}
     for label, opts, cheap, fp16 in runs:
         try:

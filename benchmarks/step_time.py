@@ -25,7 +25,7 @@ import torch
 
 from normsam.bench import (
     FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SGD, BenchResult, StepContext, Target, default_variants,
-    _fmt_bytes, interval_name, run_benchmark,
+    format_bytes, interval_name, run_benchmark,
 )
 from normsam.files import json_dumps
 from normsam.train.models import build_model
@@ -186,7 +186,7 @@ def gpu_table(results: dict[str, BenchResult], k: int) -> str:
             if v is None or v.unavailable:
                 cells.append("n/a")
             else:
-                mem = "" if v.extra_bytes is None else ", " + _fmt_bytes(v.extra_bytes)
+                mem = "" if v.extra_bytes is None else ", " + format_bytes(v.extra_bytes)
                 cells.append(f"{v.median_ratio:.2f}×{mem}")
         for num, den in ((SAM_ON, FLOOR), (SAM_ALL, PEER)):
             value = r.ratio(num, den)

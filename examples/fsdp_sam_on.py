@@ -124,7 +124,7 @@ def main() -> None:
         if rank == 0 and (step % 10 == 0 or step == args.steps - 1):
             print(f"step {step:>4}: loss {loss.item():.4f}", flush=True)
     # SAM's saved copy (and ε) hold this rank's shards of the perturbed tensors only
-    backup = sum(p.to_local().numel() * p.element_size() for p in sam.perturbed_parameters())
+    backup = sum(p.to_local().numel() * p.element_size() for p in sam.storage.params)
     if rank == 0:
         print(f"done: {args.steps} SAM-ON steps on {world} processes; SAM's backup on rank 0: {backup} bytes")
     dist.destroy_process_group()

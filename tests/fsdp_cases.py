@@ -102,6 +102,13 @@ def sam_step(model, sam, x, y, ascent: str, plain_grads: bool = False) -> None:
             average_plain_grads(model)
         sam.second_step(zero_grad=True)
         return
+    if ascent == "cheap" and not sam.needs_ascent:  # a step that reuses ε: no pass at w (a loss is refused)
+        sam.first_step()
+        F.cross_entropy(model(x), y).backward()
+        if plain_grads:
+            average_plain_grads(model)
+        sam.second_step(zero_grad=True)
+        return
     loss = F.cross_entropy(model(x), y)
     if ascent == "cheap":
         sam.first_step(loss, zero_grad=True)
@@ -248,7 +255,7 @@ def cheap_ascent_reduces_only_perturbed(mesh) -> dict:
         sam.second_step(zero_grad=True)
     finally:
         _fsdp_param_group.foreach_reduce = original
-    perturbed = sum(p.numel() for p in sam.perturbed_parameters())
+    perturbed = sum(p.numel() for p in sam.storage.params)
     return {"first_pass_numel": sum(first), "second_pass_numel": sum(second), "perturbed_numel": perturbed,
             "all_numel": sum(p.numel() for p in model.parameters()), "grads_after_first": grads_after_first}
 
@@ -258,15 +265,15 @@ def memory_and_storage(mesh) -> dict:
     model = shard(make_model(), mesh)
     sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
     x, y = batches(0)
-    originals = [full(p).clone() for p in sam.perturbed_parameters()]
+    originals = [full(p).clone() for p in sam.storage.params]
     sam.first_step(F.cross_entropy(model(my_half(x)), my_half(y)))
-    plan = sam._plan
-    backup_numel = sum(b.numel() for b in plan.backup)
-    local_numel = sum(p._local_tensor.numel() for p in sam.perturbed_parameters())
-    same_storage = all(d is p._local_tensor for d, p in zip(plan.data, sam.perturbed_parameters()))
-    perturbed_now = [full(p).clone() for p in sam.perturbed_parameters()]
+    storage = sam.storage
+    backup_numel = sum(b.numel() for b in storage.backup)
+    local_numel = sum(p.to_local().numel() for p in storage.params)
+    same_storage = all(d is p._local_tensor for d, p in zip(storage.data, storage.params))
+    perturbed_now = [full(p).clone() for p in storage.params]
     sam.restore()
-    restored = [full(p) for p in sam.perturbed_parameters()]
+    restored = [full(p) for p in storage.params]
     return {"backup_numel": backup_numel, "local_numel": local_numel, "global_numel": 62,
             "same_storage": same_storage, "moved": max((a - b).abs().max().item() for a, b in zip(perturbed_now, restored)),
             "restore_exact": all(torch.equal(a, b) for a, b in zip(restored, originals))}
@@ -305,9 +312,9 @@ def nonfinite_guard(mesh) -> dict:
     if dist.get_rank() == 1:
         x[0, 0] = float("inf")
     F.cross_entropy(model(x), my_half(y)).backward()
-    before = [full(p).clone() for p in sam.perturbed_parameters()]
+    before = [full(p).clone() for p in sam.storage.params]
     sam.first_step(zero_grad=True)
-    after = [full(p).clone() for p in sam.perturbed_parameters()]
+    after = [full(p).clone() for p in sam.storage.params]
     sam.restore()
     return {"moved": max((a - b).abs().max().item() for a, b in zip(after, before)),
             "nonfinite": sam.counters["nonfinite_ascent_steps"]}
@@ -368,7 +375,7 @@ def refusals(mesh) -> dict:
         model = shard(make_model(), mesh)
         sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
         x, y = batches(0)
-        F.cross_entropy(model(my_half(x)), my_half(y)).backward(inputs=sam.perturbed_parameters())
+        F.cross_entropy(model(my_half(x)), my_half(y)).backward(inputs=sam.storage.params)
         sam.first_step()
 
     attempt("shards_as_backward_inputs", shards_as_backward_inputs)

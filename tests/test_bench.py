@@ -17,7 +17,7 @@ from torch import nn
 from normsam import cli
 from normsam.bench import (
     FLOOR, MOMENTUM, PEER, SAM_ALL, SAM_ON, SAM_ON_CLASSIC, SGD, BenchResult, StepContext, Target, VariantResult,
-    default_variants, interval_name, run_benchmark, sam_supports_ascent_interval,
+    default_variants, interval_name, run_benchmark,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,6 +120,15 @@ def test_a_missing_peer_is_one_clear_row(monkeypatch):
     assert json.loads(json.dumps(result.to_dict()))["variants"][1]["unavailable"].startswith("not installed")
 
 
+def test_a_variant_that_cannot_run_leaves_the_next_ones_memory_alone(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)
+    x, y = _data()
+    variants = [v for v in default_variants() if v.name in (SGD, PEER, SAM_ALL)]
+    result = run_benchmark(_tiny, x, y, variants=variants, rounds=1, steps_per_round=1, warmup=1, progress=False)
+    assert result[PEER].unavailable  # and SAM-all, built next, still counts its copy of every weight
+    assert result[SAM_ALL].extra_bytes >= 4 * sum(p.numel() for p in _tiny().parameters())
+
+
 def test_yardsticks_refuse_what_they_cannot_do():
     x, y = _data()
     result = run_benchmark(_tiny, x, y, context=StepContext(perturbation="linf"),
@@ -166,18 +175,25 @@ def test_a_round_times_whole_ascent_cycles():
     assert calls.count(interval_model) == 2 + 2 * (4 + 1)  # warm-up: one ascent step; rounds: 4 steps, 1 ascent
 
 
-def test_the_ascent_interval_row_says_whether_it_ran():
+def test_the_fast_mode_rows_run_and_are_timed():
+    # normsam's SAM always has ascent_interval and the momentum ascent: their rows carry figures, never a reason
     x, y = _data()
     k = 2
-    variants = [v for v in default_variants(ascent_interval=k) if v.name in (SGD, interval_name(k))]
+    variants = [v for v in default_variants(ascent_interval=k) if v.name in (SGD, interval_name(k), MOMENTUM)]
     result = run_benchmark(_tiny, x, y, variants=variants, rounds=1, steps_per_round=1, warmup=1,
                            measure_memory=False, progress=False)
-    row = result[interval_name(k)]
-    if sam_supports_ascent_interval():
-        assert row.unavailable is None and len(row.step_times) == 1
-    else:
-        assert row.unavailable == "not available: this normsam's SAM has no ascent_interval option"
-        assert f"| {interval_name(k)} / {SGD} | n/a" in result.table()
+    for name in (interval_name(k), MOMENTUM):
+        assert result[name].unavailable is None and len(result[name].step_times) == 1, result[name].unavailable
+    assert result.ratio(interval_name(k), SGD) is not None
+    assert f"| {interval_name(k)} / {SGD} | n/a" not in result.table()
+
+
+def test_the_momentum_row_says_why_it_cannot_take_fisher():
+    x, y = _data()
+    variants = [v for v in default_variants() if v.name in (SGD, MOMENTUM)]
+    result = run_benchmark(_tiny, x, y, context=StepContext(perturbation="fisher"), variants=variants, rounds=1,
+                           steps_per_round=1, warmup=1, measure_memory=False, progress=False)
+    assert "ascent='momentum' never computes" in result[MOMENTUM].unavailable
 
 
 def test_ratios_are_medians_of_per_round_ratios_and_targets_print_pass_or_fail():
@@ -214,7 +230,7 @@ def test_bench_runs_every_variant_on_the_upcast_bf16_kernels(monkeypatch):
 
     entered = []
     real = amp.upcast_bf16_matmuls
-    monkeypatch.setattr("normsam.bench.upcast_bf16_matmuls", lambda k: entered.append(k) or real(k))
+    monkeypatch.setattr("normsam.bench.context.upcast_bf16_matmuls", lambda k: entered.append(k) or real(k))
     x, y = _data()
     result = run_benchmark(_tiny, x, y, context=StepContext(amp="bf16", bf16_kernels="upcast"),
                            variants=default_variants(False, peer=False, ascent_interval=None),

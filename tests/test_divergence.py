@@ -67,7 +67,7 @@ def test_a_huge_lr_stops_with_the_epoch_and_step_and_keeps_the_last_good_checkpo
         measure_run_sharpness(run, steps=1, n=16, m=16)
     assert not (run / SHARPNESS_FILE).exists()
     (run / SHARPNESS_FILE).write_text(json.dumps({"measurements": [{"sharpness": None, "epoch": 1}]}))
-    from normsam.analysis.report import load_run
+    from normsam.analysis.runs import load_run
 
     assert load_run(run).sharpness is None  # a null measurement (written before) is no value, not a crash
 

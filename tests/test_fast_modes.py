@@ -56,10 +56,10 @@ def test_ascent_interval_one_is_the_default_and_always_ascends():
     for i in range(3):
         assert sam.needs_ascent
         _step(sam, model, make_batch(i))
-    assert sam._eps is None  # nothing kept between steps
+    assert sam.state_dict()["sam"]["epsilon"] is None  # nothing kept between steps
 
 
-def test_a_reuse_step_ignores_the_loss_and_the_closure_runs_once():
+def test_a_reuse_step_refuses_a_loss_and_the_closure_runs_once():
     model = make_cnn()
     sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, ascent_interval=3)
     batch = make_batch()
@@ -77,9 +77,13 @@ def test_a_reuse_step_ignores_the_loss_and_the_closure_runs_once():
     sam.step(closure)  # a reuse step: one pass, at w + ε
     sam.zero_grad()
     assert len(calls) == 3
-    sam.first_step(torch.tensor(1.0))  # reuse step: the loss is not looked at
+    with pytest.raises(ValueError, match=r"this step reuses the last ε \(ascent_interval=3\), so this step takes "
+                                         r"no ascent pass and the loss would be ignored\. Check sam\.needs_ascent"):
+        sam.first_step(torch.tensor(1.0))  # a reuse step: a loss would be ignored, so it is refused
+    assert not sam.is_perturbed
+    sam.first_step()
     sam.restore()
-    with pytest.raises(ValueError, match="needs the loss tensor"):  # fresh again: it is
+    with pytest.raises(ValueError, match="needs the loss tensor"):  # fresh again: the loss is looked at
         sam.first_step(torch.tensor(1.0))
 
 

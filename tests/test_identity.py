@@ -9,7 +9,9 @@ import json
 import pytest
 import yaml
 
-from normsam.analysis.report import _sharpness_description, load_run, make_report
+from normsam.analysis.report import make_report
+from normsam.analysis.report_figures import sharpness_description
+from normsam.analysis.runs import load_run
 from normsam.analysis.run_sharpness import measure_run_sharpness
 from normsam.train import checkpoint as ckpt
 from normsam.train import data as D
@@ -69,7 +71,7 @@ def test_sharpness_of_an_earlier_checkpoint_is_flagged_stale_and_not_paired(tmp_
     assert fresh["epoch"] == 2
     assert json.loads((tmp_path / "run" / "sharpness.json").read_text())["measurements"][-1]["epoch"] == 2
     assert load_run(cfg.out).sharpness["sharpness"] == fresh["sharpness"]  # current again: paired
-    assert "n=64," in _sharpness_description([fresh])  # the report's header: the examples actually used
+    assert "n=64," in sharpness_description([fresh])  # the report's header: the examples actually used
 
 
 def test_a_config_edited_after_the_run_finished_is_refused_by_the_report(tmp_path):

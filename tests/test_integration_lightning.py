@@ -154,5 +154,29 @@ def test_step_after_the_cheap_ascent_is_the_second_pass():
 
 
 def test_gradient_accumulation_is_refused_with_the_fix(tmp_path):
-    with pytest.raises(ValueError, match=r"does not support accumulate_grad_batches=2.*perturbed_parameters"):
+    with pytest.raises(ValueError, match=r"does not support accumulate_grad_batches=2.*ascent_inputs"):
         trainer(tmp_path, accumulate_grad_batches=2).fit(Net(), data())
+
+
+@pytest.mark.parametrize("bases", ["missing", "after"])
+def test_sam_without_the_mixin_or_with_it_in_the_wrong_place_is_refused(tmp_path, bases):
+    """Lightning calls optimizer.step(closure) once per batch: without the mixin first in the bases SAM would
+    silently take two full passes and log the loss at w + ε (issue 26)."""
+
+    class Plain(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = net()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self):
+            return normsam.SAM(self.net, torch.optim.AdamW, lr=1e-2, rho=0.5)
+
+    cls = Plain if bases == "missing" else type("Late", (Plain, SAMModule), {})
+    module = cls()
+    with pytest.raises(ValueError, match=r"got Lightning's training closure.*class Model\(SAMModule, LightningModule\)"):
+        trainer(tmp_path, max_steps=1).fit(module, data())
+    assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), net().parameters()))

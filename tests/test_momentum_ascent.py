@@ -152,7 +152,7 @@ def test_lion_perturbs_against_its_exp_avg():
     sam = normsam.SAM(model, Lion, rho=0.5, lr=1e-3, betas=(0.9, 0.99), ascent="momentum")
     _sam_steps(model, sam, 2)
     w = model.gn.weight.detach().clone()
-    m = torch.cat([sam.base_optimizer.state[p]["exp_avg"].reshape(-1) for p in sam.perturbed_parameters()])
+    m = torch.cat([sam.base_optimizer.state[p]["exp_avg"].reshape(-1) for p in sam.ascent_inputs()])
     sam.first_step()
     expected = -0.5 * sam.base_optimizer.state[model.gn.weight]["exp_avg"] / m.norm()
     torch.testing.assert_close(model.gn.weight.detach() - w, expected, rtol=1e-6, atol=1e-12)
@@ -179,11 +179,11 @@ def test_every_registered_optimizer_is_perturbed_against_its_momentum(optimizer)
     sam = normsam.SAM(model, optimizer, rho=0.5, lr=1e-3, ascent="momentum", **options)
     _sam_steps(model, sam, 2)
     key = sam.ascent_source.key
-    momenta = [sam.base_optimizer.state[p][key] for p in sam.perturbed_parameters()]
+    momenta = [sam.base_optimizer.state[p][key] for p in sam.ascent_inputs()]
     norm = torch.sqrt(sum(m.square().sum() for m in momenta))
-    before = [p.detach().clone() for p in sam.perturbed_parameters()]
+    before = [p.detach().clone() for p in sam.ascent_inputs()]
     sam.first_step()
-    for p, w, m in zip(sam.perturbed_parameters(), before, momenta):
+    for p, w, m in zip(sam.ascent_inputs(), before, momenta):
         torch.testing.assert_close(p.detach() - w, -0.5 * m / norm, rtol=1e-6, atol=1e-12)
     sam.restore()
 
@@ -235,7 +235,7 @@ def test_a_random_mask_perturbs_only_its_elements():
     before = {id(p): p.detach().clone() for p in model.parameters()}
     sam.first_step()
     moved = {id(p): p.detach() != before[id(p)] for p in model.parameters()}
-    masks = {id(p): m for p, m in zip(sam.perturbed_parameters(), sam.masks())}
+    masks = {id(p): m for p, m in zip(sam.ascent_inputs(), sam.masks())}
     assert all(not moved[i].any() for i in moved if i not in masks)
     assert all(not (moved[i] & ~masks[i]).any() for i in masks)  # nothing outside the mask moves
     assert sum(int(moved[i].sum()) for i in masks) > 0.9 * sum(int(m.sum()) for m in masks.values())

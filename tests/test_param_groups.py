@@ -27,7 +27,7 @@ def test_timm_weight_decay_groups_with_the_model_give_sam_on():
     assert sam.scope == "norm"
     assert perturbed_names(sam) == NORM_NAMES
     norm_params = [model.bn1.weight, model.bn1.bias, model.gn.weight, model.gn.bias]
-    assert {id(p) for p in sam.perturbed_parameters()} == {id(p) for p in norm_params}
+    assert {id(p) for p in sam.ascent_inputs()} == {id(p) for p in norm_params}
     # timm's per-group options survive the split: every parameter keeps the weight decay timm gave it
     decay_of = {id(p): g["weight_decay"] for g in sam.param_groups for p in g["params"]}
     wanted = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
@@ -59,21 +59,21 @@ def test_scope_and_include_apply_to_groups_given_with_a_model():
     sam = normsam.SAM(model.parameters(), torch.optim.SGD, model=model, scope="norm", exclude=["gn.*"], lr=0.1)
     assert perturbed_names(sam) == {"bn1.weight", "bn1.bias"}
     sam = normsam.SAM(model.parameters(), torch.optim.SGD, model=model, scope="all", lr=0.1)
-    assert len(sam.perturbed_parameters()) == len(list(model.parameters()))
+    assert len(sam.ascent_inputs()) == len(list(model.parameters()))
 
 
 def test_groups_with_an_explicit_perturb_keep_it():
     model = make_cnn()
     sam = normsam.SAM(normsam.param_groups(model, "all"), torch.optim.SGD, model=model, lr=0.1)
     assert sam.scope == "groups"
-    assert len(sam.perturbed_parameters()) == len(list(model.parameters()))
+    assert len(sam.ascent_inputs()) == len(list(model.parameters()))
 
 
 def test_without_a_model_tensors_mean_sam_on_all_and_repr_says_so():
     model = make_cnn()
     sam = normsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
     assert sam.scope == "all"
-    assert len(sam.perturbed_parameters()) == len(list(model.parameters()))
+    assert len(sam.ascent_inputs()) == len(list(model.parameters()))
     assert "no model given: SAM on every tensor passed, not SAM-ON" in repr(sam)
     assert "no model given" in sam.describe()
     assert "no model given" not in repr(normsam.SAM(model, torch.optim.SGD, lr=0.1))

@@ -16,9 +16,10 @@ import yaml
 from PIL import Image
 
 from normsam.analysis import plots, stats
-from normsam.analysis.report import (
-    analyse, arm_label, claim_rows, find_runs, group_runs, grouping_keys, load_claims_selection, make_report,
-)
+from normsam.analysis.claims import analyse, claim_rows, load_claims_selection
+from normsam.analysis.grouping import arm_label, group_runs, grouping_keys
+from normsam.analysis.report import make_report
+from normsam.analysis.runs import find_runs
 from normsam.analysis.run_sharpness import measure_run_sharpness
 from normsam.analysis.sweep import run_sweep
 from normsam.cli import main

@@ -29,9 +29,9 @@ def _perturbation_norms(sam, model, steps: int, first: int = 0) -> list[float]:
     norms = []
     for step in range(first, first + steps):
         x, y = make_batch(seed=step)
-        before = [p.detach().clone() for p in sam.perturbed_parameters()]
+        before = [p.detach().clone() for p in sam.ascent_inputs()]
         sam.first_step(F.cross_entropy(model(x), y))
-        shift = [p.detach() - b for p, b in zip(sam.perturbed_parameters(), before)]
+        shift = [p.detach() - b for p, b in zip(sam.ascent_inputs(), before)]
         norms.append(float(torch.linalg.vector_norm(torch.cat([s.reshape(-1) for s in shift]))))
         F.cross_entropy(model(x), y).backward()
         sam.second_step(zero_grad=True)

@@ -168,6 +168,39 @@ def test_warmup_cosine_schedule():
 # --- configs ------------------------------------------------------------------------------------------
 
 
+def test_sam_options_come_from_the_config_in_one_place():
+    """TrainConfig.sam_options: the epoch-counted keys in SAM steps, the mask keys only for their scopes."""
+    from normsam.train.run_store import PlainRunStore, ShardedRunStore, open_run_store
+    from normsam.train.setup import build_optimizer
+
+    assert load_config(None, {"scope": "none"}).sam_options(10) is None
+    ssam_d = load_config(None, {"scope": "ssam-d", "sparsity": 0.5, "mask_interval": 4, "epochs": 7, "sam_start": 1,
+                                "sam_end": 3, "rho_warmup_epochs": 0.3, "seed": 5}).sam_options(391)
+    assert (ssam_d.mask_total_steps, ssam_d.mask_interval, ssam_d.sparsity, ssam_d.mask_seed) == (782, 4, 0.5, 5)
+    assert ssam_d.rho_schedule.steps == 117  # round(0.3 · 391)
+    assert load_config(None, {"rho_warmup_epochs": 0.001}).sam_options(3).rho_schedule.steps == 1  # at least 1
+    norm = load_config(None, {"scope": "norm", "rho": 0.7, "perturbation": "asam"}).sam_options(3)
+    assert (norm.scope, norm.rho, norm.perturbation, norm.sparsity, norm.mask_total_steps, norm.rho_schedule,
+            norm.sync_ascent) == ("norm", 0.7, "asam", None, None, None, False)
+    momentum = load_config(None, {"ascent": "momentum", "bn_policy": "update", "parallel": "fsdp"}).sam_options(3)
+    assert momentum.sync_ascent is None and load_config(None, {"parallel": "fsdp"}).sam_options(3).sync_ascent
+    model = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.BatchNorm1d(3))
+    sam, optimizer = build_optimizer(load_config(None, {"optimizer": "adamw", "rho": 0.2}), model, 3)
+    assert optimizer is sam.base_optimizer and isinstance(optimizer, torch.optim.AdamW) and sam.options.rho == 0.2
+    assert type(open_run_store("r", load_config(None, {}))) is PlainRunStore
+    assert type(open_run_store("r", load_config(None, {"parallel": "fsdp"}))) is ShardedRunStore
+
+
+def test_the_runner_seeds_are_pinned():
+    """Dropout & co (stream 1) and SSAM-F's Fisher examples (stream 5) per epoch: every trained run depends on
+    these exact values (the data's streams have their own derivation, normsam.train.data.splits)."""
+    from normsam.train.loop import derive_seed
+
+    assert [derive_seed(0, 1, e) for e in range(3)] == [7497590139201302571, 2933113385032431960,
+                                                        7403171608453988909]
+    assert derive_seed(0, 5, 0) == 27207190353783769 and derive_seed(-1, 2**64 + 1) == derive_seed(2**64 - 1, 1)
+
+
 def test_config_layers_and_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"rho": 2, "epochs": 3, "scope": ["layer1.*"]}))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import normsam
+from normsam.optim.storage import FlatPerturbedTensors
 from tests.conftest import make_batch, make_cnn
 
 
@@ -119,9 +120,10 @@ def test_only_perturbed_tensors_are_backed_up():
     model = make_cnn()
     sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
     sam.first_step(_loss(model, make_batch()))
-    plan = sam._plan
-    assert {id(p) for p in plan.params} == {id(model.bn1.weight), id(model.bn1.bias), id(model.gn.weight), id(model.gn.bias)}
-    assert [b.shape for b in plan.backup] == [p.shape for p in plan.params]
+    storage = sam.storage
+    assert {id(p) for p in storage.params} == {id(model.bn1.weight), id(model.bn1.bias), id(model.gn.weight),
+                                               id(model.gn.bias)}
+    assert [b.shape for b in storage.backup] == [p.shape for p in storage.params]
     sam.restore()
 
 
@@ -214,7 +216,7 @@ def test_flat_path_matches_the_reference_loop(ascent, pert, normalize_bias):
     options = dict(rho=0.7, lr=0.1, momentum=0.9, perturbation=pert, normalize_bias=normalize_bias)
     fast = normsam.SAM(fast_model, torch.optim.SGD, **options)
     slow = normsam.SAM(slow_model, torch.optim.SGD, **options, foreach=False)
-    assert fast._get_plan().flat is not None and slow._get_plan().flat is None
+    assert isinstance(fast.storage, FlatPerturbedTensors) and not isinstance(slow.storage, FlatPerturbedTensors)
     step = _cheap_step if ascent == "cheap" else _classic_step
     for batch in _batches(3):
         before = _params(fast_model)
@@ -239,12 +241,13 @@ def test_flat_path_matches_the_reference_loop(ascent, pert, normalize_bias):
 
 def test_flat_path_only_where_it_is_exact():
     """Only vectors of one dtype, an elementwise T, no element mask and the norm over the perturbed set; two ρ
-    fall back to the foreach path for that step."""
+    fall back to the per-tensor lists for that step (the flat layout packs nothing)."""
     model = make_cnn()
-    assert normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)._get_plan().flat is not None
+    assert isinstance(normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1).storage, FlatPerturbedTensors)
     for options in (dict(perturbation="layerwise"), dict(scope="all"), dict(norm_over="all"), dict(foreach=False),
                     dict(scope="random", sparsity=0.5)):
-        assert normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, **options)._get_plan().flat is None, options
+        storage = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, **options).storage
+        assert not isinstance(storage, FlatPerturbedTensors), options
 
     def two_rhos():  # SAM-ON's tensors in two groups with their own ρ
         groups = normsam.param_groups(model, "norm")
@@ -254,14 +257,19 @@ def test_flat_path_only_where_it_is_exact():
 
     sam = normsam.SAM(two_rhos(), torch.optim.SGD, lr=0.1, model=model)
     reference = normsam.SAM(two_rhos(), torch.optim.SGD, lr=0.1, model=model, foreach=False)
-    assert sam._get_plan().flat is not None  # the plan allows it; the step sees two ρ and takes the foreach path
-    batch = make_batch()
-    eps = sam._fresh_epsilon(sam._get_plan(), _loss(model, batch), None)
-    expected = reference._fresh_epsilon(reference._get_plan(), _loss(model, batch), None)
-    assert len(eps) == 4 and all(e is not None for e in eps)
-    for a, b in zip(eps, expected):
+    storage = sam.storage
+    assert isinstance(storage, FlatPerturbedTensors)  # the layout allows it; the step sees two ρ
+    grads = list(torch.autograd.grad(_loss(model, make_batch()), storage.params))
+    assert storage.packed(grads, []) is None
+    before = _params(model)
+    shifts = []
+    for s in (sam, reference):
+        s.first_step(_loss(model, make_batch()))
+        shifts.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+        s.restore()
+    for a, b in zip(*shifts):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
-    assert eps[0].data_ptr() != sam._get_plan().flat.epsilon.data_ptr()  # not the flat buffer
+    assert any(float(x.abs().max()) > 1e-3 for x in shifts[0])
 
 
 @pytest.mark.parametrize("pert", ["sam", "asam", "linf", "fisher"])
@@ -269,7 +277,7 @@ def test_flat_path_only_where_it_is_exact():
 def test_flat_path_nonfinite_gradient_gives_no_perturbation_and_keeps_the_buffers_clean(bad, pert):
     model = make_cnn()
     sam = normsam.SAM(model, torch.optim.SGD, rho=1.0, lr=0.1, ascent_interval=2, perturbation=pert)
-    assert sam._get_plan().flat is not None
+    assert isinstance(sam.storage, FlatPerturbedTensors)
     _loss(model, make_batch()).backward()
     model.gn.bias.grad[1] = bad
     before = _params(model)
@@ -420,27 +428,28 @@ def test_the_plan_and_backup_are_built_once_and_reused():
     model = make_cnn()
     sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, scope="all")
     _cheap_step(sam, model, make_batch(1))
-    plan, backup = sam._plan, list(sam._plan.backup)
+    storage, backup = sam.storage, list(sam.storage.backup)
     _cheap_step(sam, model, make_batch(2))
-    assert sam._plan is plan and all(a is b for a, b in zip(sam._plan.backup, backup))
+    assert sam.storage is storage and all(a is b for a, b in zip(sam.storage.backup, backup))
 
 
 def test_the_plan_is_rebuilt_when_requires_grad_or_the_groups_change():
     model = make_cnn()
     sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
     _cheap_step(sam, model, make_batch(1))
-    first = sam._plan
+    first = sam.storage
     model.bn1.weight.requires_grad_(False)
     frozen = model.bn1.weight.detach().clone()
     sam.first_step(_loss(model, make_batch(2)))
-    assert sam._plan is not first and all(p is not model.bn1.weight for p in sam.perturbed_parameters())
+    assert sam.storage is not first and all(p is not model.bn1.weight for p in sam.ascent_inputs())
     assert torch.equal(model.bn1.weight, frozen)  # no longer perturbed
     sam.restore()
     extra = nn.Parameter(torch.ones(2, dtype=torch.float64))
     extra.grad = torch.ones(2, dtype=torch.float64)
+    before = sam.storage
     sam.add_param_group({"params": [extra], "param_names": ["extra.weight"], "perturb": True})  # not the model's: say it
-    assert sam._plan is None
-    assert any(p is extra for p in sam.perturbed_parameters())
+    assert sam.storage is not before
+    assert any(p is extra for p in sam.ascent_inputs())
 
 
 class _CountingSGD(torch.optim.SGD):
@@ -477,8 +486,8 @@ def test_a_changed_rho_reaches_the_next_step_without_a_rebuild():
         sam.first_step(_loss(model, batch))
         epsilons.append([p.detach() - b for p, b in zip(model.parameters(), before)])
         sam.restore()
-    plan = sam._plan
-    assert sam._get_plan() is plan
+    storage = sam.storage
+    assert sam.storage is storage
     for big, small in zip(*epsilons):
         torch.testing.assert_close(small, big / 2, atol=1e-12, rtol=0)
     assert max(float(e.abs().max()) for e in epsilons[1]) > 1e-3

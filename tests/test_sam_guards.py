@@ -79,7 +79,7 @@ def test_add_param_group_follows_the_scope():
     model.head2 = nn.Linear(3, 3).double()
     model.norm2 = nn.LayerNorm(3).double()
     sam.add_param_group({"params": [*model.head2.parameters(), *model.norm2.parameters()], "lr": 0.01})
-    perturbed = {id(p) for p in sam.perturbed_parameters()}
+    perturbed = {id(p) for p in sam.ascent_inputs()}
     assert not any(id(p) in perturbed for p in model.head2.parameters())  # a new head is not perturbed
     assert all(id(p) in perturbed for p in model.norm2.parameters())  # a new norm layer is
     assert all(g["lr"] == 0.01 for g in sam.param_groups[-2:])
@@ -120,12 +120,19 @@ def test_a_rho_that_is_not_a_number_is_refused(rho):
                              "param_names": ["extra"]})
 
 
-def test_a_closure_that_skips_the_batch_is_not_counted_as_a_sam_step():
-    """Lightning's closure returns None when training_step does (its way to skip a batch)."""
+def test_a_closure_that_returns_no_loss_is_refused_not_taken_as_a_skip():
+    """torch.optim.SGD trains with a closure that forgets ``return loss``; SAM would silently never step (issue
+    26). (Lightning's own skip, a training_step returning None, reaches SAM through normsam's mixin.)"""
     model = make_cnn()
     before = _weights(model)
     sam = normsam.SAM(model, torch.optim.SGD, lr=0.1, rho=0.5)
-    assert sam.step(lambda: None) is None
+
+    def forgets_to_return():
+        _loss(model, make_batch()).backward()
+
+    with pytest.raises(ValueError, match=r"the closure returned None\. It must compute the loss, call "
+                                         r"loss\.backward\(\) and return the loss"):
+        sam.step(forgets_to_return)
     assert sam.counters["sam_steps"] == 0 and not sam.is_perturbed
     _assert_unchanged(model, before)
 

@@ -129,7 +129,7 @@ def test_accumulated_micro_batches_equal_one_large_batch(scope):
 
         chunks = list(zip(x.chunk(4), y.chunk(4)))
         for xi, yi in chunks:  # ascent: only the perturbed tensors' gradients, accumulated
-            (F.cross_entropy(small(xi), yi) / 4).backward(inputs=sam_small.perturbed_parameters())
+            (F.cross_entropy(small(xi), yi) / 4).backward(inputs=sam_small.ascent_inputs())
         sam_small.first_step(zero_grad=True)
         for xi, yi in chunks:
             (F.cross_entropy(small(xi), yi) / 4).backward()

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from normsam.analysis.study import choose_rho, load_study, norm_sparsity, resolve_grid, run_study
-from normsam.optim.scopes import param_groups
+from normsam.optim.groups import param_groups
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import load_config, save_config
 from normsam.train.run_folder import build_run_model, load_run_data
@@ -253,3 +253,20 @@ def test_the_study_file_checks_its_earlier_record(tmp_path):
                                                              {"scope": ["all"], "rho_warmup_epochs": [2],
                                                               "rho": ["@rho:all+warmup2"]}]}]}
     check_plan(load_study(ok))
+
+
+def test_the_rho_curves_mark_the_collapse_half_way_to_chance(tmp_path):
+    from normsam.analysis.rho_curves import collapse_rho, rho_curves_figure, rho_curves_markdown
+
+    choice = {
+        "norm": {"rho": 2.4, "candidates": {"1.2": [59.0, 59.0], "2.4": [66.0, 66.6], "4.8": [10.0, 28.8]}},
+        "all": {"rho": 0.4, "candidates": {"0.2": [54.0], "0.4": [59.6], "0.8": [58.2], "3.2": [36.1]}},
+    }
+    assert collapse_rho(sorted((float(r), v) for r, v in choice["norm"]["candidates"].items()), chance=10) == 4.8
+    # 36.1 is above half-way from 59.6 to 10 (34.8): a loss of accuracy, not a collapse
+    assert collapse_rho(sorted((float(r), v) for r, v in choice["all"]["candidates"].items()), chance=10) is None
+    table = rho_curves_markdown(choice, chance=10, names={"norm": "SAM-ON"})
+    assert "| SAM-ON | 1.2 – 4.8 (3 values) | 2.4 (66.3) | 4.8 (19.4) |" in table
+    assert "| all | 0.2 – 3.2 (4 values) | 0.4 (59.6) | none in the grid |" in table
+    figure = rho_curves_figure(choice, tmp_path / "rho.png", chance=10)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -11,6 +11,7 @@ from normsam.optim import (
     PERTURBATIONS,
     SAM,
     SCOPES,
+    SAMOptions,
     RhoLambda,
     RhoSchedule,
     RhoWarmup,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "SAM",
+    "SAMOptions",
     "RhoSchedule",
     "RhoWarmup",
     "RhoLambda",

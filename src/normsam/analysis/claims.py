@@ -15,10 +15,17 @@ from typing import Any
 import yaml
 
 from normsam.analysis import stats
-from normsam.analysis.grouping import _SAM_KEYS, Group, _text
+from normsam.analysis._format import markdown_table, md, pm, value_text
+from normsam.analysis.grouping import Group
 from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
-from normsam.analysis.tables import _markdown_table, _md, _pm
 from normsam.optim.scopes import MASK_SCOPES
+from normsam.train.config_help import SAM_KEYS
+
+__all__ = [
+    "CLAIMS_FILE", "DEFAULT_MARGIN", "ROLE_SCOPES", "ACCURACY", "ClaimsSelection", "load_claims_selection",
+    "find_claims_file", "RoleChoice", "Context", "analyse", "arm_rows", "paired_rows", "claim_rows",
+    "statistics_markdown",
+]
 
 
 #: A file in a folder given to the report that chooses the arms of the claims and the margin δ (see make_report).
@@ -32,9 +39,11 @@ ROLE_SCOPES = {"sgd": "none", "sam-all": "all", "sam-on": "norm", "no-norm": "no
                "ssam-f": "ssam-f"}
 
 #: Settings that make runs incomparable in the claims (data, model, optimizer, …): everything but the SAM ones.
-_ARM_KEYS = frozenset({"scope", "perturbation", "rho"}) | _SAM_KEYS
+_ARM_KEYS = frozenset({"scope", "perturbation", "rho"}) | SAM_KEYS
 
-_ACC = "final_test_acc"
+#: The accuracy the claims compare (and the report's per-arm figures show): the final test accuracy.
+ACCURACY = "final_test_acc"
+
 #: memorization: the accuracy on the training examples whose labels were flipped, against the flipped labels
 #: (``memorization=true``, the default with label noise); how much of the noise an arm fitted.
 _STAT_METRICS = (("final_test_acc", "test acc. (%)", 2), ("final_val_acc", "val. acc. (%)", 2),
@@ -90,7 +99,8 @@ def load_claims_selection(source: str | Path | Mapping[str, Any] | None) -> Clai
     return selection
 
 
-def _find_claims_file(paths: Sequence[str | Path]) -> Path | None:
+def find_claims_file(paths: Sequence[str | Path]) -> Path | None:
+    """The :data:`CLAIMS_FILE` in the first of ``paths`` (folders given to the report) that has one, or None."""
     for path in paths:
         if (Path(path) / CLAIMS_FILE).is_file():
             return Path(path) / CLAIMS_FILE
@@ -129,7 +139,7 @@ def _contexts(groups: Sequence[Group], keys: Sequence[str]) -> list[Context]:
     for g in groups:
         split.setdefault(json.dumps([g.columns.get(k) for k in context_keys]), []).append(g)
     def value(members: list[Group], key: str) -> str:
-        return _text(members[0].columns.get(key))
+        return value_text(members[0].columns.get(key))
 
     varying = [k for k in context_keys if len({value(members, k) for members in split.values()}) > 1]
     return [Context(", ".join(f"{k}={value(members, k)}" for k in varying), members) for members in split.values()]
@@ -173,7 +183,7 @@ def _choose(role: str, groups: Sequence[Group], named: Sequence[str], source: st
         best = max(range(len(candidates)), key=lambda i: val[i])  # the first of equals
         notes.append(f"best mean validation accuracy ({val[best]:.2f}) of {len(candidates)} arms")
     else:
-        test = [g.stat(_ACC)[0] for g in candidates]
+        test = [g.stat(ACCURACY)[0] for g in candidates]
         best = max(range(len(candidates)), key=lambda i: test[i])
         notes.append(f"best mean TEST accuracy of {len(candidates)} arms, because some have no validation accuracy "
                      f"(val_split=0): an optimistic choice; name the arm under arms: in {CLAIMS_FILE}")
@@ -186,7 +196,7 @@ def _claim_arm(g: Group | None, sharpness_missing: str | None) -> stats.Arm | No
     missing = {"sharpness": sharpness_missing} if sharpness_missing else {}
     if not sharpness_missing and not g.per_seed("sharpness"):
         missing["sharpness"] = f"no sharpness for {g.label} (`normsam sharpness RUN_DIR` or sharpness_at_end=true)"
-    return stats.Arm(g.label, {_ACC: g.per_seed(_ACC), "sharpness": g.per_seed("sharpness")}, missing)
+    return stats.Arm(g.label, {ACCURACY: g.per_seed(ACCURACY), "sharpness": g.per_seed("sharpness")}, missing)
 
 
 def _sharpness_mismatch(a: Group | None, b: Group | None) -> str | None:
@@ -238,9 +248,9 @@ def arm_rows(contexts: Sequence[Context], keys: Sequence[str]) -> list[dict[str,
     for ctx in contexts:
         for g in ctx.groups:
             roles = ctx.roles_of(g)
-            row = {"context": ctx.title, "arm": g.label, "point": g.point, **{k: _text(g.columns[k]) for k in keys},
-                   "roles": " ".join(roles), "chosen_by": " | ".join(ctx.roles[r].how for r in roles),
-                   "seeds": " ".join(map(str, g.seeds))}
+            row = {"context": ctx.title, "arm": g.label, "point": g.point,
+                   **{k: value_text(g.columns[k]) for k in keys}, "roles": " ".join(roles),
+                   "chosen_by": " | ".join(ctx.roles[r].how for r in roles), "seeds": " ".join(map(str, g.seeds))}
             for key, _, _ in _STAT_METRICS:
                 row.update(_interval_row(key, g.interval(key)))
             rows.append(row)
@@ -257,7 +267,7 @@ def _paired_with(ctx: Context) -> list[tuple[Group, str, Group, str, stats.Paire
         for g in ctx.groups:
             if g is ref:
                 continue
-            for metric in (_ACC, "sharpness"):
+            for metric in (ACCURACY, "sharpness"):
                 pairs = stats.paired(g.per_seed(metric), ref.per_seed(metric))
                 if pairs.seeds:
                     out.append((g, ref_role, ref, metric, pairs))
@@ -293,8 +303,12 @@ def claim_rows(contexts: Sequence[Context]) -> list[dict[str, Any]]:
     return rows
 
 
-def _statistics_markdown(contexts: Sequence[Context], margin: float,
-                         figures: Sequence[tuple[str, Path, str]], selection_source: str | None) -> str:
+def statistics_markdown(contexts: Sequence[Context], margin: float,
+                        figures: Sequence[tuple[str, Path, str]], selection_source: str | None) -> str:
+    """The *Statistics* and *Claims* sections of report.md: per context the arms' intervals and the paired
+    differences, the ``figures`` ((title, path, caption) of the per-arm figures), then the arms of the roles and
+    each claim's parts with their verdicts; ``margin`` is δ, ``selection_source`` the claims file that set it
+    (None: the default)."""
     lines = ["## Statistics", "",
              "Per arm (a method with its settings, over its seeds): mean, sample standard deviation and the 95% "
              "t-interval of the mean (mean ± t₀.₉₇₅,ₙ₋₁ · s/√n); n/a with one seed. Paired differences are taken "
@@ -302,62 +316,62 @@ def _statistics_markdown(contexts: Sequence[Context], margin: float,
              "Tables: [arms.csv](arms.csv), [paired.csv](paired.csv).", ""]
     for ctx in contexts:
         if len(contexts) > 1:
-            lines += [f"### {_md(ctx.heading())}", ""]
+            lines += [f"### {md(ctx.heading())}", ""]
         memorized = any(g.interval("final_flipped_acc").n for g in ctx.groups)  # only runs with label noise have it
         rows = []
         for g in ctx.groups:
-            acc = g.interval(_ACC)
-            rows.append([_md(g.label), ", ".join(stats.ROLE_NAMES[r] for r in ctx.roles_of(g)), str(acc.n),
-                         _pm(acc.mean, acc.std, 2), acc.ci_text(2),
+            acc = g.interval(ACCURACY)
+            rows.append([md(g.label), ", ".join(stats.ROLE_NAMES[r] for r in ctx.roles_of(g)), str(acc.n),
+                         pm(acc.mean, acc.std, 2), acc.ci_text(2),
                          g.interval("final_val_acc").text(2), g.interval("sharpness").text(4),
                          *([g.interval("final_flipped_acc").text(2)] if memorized else [])])
-        lines += [_markdown_table(["arm", "role", "n", "test acc. mean ± std (%)", "test acc. 95% CI",
-                                   "val. acc. mean [95% CI]", "sharpness mean [95% CI]",
-                                   *(["memorization of the flipped labels (%) mean [95% CI]"] if memorized else [])],
-                                  rows, numeric_from=2), ""]
+        lines += [markdown_table(["arm", "role", "n", "test acc. mean ± std (%)", "test acc. 95% CI",
+                                  "val. acc. mean [95% CI]", "sharpness mean [95% CI]",
+                                  *(["memorization of the flipped labels (%) mean [95% CI]"] if memorized else [])],
+                                 rows, numeric_from=2), ""]
         refs = [(role, ctx.roles[role].group) for role in ("sgd", "sam-all") if ctx.roles[role].group]
         if refs:
-            diffs = {(id(g), role): pairs for g, role, _, metric, pairs in _paired_with(ctx) if metric == _ACC}
-            header = ["arm"] + [f"− {_md(ref.label)}: mean [95% CI]" for _, ref in refs]
+            diffs = {(id(g), role): pairs for g, role, _, metric, pairs in _paired_with(ctx) if metric == ACCURACY}
+            header = ["arm"] + [f"− {md(ref.label)}: mean [95% CI]" for _, ref in refs]
             rows = []
             for g in ctx.groups:
-                cells = [_md(g.label)]
+                cells = [md(g.label)]
                 for role, ref in refs:
                     pairs = diffs.get((id(g), role))
                     cells.append(f"{pairs.interval.text(2, signed=True)} (n={pairs.interval.n})" if pairs
                                  else "–" if g is ref else "no common seed")
                 rows.append(cells)
             lines += ["Paired differences in test accuracy (points), arm − reference:", "",
-                      _markdown_table(header, rows, numeric_from=1), ""]
+                      markdown_table(header, rows, numeric_from=1), ""]
     for title, path, caption in figures:
         lines += [f"### {title}", "", f"![{title}]({path.name})", "", caption, ""]
 
     lines += ["## Claims", "",
               f"Each claim compares the arms that play its roles, by paired differences a − b over common seeds and "
               f"their 95% t-interval [lo, hi]; δ = {margin:g} test-accuracy points"
-              + (f" (from {_md(selection_source)})" if selection_source else
+              + (f" (from {md(selection_source)})" if selection_source else
                  f" (default; set `margin:` in a {CLAIMS_FILE})") + ". Table: [claims.csv](claims.csv).", ""]
     for ctx in contexts:
         if len(contexts) > 1:
-            lines += [f"### {_md(ctx.heading())}", ""]
-        rows = [[stats.ROLE_NAMES[role], _md(c.group.label) if c.group else "–", _md(c.how)]
+            lines += [f"### {md(ctx.heading())}", ""]
+        rows = [[stats.ROLE_NAMES[role], md(c.group.label) if c.group else "–", md(c.how)]
                 for role, c in ctx.roles.items()]
-        lines += ["Arms of the roles:", "", _markdown_table(["role", "arm", "chosen by"], rows, numeric_from=3), ""]
+        lines += ["Arms of the roles:", "", markdown_table(["role", "arm", "chosen by"], rows, numeric_from=3), ""]
         rows = []
         for claim, outcome, parts in ctx.claims:
             for i, p in enumerate(parts):
                 interval = p.paired.interval if p.paired else None
                 rule = stats.RULES[p.part.relation][1].replace("δ", f"{p.margin:g}")
                 rows.append([
-                    f"**{claim.name}**" if i == 0 else "", _md(claim.statement) if i == 0 else "",
-                    f"**{outcome}**" if i == 0 else "", _md(p.test),
-                    _md(f"{p.arm_a or '–'} − {p.arm_b or '–'}"),
+                    f"**{claim.name}**" if i == 0 else "", md(claim.statement) if i == 0 else "",
+                    f"**{outcome}**" if i == 0 else "", md(p.test),
+                    md(f"{p.arm_a or '–'} − {p.arm_b or '–'}"),
                     interval.text(4 if p.part.metric == "sharpness" else 2, signed=True) if interval else "",
-                    str(interval.n) if interval else "", _md(rule), p.verdict, _seeds_needed_text(p), _md(p.note),
+                    str(interval.n) if interval else "", md(rule), p.verdict, _seeds_needed_text(p), md(p.note),
                 ])
         header = ["claim", "statement", "verdict", "test", "a − b", "mean [95% CI]", "n", "rule", "part verdict",
                   "seeds to decide", "note"]
-        lines += [_markdown_table(header, rows, numeric_from=len(header)), ""]
+        lines += [markdown_table(header, rows, numeric_from=len(header)), ""]
     lines += ["Rules (lo, hi: the 95% interval of a − b): "
               + "; ".join(f"“{sign}” ({what}): {rule}" for sign, (what, rule) in stats.RULES.items())
               + ". δ applies to accuracy only; sharpness is compared strictly. A claim is contradicted if a part is, "

@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from normsam.analysis import plots, stats
+from normsam.analysis._format import value_text
 from normsam.analysis.runs import RunRecord
 from normsam.optim.scopes import MASK_SCOPES
 from normsam.train.config import TrainConfig, config_keys
 from normsam.train.config_help import SAM_KEYS
+
+__all__ = [
+    "METHOD_KEYS", "SCOPE_NAMES", "Group", "arm_settings", "mean_std", "run_value", "grouping_keys", "without_context",
+    "arm_label", "group_runs",
+]
 
 
 #: The columns that define a method; further columns appear when other settings differ between runs.
@@ -29,30 +35,17 @@ _NOT_GROUPED = frozenset({
     "sharpness_convention",
 })
 
-#: Settings that mean nothing for a run without SAM (scope none); ignored for those runs.
-_SAM_KEYS = SAM_KEYS
-
 #: The names of the scopes in every table and figure (see :func:`arm_label`), shared with the plots.
 SCOPE_NAMES = plots.SCOPE_NAMES
 _OPTIMIZER_NAMES = plots.OPTIMIZER_NAMES
 _SCOPE_ORDER = ("none", "all", "norm", "no-norm", "random", "ssam-f", "ssam-d")
 
 
-def _settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The settings that define a group; runs without SAM have no SAM settings."""
-    ignored = _NOT_GROUPED | (_SAM_KEYS if cfg.scope == "none" else frozenset())
+def arm_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings of a run that define its arm (its group): the config without the seed and the purely
+    technical settings; runs without SAM (scope none) have no SAM settings."""
+    ignored = _NOT_GROUPED | (SAM_KEYS if cfg.scope == "none" else frozenset())
     return {k: v for k, v in cfg.to_dict().items() if k not in ignored}
-
-
-def _text(value: Any) -> str:
-    """A value as it appears in tables and labels ('' for None)."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return ",".join(map(str, value))
-    return str(value)
 
 
 def mean_std(values: Iterable[float | None]) -> tuple[float | None, float | None, int]:
@@ -110,7 +103,7 @@ class Group:
 
 def grouping_keys(runs: Sequence[RunRecord]) -> list[str]:
     """The columns of the table: settings that differ between the (finished) runs, then :data:`METHOD_KEYS`."""
-    settings = [_settings(r.config) for r in ([r for r in runs if r.finished] or runs)]
+    settings = [arm_settings(r.config) for r in ([r for r in runs if r.finished] or runs)]
     varying = [
         key for key in config_keys()
         if key not in METHOD_KEYS and len({json.dumps(s[key]) for s in settings if key in s}) > 1
@@ -121,10 +114,10 @@ def grouping_keys(runs: Sequence[RunRecord]) -> list[str]:
 def _order(columns: dict[str, Any]) -> tuple:
     scope = columns.get("scope")
     rank = _SCOPE_ORDER.index(scope) if scope in _SCOPE_ORDER else len(_SCOPE_ORDER)
-    others = [_text(v) for k, v in columns.items() if k not in METHOD_KEYS]
+    others = [value_text(v) for k, v in columns.items() if k not in METHOD_KEYS]
     rho = columns.get("rho")
-    return (*others, _text(columns.get("optimizer")), rank, _text(scope), _text(columns.get("perturbation")),
-            -1.0 if rho is None else rho)
+    return (*others, value_text(columns.get("optimizer")), rank, value_text(scope),
+            value_text(columns.get("perturbation")), -1.0 if rho is None else rho)
 
 
 def without_context(label: str, context: str) -> str:
@@ -154,16 +147,16 @@ def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: boo
     if scope == "none":
         name = optimizer_name
     else:
-        name = SCOPE_NAMES.get(scope, scope) if isinstance(scope, str) else f"[{_text(scope)}]"
+        name = SCOPE_NAMES.get(scope, scope) if isinstance(scope, str) else f"[{value_text(scope)}]"
         if optimizer != "sgd":
             name = f"{optimizer_name} {name}"
         if settings.get("perturbation") not in (None, "sam"):
             details.append(settings["perturbation"])
         if rho and settings.get("rho") is not None:
-            details.append(f"ρ={_text(settings['rho'])}")
+            details.append(f"ρ={value_text(settings['rho'])}")
         shown |= {"sparsity", "sam_start", "sam_end", "ascent_interval", "ascent"}
         if scope in MASK_SCOPES and settings.get("sparsity") is not None:
-            details.append(f"sparsity {_text(settings['sparsity'])}")
+            details.append(f"sparsity {value_text(settings['sparsity'])}")
         start, end = settings.get("sam_start") or 0, settings.get("sam_end")
         if start and end is None:
             details.append(f"late from epoch {start + 1}")
@@ -174,7 +167,7 @@ def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: boo
             details.append(f"ascent every {every}")
         if settings.get("ascent") == "momentum":
             details.append("momentum ascent")
-    details += [f"{k}={_text(settings[k])}" for k in keys if k not in shown and settings.get(k) is not None]
+    details += [f"{k}={value_text(settings[k])}" for k in keys if k not in shown and settings.get(k) is not None]
     return name + (f" ({', '.join(details)})" if details else "")
 
 
@@ -187,7 +180,7 @@ def group_runs(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[Group]:
     for run in runs:
         if not run.finished:
             continue
-        settings = _settings(run.config)
+        settings = arm_settings(run.config)
         columns = {key: settings.get(key) for key in keys}
         ident = json.dumps(columns, sort_keys=True)
         if ident not in groups:
@@ -196,5 +189,5 @@ def group_runs(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[Group]:
     labels = [g.label for g in groups.values()]
     for g in groups.values():
         if labels.count(g.label) > 1:
-            g.label += " [" + ", ".join(f"{k}={_text(v)}" for k, v in g.columns.items() if v is not None) + "]"
+            g.label += " [" + ", ".join(f"{k}={value_text(v)}" for k, v in g.columns.items() if v is not None) + "]"
     return sorted(groups.values(), key=lambda g: _order(g.columns))

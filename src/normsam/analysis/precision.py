@@ -14,12 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from normsam.analysis import stats
+from normsam.analysis._format import markdown_table, md
+from normsam.analysis.claims import ACCURACY
 from normsam.analysis.grouping import Group
-from normsam.analysis.tables import _markdown_table, _md
 
 __all__ = ["precision_rows", "precision_markdown"]
-
-_ACC = "final_test_acc"
 
 
 def _pairs(groups: Sequence[Group]) -> list[tuple[Group, Group, str]]:
@@ -36,7 +35,7 @@ def _pairs(groups: Sequence[Group]) -> list[tuple[Group, Group, str]]:
 
 
 def _shift(low: Group, full: Group) -> dict[int, float]:
-    a, b = low.per_seed(_ACC), full.per_seed(_ACC)
+    a, b = low.per_seed(ACCURACY), full.per_seed(ACCURACY)
     return {s: a[s] - b[s] for s in a.keys() & b.keys()}
 
 
@@ -75,12 +74,12 @@ def precision_markdown(groups: Sequence[Group]) -> str:
                                   row[f"{prefix}_ci_high"])
         return f"{interval.text(2, signed=True)} (n={interval.n})"
 
-    cells = [[_md(r["arm"]), r["precision"], text(r, "shift"), text(r, "vs_sgd")] for r in rows]
+    cells = [[md(r["arm"]), r["precision"], text(r, "shift"), text(r, "vs_sgd")] for r in rows]
     return "\n".join([
         "## Precision", "",
         "What the lower precision costs each arm that ran in both, paired by seed: the shift of the final test "
         "accuracy against fp32, and that shift minus SGD's on the same seeds (does SAM change what the precision "
         "costs?); mean [95% CI] in points. Table: [precision.csv](precision.csv).", "",
-        _markdown_table(["arm (fp32 label)", "precision", "shift vs fp32", "shift minus SGD's shift"], cells,
-                        numeric_from=2), "",
+        markdown_table(["arm (fp32 label)", "precision", "shift vs fp32", "shift minus SGD's shift"], cells,
+                       numeric_from=2), "",
     ])

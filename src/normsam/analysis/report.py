@@ -5,19 +5,19 @@ to ``metrics.jsonl`` or ``environment.json``). Finished runs (with ``summary.jso
 (optimizer, scope, perturbation, ρ, plus every other setting that differs between the runs, such as the
 data or the model; seeds and purely technical settings like ``threads`` do not split groups, and the SAM
 settings of runs without SAM are ignored) and summarized as mean ± sample standard deviation over the seeds.
-Such a group is an *arm*, named by :func:`arm_label` in every table and figure (``SGD``, ``SAM-ON (ρ=0.5)``,
-``random mask (ρ=0.5, sparsity 0.9995)``, ``SAM-ON (ρ=0.5, late from epoch 6)``). Unfinished runs are listed
-but not counted.
+Such a group is an *arm*, named by :func:`~normsam.analysis.grouping.arm_label` in every table and figure
+(``SGD``, ``SAM-ON (ρ=0.5)``, ``random mask (ρ=0.5, sparsity 0.9995)``, ``SAM-ON (ρ=0.5, late from epoch 6)``).
+Unfinished runs are listed but not counted.
 
 Statistics and claims (:mod:`normsam.analysis.stats`): per arm the mean, standard deviation and 95% t-interval
 over seeds; differences paired by seed against the SGD and SAM-all arms; and the paper's claims C1–C5, each
 *supported*, *contradicted*, *inconclusive* or *not tested*. Arms are compared only with arms of the same
 context (the settings other than SAM's that differ between runs: data, model, base optimizer, …). Each role
 of the claims (sgd, sam-all, sam-on, no-norm, random, ssam-f) is played by one arm per context: the one named
-in a ``claims.yaml`` in a folder given to the report (see :func:`load_claims_selection`; it also sets the
-margin δ), else the arm of the role's scope with SAM over the whole training, the highest sparsity for the
-mask scopes, and the best mean validation accuracy (the best mean test accuracy, said so in the report,
-when the runs have no validation split).
+in a ``claims.yaml`` in a folder given to the report (see :func:`~normsam.analysis.claims.load_claims_selection`;
+it also sets the margin δ), else the arm of the role's scope with SAM over the whole training, the highest
+sparsity for the mask scopes, and the best mean validation accuracy (the best mean test accuracy, said so in
+the report, when the runs have no validation split).
 
 Written into ``--out``:
 
@@ -43,8 +43,9 @@ A figure without data (no SAM runs, no sharpness, no norm layers) is left out.
 
 The jobs live in their own modules: finding runs (:mod:`normsam.analysis.runs`), grouping them into arms
 (:mod:`~normsam.analysis.grouping`), tables (:mod:`~normsam.analysis.tables`), statistics and claims
-(:mod:`~normsam.analysis.claims`) and figures (:mod:`~normsam.analysis.report_figures`); this module writes
-report.md and re-exports their names.
+(:mod:`~normsam.analysis.claims`) and figures (:mod:`~normsam.analysis.report_figures`), with the text
+formatting they share in ``normsam.analysis._format``; this module writes report.md. Import each name from
+the module that defines it.
 """
 
 from __future__ import annotations
@@ -57,32 +58,23 @@ from pathlib import Path
 from typing import Any
 
 from normsam.analysis import plots
-from normsam.analysis.claims import (  # noqa: F401  (re-exported: normsam.analysis.report keeps its names)
-    _ACC, _ARM_KEYS, _STAT_METRICS, CLAIMS_FILE, DEFAULT_MARGIN, ROLE_SCOPES, ClaimsSelection, Context, RoleChoice,
-    _choose, _claim_arm, _contexts, _find_claims_file, _interval_row, _paired_with, _plain, _sharpness_mismatch,
-    _statistics_markdown, analyse, arm_rows, claim_rows, load_claims_selection, paired_rows,
+from normsam.analysis._format import markdown_table, md
+from normsam.analysis.claims import (
+    analyse, arm_rows, claim_rows, find_claims_file, load_claims_selection, paired_rows, statistics_markdown,
 )
-from normsam.analysis.grouping import (  # noqa: F401
-    _NOT_GROUPED, _OPTIMIZER_NAMES, _SAM_KEYS, _SCOPE_ORDER, METHOD_KEYS, SCOPE_NAMES, Group, _order, _settings, _text,
-    arm_label, group_runs, grouping_keys, mean_std, run_value,
-)
-from normsam.analysis.report_figures import (  # noqa: F401
-    _QUANTILES, _accuracy_vs_rho, _arm_accuracy, _arm_sharpness_vs_accuracy, _arm_test_curves, _mean_over_runs,
-    _norm_params, _per_epoch, _sharpness_description, _sharpness_vs_accuracy, _training_curves,
-)
+from normsam.analysis.grouping import Group, group_runs, grouping_keys
 from normsam.analysis.precision import precision_markdown, precision_rows
-from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
-from normsam.analysis.runs import RunRecord, _display_path, _is_run_folder, _run_folders, find_runs, load_run  # noqa: F401
-from normsam.analysis.sweep import SWEEP_FILE
-from normsam.analysis.tables import (  # noqa: F401
-    _STATS, _csv, _group_table, _markdown_table, _md, _pm, group_rows, run_rows,
+from normsam.analysis.report_figures import (
+    accuracy_vs_rho_figure, arm_accuracy_figure, arm_sharpness_vs_accuracy_figure, arm_test_curves_figure,
+    norm_params_figure, sharpness_description, sharpness_vs_accuracy_figure, training_curves_figure,
 )
+from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
+from normsam.analysis.runs import RunRecord, find_runs
+from normsam.analysis.sweep import SWEEP_FILE
+from normsam.analysis.tables import csv_text, group_rows, group_table, run_rows
 from normsam.train import checkpoint as ckpt
 
-__all__ = [
-    "RunRecord", "Group", "load_run", "find_runs", "grouping_keys", "group_runs", "arm_label", "mean_std", "run_value",
-    "CLAIMS_FILE", "DEFAULT_MARGIN", "make_report",
-]
+__all__ = ["make_report"]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -133,7 +125,7 @@ def _sweep_sources(runs: Sequence[RunRecord]) -> list[str]:
 
 
 def _link(target: Path, out: Path) -> str:
-    return f"[{_md(str(target))}](<{os.path.relpath(Path(target).resolve(), out.resolve())}>)"
+    return f"[{md(str(target))}](<{os.path.relpath(Path(target).resolve(), out.resolve())}>)"
 
 
 def _markdown(
@@ -162,10 +154,10 @@ def _markdown(
         lines.append(
             "Mean ± sample standard deviation over the seeds of the finished runs (no ± with one seed). "
             "Final = after the last epoch; best = the best epoch. "
-            + (f"Sharpness: the latest measurement of each run ({_sharpness_description(measured)}); blank where "
+            + (f"Sharpness: the latest measurement of each run ({sharpness_description(measured)}); blank where "
                "none was made." if measured else "No run has a sharpness measurement (`normsam sharpness RUN_DIR`).")
         )
-        lines += ["", _group_table(groups, keys), ""]
+        lines += ["", group_table(groups, keys), ""]
     else:
         lines += ["No finished runs yet.", ""]
     lines += ["Tables: [table.csv](table.csv) (per method), [runs.csv](runs.csv) (per run).", ""]
@@ -179,10 +171,10 @@ def _markdown(
     for r in runs:
         s = r.summary or {}
         acc = s.get("final_test_acc")
-        rows.append([_link(r.folder, out), _md(r.config.method), str(r.config.seed), r.status,
+        rows.append([_link(r.folder, out), md(r.config.method), str(r.config.seed), r.status,
                      "" if acc is None else f"{acc:.2f}",
                      f"{r.sharpness['sharpness']:.4f}" if r.sharpness else ""])
-    lines += [_markdown_table(["run", "method", "seed", "status", "final test acc. (%)", "sharpness"], rows, 4), ""]
+    lines += [markdown_table(["run", "method", "seed", "status", "final test acc. (%)", "sharpness"], rows, 4), ""]
     if len(finished) < len(runs):
         lines += _unfinished_hint([r for r in runs if not r.finished])
 
@@ -215,8 +207,9 @@ def make_report(
 
     Args:
         claims: which arm plays each role of the claims, and the margin δ: a YAML file or a mapping (see
-            :func:`load_claims_selection`). Default: ``claims.yaml`` in the first folder of ``paths`` that has
-            one; without it, each role takes the arm of its scope with the best mean validation accuracy.
+            :func:`~normsam.analysis.claims.load_claims_selection`). Default: ``claims.yaml`` in the first
+            folder of ``paths`` that has one; without it, each role takes the arm of its scope with the best mean
+            validation accuracy.
         include_diverged: count diverged runs (``status: diverged`` in summary.json) in the tables, means and
             figures, with their last good epoch's figures; by default they are only listed.
 
@@ -230,27 +223,27 @@ def make_report(
     runs = find_runs(paths)
     keys = grouping_keys(runs)
     groups = group_runs([r for r in runs if include_diverged or not r.diverged], keys)
-    selection = load_claims_selection(_find_claims_file(paths) if claims is None else claims)
+    selection = load_claims_selection(find_claims_file(paths) if claims is None else claims)
     contexts = analyse(groups, keys, selection)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     written = [out / "table.csv", out / "runs.csv"]
-    ckpt.atomic_write_text(written[0], _csv(group_rows(groups)))
-    ckpt.atomic_write_text(written[1], _csv(run_rows(runs, keys)))
+    ckpt.atomic_write_text(written[0], csv_text(group_rows(groups)))
+    ckpt.atomic_write_text(written[1], csv_text(run_rows(runs, keys)))
 
     colors = plots.method_colors([g.label for g in groups])
     candidates = [
-        ("Test accuracy vs ρ", _accuracy_vs_rho(groups, keys, out / "accuracy_vs_rho.png"),
+        ("Test accuracy vs ρ", accuracy_vs_rho_figure(groups, keys, out / "accuracy_vs_rho.png"),
          "Final test accuracy (mean ± std over seeds) against the perturbation radius ρ, per perturbation model: "
          "SAM-all perturbs every weight, SAM-ON only the normalization layers' γ and β, no-norm every weight but "
          "those. Dashed: the mean of the runs without SAM."),
-        ("Sharpness vs test accuracy", _sharpness_vs_accuracy(groups, out / "sharpness_vs_accuracy.png", colors),
+        ("Sharpness vs test accuracy", sharpness_vs_accuracy_figure(groups, out / "sharpness_vs_accuracy.png", colors),
          "One point per run: its latest sharpness measurement against its final test accuracy."),
-        ("γ and β of the normalization layers", _norm_params(groups, out / "norm_params.png", colors),
+        ("γ and β of the normalization layers", norm_params_figure(groups, out / "norm_params.png", colors),
          "Pooled over all norm layers, per epoch (0 = initialization): median (line), 25–75% (dark band) and "
          "5–95% (light band), each quantile averaged over the seeds."),
-        ("Training curves", _training_curves(groups, out / "training_curves.png", colors),
+        ("Training curves", training_curves_figure(groups, out / "training_curves.png", colors),
          "Train loss and test accuracy per epoch, mean ± std over the seeds."),
     ]
     figures = [(title, path, caption) for title, path, caption in candidates if path is not None]
@@ -259,24 +252,24 @@ def make_report(
     tables = {"arms.csv": arm_rows(contexts, keys), "paired.csv": paired_rows(contexts),
               "claims.csv": claim_rows(contexts)}
     for name, rows in tables.items():
-        ckpt.atomic_write_text(out / name, _csv(rows))
+        ckpt.atomic_write_text(out / name, csv_text(rows))
         written.append(out / name)
     candidates = [
-        ("Test accuracy per arm", _arm_accuracy(contexts, out / "arm_accuracy.png", colors),
+        ("Test accuracy per arm", arm_accuracy_figure(contexts, out / "arm_accuracy.png", colors),
          "Final test accuracy per arm: mean (dot) and 95% t-interval over the seeds (bar; a cross: one seed, no "
          "interval). Dashed: the mean of the SGD arm."),
         ("Sharpness vs test accuracy per arm",
-         _arm_sharpness_vs_accuracy(groups, out / "arm_sharpness_vs_accuracy.png", colors),
+         arm_sharpness_vs_accuracy_figure(groups, out / "arm_sharpness_vs_accuracy.png", colors),
          "Per arm with a sharpness measurement: mean sharpness (over the runs measured) against mean final test "
          "accuracy (over all its runs), each with its 95% t-interval over seeds."),
-        ("Test accuracy curves per arm", _arm_test_curves(contexts, out / "arm_test_curves.png", colors),
+        ("Test accuracy curves per arm", arm_test_curves_figure(contexts, out / "arm_test_curves.png", colors),
          "Test accuracy per epoch: mean over the seeds (line) and 95% t-interval (band; none with one seed)."),
     ]
     stat_figures = [(title, path, caption) for title, path, caption in candidates if path is not None]
     written += [path for _, path, _ in stat_figures]
-    analysis = _statistics_markdown(contexts, selection.margin, stat_figures, selection.source) if groups else ""
+    analysis = statistics_markdown(contexts, selection.margin, stat_figures, selection.source) if groups else ""
     if precision_rows(groups):  # runs in two precisions: what bf16 costs each arm (normsam.analysis.precision)
-        ckpt.atomic_write_text(out / "precision.csv", _csv(precision_rows(groups)))
+        ckpt.atomic_write_text(out / "precision.csv", csv_text(precision_rows(groups)))
         written.append(out / "precision.csv")
         analysis += "\n" + precision_markdown(groups)
     report = out / "report.md"

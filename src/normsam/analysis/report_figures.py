@@ -13,22 +13,29 @@ from pathlib import Path
 from typing import Any
 
 from normsam.analysis import plots, stats
-from normsam.analysis.claims import _ACC, Context
-from normsam.analysis.grouping import METHOD_KEYS, Group, _text, arm_label, mean_std, without_context
+from normsam.analysis._format import value_text
+from normsam.analysis.claims import ACCURACY, Context
+from normsam.analysis.grouping import METHOD_KEYS, Group, arm_label, mean_std, without_context
 from normsam.analysis.run_sharpness import SETTINGS as SHARPNESS_SETTINGS
 from normsam.train import checkpoint as ckpt
+
+__all__ = [
+    "sharpness_description", "accuracy_vs_rho_figure", "sharpness_vs_accuracy_figure", "norm_params_figure",
+    "training_curves_figure", "arm_accuracy_figure", "arm_sharpness_vs_accuracy_figure", "arm_test_curves_figure",
+]
 
 
 _QUANTILES = ("0.05", "0.25", "0.5", "0.75", "0.95")
 
 
-def _accuracy_vs_rho(groups: Sequence[Group], keys: Sequence[str], path: Path) -> Path | None:
-    """A panel per (perturbation, other settings); a line per scope (and optimizer, when several); the runs
-    without SAM with the same other settings as dashed lines."""
+def accuracy_vs_rho_figure(groups: Sequence[Group], keys: Sequence[str], path: Path) -> Path | None:
+    """``accuracy_vs_rho.png``: final test accuracy (mean ± std over seeds) against ρ, written to ``path``
+    (returned; None, and nothing written, without SAM runs). A panel per (perturbation, other settings); a line
+    per scope (and optimizer, when several); the runs without SAM with the same other settings as dashed lines."""
     several_optimizers = len({g.columns["optimizer"] for g in groups}) > 1
 
     def context(g: Group) -> str:
-        return ", ".join(f"{k}={_text(g.columns[k])}" for k in keys if k not in METHOD_KEYS)
+        return ", ".join(f"{k}={value_text(g.columns[k])}" for k in keys if k not in METHOD_KEYS)
 
     panels: dict[str, dict[str, list[tuple[float, float, float | None]]]] = {}
     contexts: dict[str, str] = {}  # panel title → its other settings
@@ -62,7 +69,7 @@ def _accuracy_vs_rho(groups: Sequence[Group], keys: Sequence[str], path: Path) -
     )
 
 
-def _sharpness_description(measurements: Sequence[dict[str, Any]]) -> str:
+def sharpness_description(measurements: Sequence[dict[str, Any]]) -> str:
     """The settings of the measurements in words, or a warning that they differ."""
     settings = {json.dumps({k: m.get(k) for k in SHARPNESS_SETTINGS}, sort_keys=True) for m in measurements}
     if len(settings) > 1:
@@ -73,7 +80,9 @@ def _sharpness_description(measurements: Sequence[dict[str, Any]]) -> str:
             + (", logit-normalized" if m["logit_normalize"] else ""))
 
 
-def _sharpness_vs_accuracy(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
+def sharpness_vs_accuracy_figure(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
+    """``sharpness_vs_accuracy.png``: one point per run with a sharpness measurement (its latest) against its final
+    test accuracy, coloured by method (``colors``: label → colour); None, and nothing written, without one."""
     points = {
         g.label: [(r.sharpness["sharpness"], r.summary["final_test_acc"]) for r in g.runs if r.sharpness and r.summary]
         for g in groups
@@ -84,7 +93,7 @@ def _sharpness_vs_accuracy(groups: Sequence[Group], path: Path, colors: dict[str
     measured = [r.sharpness for g in groups for r in g.runs if r.sharpness]
     return plots.plot_scatter(
         points, path, xlabel="sharpness (worst loss − clean loss)", ylabel="final test accuracy (%)",
-        title=_sharpness_description(measured), colors=colors,
+        title=sharpness_description(measured), colors=colors,
     )
 
 
@@ -94,8 +103,9 @@ def _mean_over_runs(per_run: Sequence[dict[int, float]]) -> tuple[list[int], lis
     return common, [statistics.fmean(v[e] for v in per_run) for e in common]
 
 
-def _norm_params(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
-    """Pooled γ/β quantiles per epoch (from norm_stats.jsonl), averaged over the seeds of each group."""
+def norm_params_figure(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
+    """``norm_params.png``: pooled γ/β quantiles per epoch (from norm_stats.jsonl), averaged over the seeds of each
+    group; None, and nothing written, when no run has norm statistics."""
     titles = {"gamma": "γ of the norm layers (pooled)", "beta": "β of the norm layers (pooled)"}
     panels: dict[str, dict[str, dict[str, list[float]]]] = {title: {} for title in titles.values()}
     for g in groups:
@@ -125,8 +135,9 @@ def _per_epoch(g: Group, key: str) -> tuple[list[int], list[dict[int, float]]]:
     return (sorted(set.intersection(*(set(v) for v in per_run))) if per_run else []), per_run
 
 
-def _training_curves(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
-    """Train loss and test accuracy per epoch, mean ± std over the seeds of each group."""
+def training_curves_figure(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
+    """``training_curves.png``: train loss and test accuracy per epoch, mean ± std over the seeds of each group;
+    None, and nothing written, without per-epoch metrics."""
     curves = {"train loss": "train_loss", "test accuracy (%)": "test_acc"}
     panels: dict[str, dict[str, plots.Series]] = {title: {} for title in curves}
     for g in groups:
@@ -154,40 +165,46 @@ def _in_panel(ctx: Context, g: Group, colors: dict[str, str], panel_colors: dict
     return label
 
 
-def _arm_accuracy(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
+def arm_accuracy_figure(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
+    """``arm_accuracy.png``: final test accuracy per arm with its 95% t-interval, a panel per context, the SGD
+    arm's mean as a reference line; None, and nothing written, without an accuracy."""
     panels: dict[str, dict[str, plots.Estimate]] = {}
     references: dict[str, dict[str, float]] = {}
     panel_colors: dict[str, str] = {}
     for ctx in contexts:
         title = f"final test accuracy per arm{f' — {ctx.title}' if ctx.title else ''}"
         for g in ctx.groups:
-            acc = g.interval(_ACC)
+            acc = g.interval(ACCURACY)
             if acc.mean is not None:
                 panels.setdefault(title, {})[_in_panel(ctx, g, colors, panel_colors)] = (acc.mean, acc.lo, acc.hi)
         sgd = ctx.roles["sgd"].group
-        if sgd is not None and sgd.stat(_ACC)[0] is not None:
-            references[title] = {f"{without_context(sgd.label, ctx.title)} mean": sgd.stat(_ACC)[0]}
+        if sgd is not None and sgd.stat(ACCURACY)[0] is not None:
+            references[title] = {f"{without_context(sgd.label, ctx.title)} mean": sgd.stat(ACCURACY)[0]}
     if not panels:
         return None
     return plots.plot_estimates(panels, path, xlabel="final test accuracy (%)", references=references,
                                 colors=panel_colors)
 
 
-def _arm_sharpness_vs_accuracy(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
+def arm_sharpness_vs_accuracy_figure(groups: Sequence[Group], path: Path, colors: dict[str, str]) -> Path | None:
+    """``arm_sharpness_vs_accuracy.png``: per arm with a sharpness, mean sharpness against mean final test
+    accuracy, each with its 95% t-interval; None, and nothing written, without such an arm."""
     points = {}
     for g in groups:
-        sharp, acc = g.interval("sharpness"), g.interval(_ACC)
+        sharp, acc = g.interval("sharpness"), g.interval(ACCURACY)
         if sharp.mean is not None and acc.mean is not None:
             points[g.label] = ((sharp.mean, sharp.lo, sharp.hi), (acc.mean, acc.lo, acc.hi))
     if not points:
         return None
     measured = [r.sharpness for g in groups for r in g.runs if r.sharpness]
-    title = _sharpness_description(measured) if measured else "sharpness (summary.json)"
+    title = sharpness_description(measured) if measured else "sharpness (summary.json)"
     return plots.plot_estimate_scatter(points, path, xlabel="sharpness (worst loss − clean loss)",
                                        ylabel="final test accuracy (%)", title=title, colors=colors)
 
 
-def _arm_test_curves(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
+def arm_test_curves_figure(contexts: Sequence[Context], path: Path, colors: dict[str, str]) -> Path | None:
+    """``arm_test_curves.png``: test accuracy per epoch per arm, mean over the seeds and 95% t-interval band, a
+    panel per context; None, and nothing written, without per-epoch test accuracy."""
     panels: dict[str, dict[str, tuple[list, list, list, list]]] = {}
     panel_colors: dict[str, str] = {}
     for ctx in contexts:

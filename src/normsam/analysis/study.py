@@ -280,7 +280,7 @@ def norm_sparsity(spec: Mapping[str, Any], scope: str = "norm") -> float:
     """The share of the study model's trainable elements that ``scope`` does not select (rounded to 1e-6)."""
     from torch import nn
 
-    from normsam.optim.scopes import param_groups
+    from normsam.optim.groups import param_groups
     from normsam.train.config import load_config
     from normsam.train.run_folder import build_run_model, load_run_data
 
@@ -551,7 +551,8 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
     if at_edge:
         print(f"study: warning: the chosen ρ of {', '.join(at_edge)} is still at an edge of the pilot grid "
               "(max_extensions reached); see choice.md.", flush=True)
-    ckpt.atomic_write_text(out / "choice.md", _choice_markdown(choice, metric, pilot.get("earlier") or []))
+    ckpt.atomic_write_text(out / "choice.md", _choice_markdown(choice, metric, pilot.get("earlier") or [])
+                           + "\n" + rho_curves_section(spec, choice, "choice_rho.png", out / "choice_rho.png"))
     print("study: chosen " + ", ".join(f"{k}={v}" for k, v in values.items()), flush=True)
 
     for i, phase in enumerate(spec["phases"]):
@@ -568,6 +569,8 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
         if spec.get("gate") is not None:
             _add_gate_to_report(out, out / "report")
         _insert_before_results(out / "report" / "report.md", rho_provenance_markdown(spec, values))
+        _insert_before_results(out / "report" / "report.md", rho_curves_section(
+            spec, choice, "pilot_rho.png", out / "report" / "pilot_rho.png"))
     return record
 
 
@@ -610,6 +613,24 @@ def rho_provenance_markdown(spec: Mapping[str, Any], values: Mapping[str, Any]) 
                       "The pilot chose ρ on the validation split for the arms it ran (choice.md); the others run at "
                       "the ρ of the arm they vary.", "",
                       "| phase | arm | ρ | source |", "|---|---|---:|---|", *rows, ""]) + "\n"
+
+
+def rho_curves_section(spec: Mapping[str, Any], choice: Mapping[str, Any], link: str, figure: Path) -> str:
+    """The pilot's validation accuracy against ρ, one curve per arm with its collapse (:mod:`normsam.analysis.
+    rho_curves`): the figure written to ``figure``, and a markdown section that shows it as ``link``."""
+    from normsam.analysis.rho_curves import CHANCE, rho_curves_figure, rho_curves_markdown
+    from normsam.train.config import load_config
+
+    chance = CHANCE.get(load_config(spec.get("preset"), dict(spec.get("base") or {})).data, 0.0)
+    names = {key: _arm_name(key) for key in choice}
+    rho_curves_figure(choice, figure, chance=chance, names=names)
+    return "\n".join([
+        "## Validation accuracy against ρ (the pilot)", "",
+        f"Mean final validation accuracy over the pilot's seeds (dots: each seed); the circle marks the chosen ρ. "
+        f"The collapse is the first ρ above the best whose mean is at or below half-way from the best to chance "
+        f"({chance:g}%): where a larger radius stops the network from fitting.", "",
+        f"![validation accuracy against rho]({link})", "", rho_curves_markdown(choice, chance, names),
+    ])
 
 
 def _insert_before_results(report: Path, section: str) -> None:

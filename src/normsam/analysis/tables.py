@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
-from normsam.analysis.grouping import Group, _settings, _text
+from normsam.analysis._format import markdown_table, md, pm, value_text
+from normsam.analysis.grouping import Group, arm_settings
 from normsam.analysis.runs import RunRecord
+
+__all__ = ["csv_text", "group_rows", "run_rows", "group_table"]
 
 
 _STATS = (  # (summary key, column title, decimals)
@@ -22,13 +25,9 @@ _STATS = (  # (summary key, column title, decimals)
 )
 
 
-def _pm(mean: float | None, std: float | None, decimals: int) -> str:
-    if mean is None:
-        return ""
-    return f"{mean:.{decimals}f}" + (f" ± {std:.{decimals}f}" if std is not None else "")
-
-
-def _csv(rows: list[dict[str, Any]]) -> str:
+def csv_text(rows: list[dict[str, Any]]) -> str:
+    """The rows (dicts with the same keys, in column order) as CSV text with a header line; None is written
+    as an empty cell. No rows: an empty header line."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else [], lineterminator="\n")
     writer.writeheader()
@@ -40,7 +39,7 @@ def group_rows(groups: Sequence[Group]) -> list[dict[str, Any]]:
     """One row per group for ``table.csv``: the columns, then mean/std/count of every statistic."""
     rows = []
     for g in groups:
-        row: dict[str, Any] = {"method": g.label, **{k: _text(v) for k, v in g.columns.items()}}
+        row: dict[str, Any] = {"method": g.label, **{k: value_text(v) for k, v in g.columns.items()}}
         for key, _, _ in _STATS:
             mean, std, count = g.stat(key)
             row.update({f"{key}_mean": mean, f"{key}_std": std})
@@ -56,12 +55,12 @@ def run_rows(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[dict[str, A
     """One row per run for ``runs.csv``."""
     rows = []
     for r in runs:
-        settings = _settings(r.config)
+        settings = arm_settings(r.config)
         s = r.summary or {}
         rows.append({
             "folder": str(r.folder),
             "method": r.config.method,
-            **{k: _text(settings.get(k)) for k in keys},
+            **{k: value_text(settings.get(k)) for k in keys},
             "seed": r.config.seed,
             "status": "finished" if r.finished else "unfinished",
             "epochs_done": len(r.metrics),
@@ -74,30 +73,19 @@ def run_rows(runs: Sequence[RunRecord], keys: Sequence[str]) -> list[dict[str, A
     return rows
 
 
-def _md(text: str) -> str:
-    """Text for a markdown table cell: characters that markdown would interpret are escaped."""
-    return "".join("\\" + c if c in "\\`*_|[]<>" else c for c in text)
-
-
-def _markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]], numeric_from: int) -> str:
-    """A markdown table; columns from ``numeric_from`` on are right-aligned. Cells are used as they are."""
-    align = ["---" if i < numeric_from else "---:" for i in range(len(header))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
-    return "\n".join(lines)
-
-
-def _group_table(groups: Sequence[Group], keys: Sequence[str]) -> str:
+def group_table(groups: Sequence[Group], keys: Sequence[str]) -> str:
+    """The per-method table of report.md (markdown): the ``keys`` columns, then mean ± std of every statistic
+    (with the count of runs measured where not every run has a sharpness) and the number of seeds."""
     header = ["method", *[("ρ" if k == "rho" else k) for k in keys], *[title for _, title, _ in _STATS], "seeds"]
     rows = []
     for g in groups:
-        cells = [_md(g.label), *[_md(_text(g.columns[k])) or "–" for k in keys]]
+        cells = [md(g.label), *[md(value_text(g.columns[k])) or "–" for k in keys]]
         for key, _, decimals in _STATS:
             mean, std, count = g.stat(key)
-            cell = _pm(mean, std, decimals)
+            cell = pm(mean, std, decimals)
             if key == "sharpness" and cell and count != len(g.runs):
                 cell += f" ({count} run{'s' if count > 1 else ''})"
             cells.append(cell)
         cells.append(str(len(g.runs)))
         rows.append(cells)
-    return _markdown_table(header, rows, numeric_from=1 + len(keys))
+    return markdown_table(header, rows, numeric_from=1 + len(keys))

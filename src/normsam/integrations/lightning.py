@@ -102,7 +102,7 @@ class SAMModule:
         if getattr(self, "_sam_checked", None) != id(sam):  # once per optimizer: it must train this module
             check_sam_trains(sam, self, "SAMModule")
             self._sam_checked = id(sam)
-        if self.trainer.accumulate_grad_batches != 1 and not sam.ascent_source.needs_pass:
+        if self.trainer.accumulate_grad_batches != 1 and sam.options.ascent == "momentum":
             if not sam.is_perturbed:
                 raise ValueError(
                     "SAMModule with accumulate_grad_batches > 1 and ascent='momentum' perturbs in "
@@ -113,7 +113,7 @@ class SAMModule:
             raise ValueError(
                 f"SAMModule does not support accumulate_grad_batches={self.trainer.accumulate_grad_batches}: the "
                 "ascent would see the last micro-batch only. Use a larger batch, or manual optimization with "
-                "loss.backward(inputs=sam.perturbed_parameters()) per micro-batch, then first_step()."
+                "loss.backward(inputs=sam.ascent_inputs()) per micro-batch, then first_step()."
             )
         strategy = self.trainer.strategy
         no_sync = getattr(strategy, "block_backward_sync", None) or contextlib.nullcontext
@@ -143,7 +143,7 @@ class SAMModule:
         if self.trainer.accumulate_grad_batches != 1:
             for optimizer in self.trainer.optimizers:
                 sam = _unwrap_sam(optimizer)
-                if sam is not None and not sam.ascent_source.needs_pass and not sam.is_perturbed:
+                if sam is not None and sam.options.ascent == "momentum" and not sam.is_perturbed:
                     sam.first_step()
         return result
 

@@ -53,12 +53,27 @@ except ImportError as error:  # pragma: no cover - exercised only without the ex
 import torch
 from torch import nn
 
-from normsam.optim.sam import SAM
+import difflib
+
 from normsam.integrations._checks import check_sam_trains
+from normsam.optim.options import SAMOptions, option_names, unknown_option_error
+from normsam.optim.sam import SAM
 
 __all__ = ["SAMTrainer"]
 
 _NOT_SAM_OPTIONS = ("params", "base_optimizer", "model")
+
+
+def _sam_options(sam: dict[str, Any]) -> tuple[SAMOptions | None, dict[str, Any]]:
+    """``sam=dict(...)`` → its SAM options, checked now (not when ``train()`` starts), and the rest, which the
+    base optimizer gets; a key that reads like a mistyped SAM option is refused with the closest one."""
+    if not sam:
+        return None, {}
+    options, rest = SAMOptions.split(sam)
+    for key in rest:
+        if difflib.get_close_matches(key, option_names(), n=1, cutoff=0.8):
+            raise unknown_option_error(key)
+    return SAMOptions(**options), rest
 
 
 def _unwrap_sam(optimizer: Any) -> SAM | None:
@@ -105,13 +120,13 @@ class SAMTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, sam: dict[str, Any] | None = None, **kwargs: Any):
-        self.sam_options = dict(sam or {})
-        wrong = [key for key in _NOT_SAM_OPTIONS if key in self.sam_options]
+        wrong = [key for key in _NOT_SAM_OPTIONS if key in (sam or {})]
         if wrong:
             raise ValueError(
                 f"sam= holds SAM's options (rho, perturbation, scope …), not {', '.join(wrong)}: the Trainer "
                 "passes the model and builds the base optimizer from TrainingArguments (optim=...)."
             )
+        self.sam_options, self.sam_base_kwargs = _sam_options(dict(sam or {}))
         self._sam_pending: list[tuple[dict[str, Any], Any]] = []
         _refuse_fsdp(kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
@@ -121,7 +136,7 @@ class SAMTrainer(Trainer):
                     f"SAMTrainer got optimizers=({type(self.optimizer).__name__}, ...), not a normsam.SAM: pass "
                     "SAM(model, torch.optim.AdamW, lr=..., rho=...), or leave optimizers out and give sam=dict(...)."
                 )
-            if self.sam_options:
+            if self.sam_options is not None:
                 raise ValueError("Pass either a ready SAM in optimizers=(sam, ...) or sam=dict(...), not both.")
             if self.model is not None:  # up front; training_step checks again (model_init builds it later)
                 check_sam_trains(_unwrap_sam(self.optimizer), self.model, "SAMTrainer")
@@ -159,12 +174,8 @@ class SAMTrainer(Trainer):
             {"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
             {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
         ]
-        self.optimizer = SAM(
-            [g for g in groups if g["params"]],
-            optimizer_cls,
-            model=opt_model,
-            **{**optimizer_kwargs, **self.sam_options},
-        )
+        self.optimizer = SAM([g for g in groups if g["params"]], optimizer_cls, self.sam_options, model=opt_model,
+                             **{**optimizer_kwargs, **self.sam_base_kwargs})
         return self.optimizer
 
     def training_step(
@@ -181,7 +192,7 @@ class SAMTrainer(Trainer):
             return self._single_pass(model, sam, inputs, num_items_in_batch)
         loss = self._micro_batch_loss(model, inputs, num_items_in_batch)
         # norm_over="all" needs the full gradient's norm, so then every gradient is computed
-        ascent_inputs = sam.perturbed_parameters() if sam.norm_over == "perturbed" else None
+        ascent_inputs = sam.ascent_inputs() if sam.options.norm_over == "perturbed" else None
         with self.accelerator.no_sync(model):
             self.accelerator.backward(loss, inputs=ascent_inputs)
         self._sam_pending.append((inputs, num_items_in_batch))

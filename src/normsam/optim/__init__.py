@@ -1,6 +1,8 @@
 """The optimizer side of normsam: the SAM wrapper, perturbation models, scopes, masks, running statistics."""
 
 from normsam.optim.ascent import ASCENTS, register_momentum_state
+from normsam.optim.groups import param_groups
+from normsam.optim.options import SAMOptions
 from normsam.optim.perturbations import PERTURBATIONS, PerturbationModel, get_perturbation, perturbation
 from normsam.optim.rho_schedules import RhoLambda, RhoSchedule, RhoWarmup
 from normsam.optim.running_stats import BN_POLICIES, frozen_running_stats, running_stat_modules
@@ -13,11 +15,11 @@ from normsam.optim.scopes import (
     ScopeReport,
     describe_scope,
     is_norm_layer,
-    param_groups,
 )
 
 __all__ = [
     "SAM",
+    "SAMOptions",
     "RhoSchedule",
     "RhoWarmup",
     "RhoLambda",

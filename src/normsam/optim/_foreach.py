@@ -1,5 +1,5 @@
-"""Vectorized helpers shared by the optimizer's pieces (and the sharpness measure): tensors grouped by
-(device, dtype) for the ``torch._foreach_*`` kernels, the float64 global norm, and in-place list operations.
+"""Vectorized helpers shared by the optimizer's pieces: tensors grouped by (device, dtype) for the
+``torch._foreach_*`` kernels, the float64 global norm, and in-place list operations.
 
 A private module of the package: its names are public *within* normsam, and nothing here is user API.
 """

@@ -48,6 +48,10 @@ perturbation model (``ε = ρ·T²⊙d / ‖T⊙d‖``, or ``ρ·T⊙sign(d)`` f
 
 The base optimizers whose momentum is known are in :data:`MOMENTUM_STATES`; add yours with
 :func:`register_momentum_state`.
+
+``ascent_interval=k`` (a fast mode) is :class:`StoredEpsilon`: a fresh ε on every k-th SAM step, the steps
+between reuse it (no ascent pass on those). Each source returns the direction over a storage's tensors
+(:mod:`normsam.optim.storage`), never touching the ``SAM`` object.
 """
 
 from __future__ import annotations
@@ -59,25 +63,57 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ASCENTS", "GradientAscent", "MomentumAscent", "MomentumState", "MOMENTUM_STATES",
+from normsam.optim._foreach import unscale
+
+__all__ = ["ASCENTS", "GradientAscent", "MomentumAscent", "StoredEpsilon", "MomentumState", "MOMENTUM_STATES",
            "register_momentum_state", "make_ascent", "check_momentum_options"]
+
+Direction = tuple[list[Tensor | None], list[Tensor | None]]  # over storage.params, storage.others
 
 ASCENTS = ("gradient", "momentum")
 
 
 class GradientAscent:
-    """The ascent direction is this step's gradient of the perturbed set (SAM's own rule).
-
-    The mechanics (``first_step(loss)``'s cheap autograd, ``.grad`` of the classic API, the GradScaler's
-    scale, ``sync_ascent``) live with :class:`normsam.SAM`, which owns the plan they need. (``directions``
-    takes the SAM and its step plan, ``normsam.optim.sam._Plan``; untyped here, since that module imports
-    this one.)"""
+    """The ascent direction is this step's gradient of the perturbed set (SAM's own rule): the ``.grad`` of the
+    classic API, or the cheap ascent's autograd over the perturbed tensors only (``first_step(loss)``); the
+    GradScaler's scale divided out; averaged over DDP workers with ``sync_ascent`` (under FSDP2 it is the
+    global batch's already)."""
 
     name = "gradient"
     needs_pass = True  #: a forward-backward pass at w gives the direction
 
-    def directions(self, sam: Any, plan: Any, loss: Tensor | None, grad_scaler: Any):
-        return sam._gradient_directions(plan, loss, grad_scaler)
+    def __init__(self, *, sync_ascent: bool | None = None):
+        self.sync_ascent = sync_ascent
+
+    def direction(self, storage: Any, loss: Tensor | None, grad_scaler: Any = None) -> Direction:
+        grads, extra = storage.gradients(loss)
+        if storage.params and all(g is None for g in grads):  # ε would be 0 and the step counted as a SAM step
+            raise ValueError(
+                f"first_step(): none of the {len(storage.params)} perturbed tensors has an ascent gradient: "
+                + ("the loss does not depend on them." if loss is not None else
+                   "call loss.backward() before first_step() (a step(closure) closure must call backward()), "
+                   "or pass the loss: first_step(loss).")
+            )
+        if grad_scaler is not None:
+            grads, extra = unscale(grads, grad_scaler), unscale(extra, grad_scaler)
+        if self.sync_ascent and not storage.sharded:
+            grads = _all_reduce_mean(grads, storage.params)
+        return grads, extra
+
+
+def _all_reduce_mean(grads: list[Tensor | None], params: list[Tensor]) -> list[Tensor | None]:
+    """The mean over DDP workers of the perturbed tensors' gradients: one all-reduce of their concatenation."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return grads
+    dense = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+    if not dense:
+        return grads
+    flat = torch.cat([g.reshape(-1) for g in dense])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    return [f.view_as(p) for f, p in zip(torch.split(flat, [p.numel() for p in params]), params)]
 
 
 @dataclass(frozen=True)
@@ -177,29 +213,68 @@ class MomentumAscent:
             out[i] = d
         return out
 
-    def directions(self, sam: Any, plan: Any, loss: Tensor | None, grad_scaler: Any):
+    def direction(self, storage: Any, loss: Tensor | None = None, grad_scaler: Any = None) -> Direction:
         """−momentum of the perturbed tensors (and of the others, for ``norm_over="all"``); None where the
-        base optimizer has not stepped yet. The loss, ``.grad`` and the scaler are not used: the momentum is
-        built from unscaled gradients."""
-        momenta, others = self._momenta(plan.params), self._momenta(plan.others)
-        if plan.sharding is not None:  # FSDP2: the momentum of a sharded parameter is a DTensor like it; ε and
-            local = plan.sharding.local  # the backup act on local shards, so take the momentum's local shard
-            momenta, others = ([None if m is None else local([m])[0] for m in ms] for ms in (momenta, others))
+        base optimizer has not stepped yet. No loss is taken (SAM refuses one): the momentum is built from
+        unscaled gradients. Under FSDP2 the momentum of a sharded parameter is a DTensor like it: ε and the
+        backup act on local shards, so its local shard is taken."""
+        momenta, others = self._momenta(storage.params), self._momenta(storage.others)
+        if storage.sharded:
+            momenta, others = ([None if m is None else storage.local([m])[0] for m in ms] for ms in (momenta, others))
         return self._negated(momenta), self._negated(others)
 
 
-def make_ascent(ascent: str, base_optimizer: torch.optim.Optimizer, *, foreach: bool = True, perturbation: str,
-                scope: Any, ascent_interval: int, sync_ascent: bool, bn_policy: str | None):
-    """The ascent source SAM composes, after checking that ``ascent`` fits the other options."""
-    if ascent not in ASCENTS:
-        raise ValueError(
-            f"Invalid ascent: {ascent!r}; use 'gradient' (this step's gradient, SAM) or 'momentum' (the base "
-            "optimizer's momentum, Momentum-SAM: no ascent pass)."
-        )
+class StoredEpsilon:
+    """``ascent_interval=k``: a fresh ε on every k-th SAM step, stored and reused on the steps between.
+
+    The stored ε is aligned with the storage's tensors it was made for and realigned by identity when the
+    storage is rebuilt (a changed ``requires_grad``). It is part of ``SAM.state_dict()``, so a resumed run
+    reuses the same ε."""
+
+    def __init__(self, interval: int = 1):
+        self.interval = interval
+        self.eps: list[Tensor | None] | None = None
+        self.params: list[Tensor] | None = None
+
+    def is_fresh(self, sam_steps: int) -> bool:
+        """Whether the SAM step numbered ``sam_steps`` (from 0) takes a fresh ε."""
+        return self.interval == 1 or self.eps is None or sam_steps % self.interval == 0
+
+    def keep(self, eps: list[Tensor | None], params: list[Tensor]) -> None:
+        if self.interval > 1:
+            self.eps, self.params = eps, params
+
+    def epsilon_for(self, params: list[Tensor]) -> list[Tensor | None]:
+        if self.params is params:
+            return self.eps
+        by_id = {id(p): e for p, e in zip(self.params, self.eps)}
+        return [by_id.get(id(p)) for p in params]
+
+    def clear(self) -> None:
+        self.eps, self.params = None, None
+
+    def state_dict(self, index: dict[int, int]) -> dict[int, Tensor] | None:
+        if self.eps is None:
+            return None
+        return {index[id(p)]: e.clone() for p, e in zip(self.params, self.eps) if e is not None}
+
+    def load_state_dict(self, saved: dict[Any, Tensor] | None, all_params: list[Tensor], params: list[Tensor]) -> None:
+        """``saved`` by position among ``all_params``; realigned with ``params`` (the storage's tensors)."""
+        if saved is None:
+            self.clear()
+            return
+        saved = {int(i): e for i, e in saved.items()}
+        position = {id(p): i for i, p in enumerate(all_params)}
+        self.params = params
+        self.eps = [saved[position[id(p)]].to(device=p.device, dtype=p.dtype) if position[id(p)] in saved else None
+                    for p in params]
+
+
+def make_ascent(ascent: str, base_optimizer: torch.optim.Optimizer, *, foreach: bool = True,
+                sync_ascent: bool | None = None) -> GradientAscent | MomentumAscent:
+    """The ascent source of ``ascent`` (the options were checked by :class:`normsam.SAMOptions`)."""
     if ascent == "gradient":
-        return GradientAscent()
-    check_momentum_options(perturbation=perturbation, scope=scope, ascent_interval=ascent_interval,
-                           sync_ascent=sync_ascent, bn_policy=bn_policy)
+        return GradientAscent(sync_ascent=sync_ascent)
     return MomentumAscent(base_optimizer, foreach=foreach)
 
 

@@ -9,18 +9,24 @@ candidate tensors together (a global choice, as in SSAM):
 - ``ssam-d``: a random initial mask; every few steps the ``n`` active elements with the smallest ``|g|`` are
   dropped and ``n`` random inactive ones are grown, ``n = k · drop_rate_t`` on a cosine schedule.
 
-Masks are boolean tensors shaped like their parameters. The functions here work on flat views and split back.
+Masks are boolean tensors shaped like their parameters. The functions here work on flat views and split back;
+:class:`ElementMasks` is the piece :class:`normsam.SAM` composes: the masks of its perturbed tensors, SSAM-D's
+schedule, the random generator, and their part of the ``state_dict``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["keep_count", "random_masks", "topk_masks", "drop_and_regrow", "cosine_drop_rate"]
+from normsam.optim.running_stats import RunningStatsFreezer, running_stat_modules
+
+__all__ = ["keep_count", "random_masks", "topk_masks", "drop_and_regrow", "cosine_drop_rate", "fisher_scores",
+           "ElementMasks"]
 
 
 def keep_count(total: int, sparsity: float) -> int:
@@ -77,3 +83,91 @@ def cosine_drop_rate(base_rate: float, step: int, total_steps: int) -> float:
     """``base_rate · (1 + cos(π · step / total_steps)) / 2``, clamped at 0 after ``total_steps``."""
     progress = min(step / total_steps, 1.0)
     return base_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def fisher_scores(model: nn.Module, targets: Sequence[Tensor], batches: Iterable[tuple[Tensor, Tensor]],
+                  loss_fn: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
+    """The empirical Fisher ``Σ g²`` of ``targets`` over ``batches`` (each the square of its mean-loss gradient;
+    batches of size 1 give the per-sample Fisher), with ``model``'s running statistics left as they were."""
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in targets]
+    seen = 0
+    snapshot = RunningStatsFreezer(running_stat_modules(model))
+    snapshot.save()
+    try:
+        for inputs, labels in batches:
+            with torch.enable_grad():
+                grads = torch.autograd.grad(loss_fn(model(inputs), labels), targets, allow_unused=True)
+            for acc, g in zip(fisher, grads):
+                if g is not None:
+                    acc.add_(g.float().square())
+            seen += 1
+    finally:
+        snapshot.restore()
+    if seen == 0:
+        raise ValueError("refresh_masks() got no batches: pass an iterable of (inputs, labels).")
+    return fisher
+
+
+class ElementMasks:
+    """The element masks of a mask scope over a SAM's perturbed (candidate) tensors.
+
+    ``random`` and ``ssam-d`` draw a random mask when the candidates are first known (:meth:`draw`);
+    ``ssam-f`` gets its mask from :meth:`set_topk` (``SAM.refresh_masks``); ``ssam-d`` updates its own every
+    ``interval`` fresh ascents in :meth:`apply`. Masks are keyed by the parameter itself."""
+
+    def __init__(self, scope: str, sparsity: float, *, interval: int | None = None, total_steps: int | None = None,
+                 drop_rate: float = 0.5, seed: int = 0):
+        self.scope, self.sparsity = scope, sparsity
+        self.interval, self.total_steps, self.drop_rate = interval, total_steps, drop_rate
+        self.generator = torch.Generator().manual_seed(seed)
+        self.masks: dict[Tensor, Tensor] = {}
+
+    def keep(self, targets: Sequence[Tensor]) -> int:
+        return keep_count(sum(p.numel() for p in targets), self.sparsity)
+
+    def draw(self, targets: Sequence[Tensor]) -> None:
+        """A random initial mask (``random``, ``ssam-d``)."""
+        if self.scope in ("random", "ssam-d"):
+            self._set(targets, random_masks(targets, self.keep(targets), self.generator))
+
+    def set_topk(self, targets: Sequence[Tensor], scores: Sequence[Tensor]) -> None:
+        """SSAM-F: the mask keeps the top-k ``scores`` (the empirical Fisher) over all targets together."""
+        self._set(targets, topk_masks(scores, self.keep(targets)))
+
+    def _set(self, targets: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+        for p, m in zip(targets, masks):
+            self.masks[p] = m
+
+    def of(self, params: Sequence[Tensor]) -> list[Tensor | None]:
+        return [self.masks.get(p) for p in params]
+
+    def check_ready(self, params: Sequence[Tensor]) -> None:
+        if self.scope == "ssam-f" and any(p not in self.masks for p in params):
+            raise ValueError(
+                "scope='ssam-f' has no Fisher mask yet: call sam.refresh_masks(batches) with a few batches of "
+                "training data before the first step (and again on your refresh schedule)."
+            )
+
+    def apply(self, params: Sequence[Tensor], grads: Sequence[Tensor | None], finite: Tensor | None, *,
+              sam_steps: int, ascent_steps: int) -> tuple[list[Tensor | None], bool]:
+        """The masked gradients, and whether SSAM-D updated its mask first. SSAM-D updates every ``interval``
+        fresh ascents, from a finite gradient only; that update runs on the host, so those steps sync."""
+        updated = False
+        if self.scope == "ssam-d" and ascent_steps % self.interval == 0 and (finite is None or bool(finite)):
+            rate = cosine_drop_rate(self.drop_rate, sam_steps, self.total_steps)
+            dense = [g if g is not None else torch.zeros_like(p) for p, g in zip(params, grads)]
+            current = [self.masks[p] for p in params]
+            self._set(params, drop_and_regrow(current, dense, round(rate * self.keep(params)), self.generator))
+            updated = True
+        masked = [g.masked_fill(~self.masks[p], 0) if g is not None else None for p, g in zip(params, grads)]
+        return masked, updated
+
+    def state_dict(self, index: dict[int, int]) -> dict[str, Any]:
+        """The masks by the position of their parameter (``index``: id → position), and the generator."""
+        return {"masks": {index[id(p)]: m.clone() for p, m in self.masks.items()},
+                "mask_generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any], params: Sequence[Tensor]) -> None:
+        self.masks = {params[int(i)]: m.to(device=params[int(i)].device, dtype=torch.bool)
+                      for i, m in state["masks"].items()}
+        self.generator.set_state(state["mask_generator"])

@@ -10,12 +10,17 @@ is each param group's ``rho`` (set it there, or give a ``rho_schedule``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
+import inspect
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from normsam.optim.ascent import ASCENTS, check_momentum_options
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, SCALED_TENSORS, get_perturbation
@@ -23,7 +28,8 @@ from normsam.optim.rho_schedules import RhoSchedule, as_rho_schedule
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, ScopeSpec
 
-__all__ = ["SAMOptions", "NORM_OVER", "check_rho", "option_names", "unknown_option_error"]
+__all__ = ["SAMOptions", "NORM_OVER", "check_rho", "option_names", "unknown_option_error", "options_and_base_kwargs",
+           "build_base_optimizer", "signature_with_options"]
 
 NORM_OVER = ("perturbed", "all")
 
@@ -57,11 +63,43 @@ def _is_int(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class SAMOptions:
-    """The options of :class:`normsam.SAM` (see its docstring for what each one does).
+    """The options of :class:`normsam.SAM`. ``None`` means "the default for this setup".
 
-    ``None`` means "the default for this setup": ``scope`` is ``"norm"`` (SAM-ON) with a model and every tensor
-    passed without one; ``eta`` the perturbation model's η (0.01, fisher 1.0); ``bn_policy`` ``"freeze"`` with a
-    model (``"update"`` for the momentum ascent or without a model); ``drop_rate`` 0.5 for ``ssam-d``.
+    Args:
+        rho: the perturbation radius ρ, each param group's default (a group may carry its own ``rho``). SAM-ON
+            needs a larger ρ than SAM-all.
+        perturbation: ``"sam"``, ``"asam"``, ``"layerwise"``, ``"linf"`` or ``"fisher"``
+            (:mod:`normsam.optim.perturbations`).
+        eta: η of the scaling T; ``None``: the model's default (0.01, fisher 1.0). ``"sam"`` has no T.
+        normalize_bias: apply the weight-dependent scaling T to bias tensors too (otherwise T = 1 there).
+        norm_over: ``"perturbed"`` (‖·‖ over the perturbed set) or ``"all"`` (SSAM's convention: the norm of
+            the full gradient; the cheap ascent then computes every gradient).
+        scope: with a model, ``"norm"`` (``None``: SAM-ON), ``"all"``, ``"no-norm"``, a predicate over
+            :class:`normsam.ParamInfo`, glob patterns, or an element-mask scope ``"random"``, ``"ssam-f"``,
+            ``"ssam-d"``. Without a model only ``"all"`` (``None``: every tensor passed) or a mask scope.
+        include, exclude: patterns or predicates that add to / remove from the scope (need the model).
+        sparsity: mask scopes: the share of candidate elements *not* perturbed, in (0, 1).
+        mask_interval: ``ssam-d``: SAM steps between mask updates.
+        mask_total_steps: ``ssam-d``: length (in SAM steps) of the cosine drop-rate schedule.
+        drop_rate: ``ssam-d``: the drop rate at step 0 of the cosine schedule (``None``: 0.5).
+        mask_seed: seed of the random masks and of SSAM-D's regrowth.
+        bn_policy: running statistics in the second pass: ``"freeze"`` (``None`` with a model) or ``"update"``
+            (``None`` without a model, and with the momentum ascent). ``"freeze"`` needs the model.
+        foreach: ``True``: the ``torch._foreach_*`` path (``None`` means this); ``False``: the per-tensor
+            reference loop. Given explicitly, it reaches the base optimizer too (when it takes ``foreach``).
+        sync_ascent: under DDP, average the ascent gradient over workers (only the perturbed tensors are
+            communicated). Default: each worker uses its own, as in the original SAM. Under FSDP2 the ascent
+            gradient is always the global batch's (FSDP2 reduces it), and ``sync_ascent=False`` is refused.
+        ascent_interval: a fresh ascent every k-th SAM step; the steps between reuse the last ε (no ascent pass).
+        ascent: ``"gradient"`` (this step's gradient, a pass at w) or ``"momentum"`` (Momentum-SAM: minus the
+            base optimizer's momentum, no pass at w; the first step is a plain step; ``bn_policy="update"``).
+            See :mod:`normsam.optim.ascent`.
+        layerwise_scaling: layerwise's T: ``"additive"`` ‖p‖ + η or ``"official"`` ‖p‖·(1 + η).
+        scaled_tensors: which tensors the weight-dependent T applies to: ``"not-bias"`` or
+            ``"name-contains-weight"`` (the official SAM-ON code).
+        rho_schedule: ``None`` (a constant ρ), :class:`normsam.RhoWarmup` ``(steps)``, a callable
+            ``step -> factor`` of each group's ρ, or any :class:`normsam.RhoSchedule`
+            (:mod:`normsam.optim.rho_schedules`).
     """
 
     rho: float = 0.05
@@ -78,7 +116,7 @@ class SAMOptions:
     drop_rate: float | None = None
     mask_seed: int = 0
     bn_policy: str | None = None
-    foreach: bool = True
+    foreach: bool | None = None
     sync_ascent: bool | None = None
     ascent_interval: int = 1
     ascent: str = "gradient"
@@ -127,9 +165,10 @@ class SAMOptions:
                 f"Invalid ascent: {self.ascent!r}; use 'gradient' (this step's gradient, SAM) or 'momentum' (the base "
                 "optimizer's momentum, Momentum-SAM: no ascent pass)."
             )
-        for name in ("normalize_bias", "foreach"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"Invalid {name}: {getattr(self, name)!r}; it must be True or False.")
+        if not isinstance(self.normalize_bias, bool):
+            raise ValueError(f"Invalid normalize_bias: {self.normalize_bias!r}; it must be True or False.")
+        if self.foreach is not None and not isinstance(self.foreach, bool):
+            raise ValueError(f"Invalid foreach: {self.foreach!r}; it must be True, False or None.")
         if self.sync_ascent is not None and not isinstance(self.sync_ascent, bool):
             raise ValueError(f"Invalid sync_ascent: {self.sync_ascent!r}; it must be True, False or None.")
         if not _is_int(self.mask_seed):
@@ -184,11 +223,20 @@ class SAMOptions:
         return get_perturbation(self.perturbation).default_eta if self.eta is None else self.eta
 
     @property
+    def resolved_foreach(self) -> bool:
+        return True if self.foreach is None else self.foreach
+
+    @property
     def resolved_drop_rate(self) -> float:
         return DEFAULT_DROP_RATE if self.drop_rate is None else self.drop_rate
 
     def resolved_bn_policy(self, has_model: bool) -> str:
         """``bn_policy`` in effect: the momentum ascent's only pass is at w + ε, so its statistics are the step's."""
+        if self.bn_policy == "freeze" and not has_model:
+            raise ValueError(
+                "bn_policy='freeze' needs the model to find its running statistics: pass the model as params "
+                "or as model=, or use bn_policy='update'."
+            )
         if self.bn_policy is not None:
             return self.bn_policy
         return "freeze" if has_model and self.ascent != "momentum" else "update"
@@ -217,3 +265,49 @@ def unknown_option_error(name: str, base: str | None = None) -> ValueError:
     hint = f" Did you mean {close[0]!r}?" if close else ""
     who = f"neither SAM nor {base} takes it" if base else "SAM has no such option"
     return ValueError(f"Unknown option {name!r}: {who}.{hint} SAM's options: {', '.join(option_names())}.")
+
+
+def options_and_base_kwargs(options: SAMOptions | None, kwargs: dict[str, Any]) -> tuple[SAMOptions, dict[str, Any]]:
+    """``SAM(params, base, options, **kwargs)``'s options (``options`` with the keywords that name SAM options
+    laid over it) and the base optimizer's keywords (the rest)."""
+    sam_kwargs, base_kwargs = SAMOptions.split(kwargs)
+    if options is None:
+        return SAMOptions(**sam_kwargs), base_kwargs
+    if not isinstance(options, SAMOptions):
+        raise ValueError(f"options must be a normsam.SAMOptions, got {type(options).__name__}; or pass SAM's "
+                         "options as keywords, SAM(model, SGD, rho=0.5, lr=0.1).")
+    return (options.replace(**sam_kwargs) if sam_kwargs else options), base_kwargs
+
+
+def build_base_optimizer(cls: Callable[..., torch.optim.Optimizer], groups: list[dict[str, Any]],
+                         kwargs: dict[str, Any], foreach: bool | None) -> torch.optim.Optimizer:
+    """The base optimizer on SAM's groups. A ``foreach`` given to SAM reaches it too (when it takes one); a
+    keyword that neither takes is named, with the closest SAM option (a typo is not the base's fault)."""
+    if isinstance(cls, torch.optim.Optimizer) or not callable(cls):
+        raise ValueError(
+            "base_optimizer must be an optimizer class such as torch.optim.SGD, not an instance; "
+            "pass its options as keyword arguments, e.g. SAM(model, torch.optim.SGD, lr=0.1, momentum=0.9)."
+        )
+    if foreach is not None and "foreach" not in kwargs:
+        with contextlib.suppress(TypeError, ValueError):
+            if "foreach" in inspect.signature(cls).parameters:
+                kwargs = {**kwargs, "foreach": foreach}
+    try:
+        return cls(groups, **kwargs)
+    except TypeError as error:
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+        if unknown is None:
+            raise
+        raise unknown_option_error(unknown.group(1), getattr(cls, "__name__", str(cls))) from None
+
+
+def signature_with_options(init: Callable[..., Any]) -> inspect.Signature:
+    """``init``'s signature as introspection, IDEs and ``help()`` show it: its ``**kwargs`` replaced by SAM's
+    options as keyword-only parameters (from :class:`SAMOptions`, the one list of them), then the base
+    optimizer's ``**base_kwargs``."""
+    signature = inspect.signature(init)
+    fixed = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    options = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+               for f in dataclasses.fields(SAMOptions)]
+    rest = inspect.Parameter("base_kwargs", inspect.Parameter.VAR_KEYWORD, annotation="Any")
+    return signature.replace(parameters=[*fixed, *options, rest])

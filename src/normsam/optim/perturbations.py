@@ -30,9 +30,12 @@ The official SAM-ON code differs in two conventions; both are options (SPEC §1)
   contains* ``weight`` (so ``pos_embed``, ``cls_token`` or a layer-scale ``gamma`` get T = 1), instead of
   ``"not-bias"``: every tensor except those whose name ends in ``bias``.
 
-This module is the functional core of :class:`normsam.SAM`: :func:`perturbation` dispatches to a plain
-per-tensor loop (the reference) or a ``torch._foreach_*`` version grouped by device and dtype; SAM-ON's
-norm-layer vectors take a third, flat version (:func:`_epsilon_flat`) when T is elementwise.
+This module is the functional core of :class:`normsam.SAM`. The math of each model is its scaling T, one
+line each below; :func:`epsilon_reference` applies the formulas above tensor by tensor (the documented
+reference) and :func:`epsilon_vectorized` computes the same with ``torch._foreach_*`` kernels grouped by
+device and dtype (:func:`perturbation` picks one). The vectorized path also serves SAM-ON's flat layout
+(:mod:`normsam.optim.storage`: all norm-layer vectors in one buffer), where "T applies" is an elementwise mask
+rather than a per-tensor flag.
 """
 
 from __future__ import annotations
@@ -44,13 +47,20 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from normsam.optim._foreach import grouped, norm_device, total_norm
+
 __all__ = [
     "PerturbationModel",
     "PERTURBATIONS",
     "LAYERWISE_SCALINGS",
     "SCALED_TENSORS",
+    "Scaled",
+    "NormFn",
     "get_perturbation",
     "perturbation",
+    "epsilon_reference",
+    "epsilon_vectorized",
+    "coefficient",
 ]
 
 LAYERWISE_SCALINGS = ("additive", "official")
@@ -105,6 +115,8 @@ def _fisher_scale_foreach(ws: list[Tensor], gs: list[Tensor], eta: float) -> lis
 ScaleFn = Callable[[Tensor, Tensor, float], Tensor]
 NormFn = Callable[[Sequence[Tensor]], Tensor]  # tensors → their ℓ2 norm, a 0-d float64 tensor
 ScaleForeachFn = Callable[[list[Tensor], list[Tensor], float], list[Tensor]]
+#: Whether T applies to a tensor: a flag per tensor, or (a flat layout of several tensors) an elementwise mask.
+Scaled = bool | Tensor
 
 
 @dataclass(frozen=True)
@@ -179,7 +191,7 @@ def get_perturbation(name: str, *, layerwise_scaling: str = "additive") -> Pertu
     return model
 
 
-# --- ε from (g, w): the reference loop and the foreach path. --------------------------------------------
+# --- ε from (g, w): the reference, tensor by tensor, and the vectorized path. --------------------------------
 
 
 def perturbation(
@@ -189,10 +201,10 @@ def perturbation(
     model: PerturbationModel,
     rhos: Sequence[float],
     eta: float,
-    scaled: Sequence[bool],
+    scaled: Sequence[Scaled],
     extra_grads: Sequence[Tensor] = (),
     extra_weights: Sequence[Tensor] = (),
-    extra_scaled: Sequence[bool] = (),
+    extra_scaled: Sequence[Scaled] = (),
     foreach: bool = True,
     norm_of: NormFn | None = None,
 ) -> list[Tensor]:
@@ -204,10 +216,11 @@ def perturbation(
         model: the perturbation model.
         rhos: ρ per tensor (a group may carry its own ρ).
         eta: η of the scaling.
-        scaled: per tensor, whether T applies (see :meth:`PerturbationModel.scales`).
+        scaled: per tensor, whether T applies (see :meth:`PerturbationModel.applies_to`), or a bool tensor
+            shaped like it: T where True, 1 elsewhere.
         extra_grads, extra_weights, extra_scaled: gradients outside the perturbed set that enter the
             ℓ2 norm only (``norm_over="all"``); empty for ``norm_over="perturbed"``.
-        foreach: use the ``torch._foreach_*`` path instead of the plain loop.
+        foreach: use the ``torch._foreach_*`` path instead of the reference.
         norm_of: the ℓ2 norm of ``T⊙g`` over ``grads + extra_grads`` (in that order), a 0-d float64 tensor;
             ``None``: the local norm. Under FSDP2 it is the global norm over every rank's shards
             (:mod:`normsam.optim.sharded`).
@@ -217,15 +230,15 @@ def perturbation(
     if not (len(extra_grads) == len(extra_weights) == len(extra_scaled)):
         raise ValueError("perturbation(): extra_grads, extra_weights and extra_scaled must have the same length.")
     if not foreach:
-        return _perturbation_loop(
-            grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, norm_of
-        )
-    return _perturbation_foreach(
-        grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, norm_of=norm_of
-    )[0]
+        return epsilon_reference(grads, weights, model=model, rhos=rhos, eta=eta, scaled=scaled,
+                                 extra_grads=extra_grads, extra_weights=extra_weights, extra_scaled=extra_scaled,
+                                 norm_of=norm_of)
+    return epsilon_vectorized(grads, weights, model=model, rhos=rhos, eta=eta, scaled=scaled,
+                              extra_grads=extra_grads, extra_weights=extra_weights, extra_scaled=extra_scaled,
+                              norm_of=norm_of)[0]
 
 
-def _coefficient(rho: float, norm: Tensor, like: Tensor) -> Tensor:
+def coefficient(rho: float, norm: Tensor, like: Tensor) -> Tensor:
     """ρ / ‖u‖ as a 0-d tensor on ``like``'s device, a few small kernels and no host sync.
 
     0 where ρ / ‖u‖ is not finite: a zero norm means u = 0 (then ε = 0, not 0·inf = NaN); an inf or NaN norm
@@ -236,101 +249,45 @@ def _coefficient(rho: float, norm: Tensor, like: Tensor) -> Tensor:
     return torch.nan_to_num(rho / norm, nan=0.0, posinf=0.0).to(device=like.device, dtype=dtype)
 
 
-def _total_norm(parts: Sequence[Sequence[Tensor]], device: torch.device) -> Tensor:
-    """‖·‖₂ over every tensor in ``parts`` (lists of one (device, dtype) each) as a 0-d float64 tensor on
-    ``device``: one ``_foreach_norm`` per part in the tensors' own dtype, their squares summed in float64.
+def epsilon_reference(grads, weights, *, model, rhos, eta, scaled, extra_grads=(), extra_weights=(),
+                      extra_scaled=(), norm_of=None) -> list[Tensor]:
+    """The formulas of the module docstring, tensor by tensor: ℓ∞ ε = ρ·T⊙sign(g); ℓ2 u = T⊙g, ε = ρ·T⊙u/‖u‖
+    with ‖u‖ summed in float64 over the perturbed (and extra) tensors."""
 
-    It is finite exactly when every per-tensor norm is (float64 cannot overflow on squares of float32 norms),
-    so :class:`normsam.SAM` reads its finiteness flag off it."""
-    norms = [torch.linalg.vector_norm(torch.stack(torch._foreach_norm(part)), dtype=torch.float64)
-             for part in parts if part]
-    if not norms:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    if len(norms) == 1:
-        return norms[0]
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-
-
-def _epsilon_flat(
-    grads: Sequence[Tensor], weights: Tensor, model: PerturbationModel, rho: float, eta: float,
-    scaled: Tensor | None, out: Tensor,
-) -> Tensor:
-    """ε for vectors of one device and dtype, written into the flat buffer ``out``, for a model whose T is
-    elementwise (all but layerwise) and one ρ: ℓ2 ε = ρ·T⊙u/‖u‖ with u = T⊙g, ℓ∞ ε = ρ·T⊙sign(g).
-
-    ``weights`` is the perturbed tensors' flat copy (the backup); ``scaled`` a flat bool mask of the elements
-    where T applies (None: everywhere). Returns ‖u‖ (ℓ∞: ‖g‖) as a 0-d float64 tensor; it is not finite when
-    g is not (or when T⊙g overflows), and SAM then skips the step. The same math as the foreach path in a
-    handful of kernels whatever the number of tensors (a CPU runs a foreach op tensor by tensor):
-    :class:`normsam.SAM` takes it for SAM-ON, whose norm-layer γ and β are vectors, with ``out``, ``weights``
-    and their per-tensor views allocated once."""
-    torch.cat(list(grads), out=out)  # g
-    scale = None if model.scale is None else model.scale(weights, out, eta)
-    if scale is not None and scaled is not None:
-        scale = torch.where(scaled, scale, 1.0)  # T = 1 on the tensors the bias rule leaves out
-    if model.geometry == "linf":  # ρ·T⊙sign(g); the norm only says whether g is finite
-        norm = torch.linalg.vector_norm(out, dtype=torch.float64)
-        out.sign_()
-        if scale is not None:
-            out.mul_(scale)
-        out.mul_(rho)
-        return norm
-    if scale is not None:
-        out.mul_(scale)  # u = T⊙g
-    norm = torch.linalg.vector_norm(out, dtype=torch.float64)
-    if scale is not None:
-        out.mul_(scale)  # T⊙u = T²⊙g
-    out.mul_(_coefficient(rho, norm, out))
-    return norm
-
-
-def _perturbation_loop(grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, norm_of=None):
-    def times_scale(x: Tensor, w: Tensor, g: Tensor, apply: bool) -> Tensor:
+    def times_scale(x: Tensor, w: Tensor, g: Tensor, apply: Scaled) -> Tensor:
+        if isinstance(apply, Tensor):
+            return x * torch.where(apply, model.scale(w, g, eta), 1.0)
         return x * model.scale(w, g, eta) if apply else x
 
     if model.geometry == "linf":
-        return [
-            rho * times_scale(torch.sign(g), w, g, s) for g, w, rho, s in zip(grads, weights, rhos, scaled)
-        ]
-    # ℓ2: u = T⊙g, ε = ρ·T⊙u / ‖u‖
+        return [rho * times_scale(torch.sign(g), w, g, s) for g, w, rho, s in zip(grads, weights, rhos, scaled)]
     u = [times_scale(g, w, g, s) for g, w, s in zip(grads, weights, scaled)]
     u_extra = [times_scale(g, w, g, s) for g, w, s in zip(extra_grads, extra_weights, extra_scaled)]
     if norm_of is not None:
         norm = norm_of(u + u_extra)
     else:
-        device = _norm_device(grads)
+        device = norm_device(grads)
         squares = [torch.zeros((), dtype=torch.float64, device=device)]
         squares += [torch.sum(x.double() * x.double()).to(device) for x in u + u_extra]
         norm = torch.sqrt(torch.stack(squares).sum())
     eps = []
     for x, g, w, rho, s in zip(u, grads, weights, rhos, scaled):
-        coef = _coefficient(rho, norm, g)
+        coef = coefficient(rho, norm, g)
         # in the coefficient's precision, then rounded once: for half tensors `coef * x` would round the
         # float32 coefficient to half first (overflow); the foreach ops compute in float32 by themselves
         eps.append((times_scale(x, w, g, s).to(coef.dtype) * coef).to(g.dtype))
     return eps
 
 
-def _norm_device(tensors: Sequence[Tensor]) -> torch.device:
-    return tensors[0].device if tensors else torch.device("cpu")
-
-
-def _grouped(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), as foreach kernels need."""
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        groups[(t.device, t.dtype)].append(i)
-    return groups
-
-
 def _scales_foreach(ws, gs, scaled, model, eta, groups) -> list[Tensor | None]:
-    """T for every tensor where it applies, ``None`` (T = 1) elsewhere; one foreach call per group."""
+    """T for every tensor where it applies, ``None`` (T = 1) elsewhere; one foreach call per group. A tensor
+    whose ``scaled`` is a mask gets T where the mask holds and 1 elsewhere."""
     scales: list[Tensor | None] = [None] * len(ws)
     for idx in groups:
-        pick = [i for i in idx if scaled[i]]
+        pick = [i for i in idx if isinstance(scaled[i], Tensor) or scaled[i]]
         if pick:
             for i, t in zip(pick, model.scale_foreach([ws[i] for i in pick], [gs[i] for i in pick], eta)):
-                scales[i] = t
+                scales[i] = torch.where(scaled[i], t, 1.0) if isinstance(scaled[i], Tensor) else t
     return scales
 
 
@@ -352,21 +309,21 @@ def _by_rho(idx: list[int], rhos: Sequence[float]) -> dict[float, list[int]]:
     return by
 
 
-def _perturbation_foreach(
-    grads, weights, model, rhos, eta, scaled, extra_grads, extra_weights, extra_scaled, groups=None, extra_groups=None,
-    norm_of=None,
+def epsilon_vectorized(
+    grads, weights, *, model, rhos, eta, scaled, extra_grads=(), extra_weights=(), extra_scaled=(), groups=None,
+    extra_groups=None, norm_of=None,
 ) -> tuple[list[Tensor], Tensor | None]:
-    """ε as new tensors (never the caller's gradients), and for ℓ2 models the norm ‖T⊙g‖ over the perturbed
-    (and extra) tensors, a 0-d float64 tensor the caller may reuse. ``groups``: indices per (device, dtype),
-    when known already.
+    """:func:`epsilon_reference` with ``torch._foreach_*`` kernels: ε as new tensors (never the caller's
+    gradients), and for ℓ2 models the norm ‖T⊙g‖ over the perturbed (and extra) tensors, a 0-d float64 tensor
+    the caller may reuse. ``groups``: indices per (device, dtype), when known already.
 
     Passes over the gradients (SAM-all with ``sam``: one norm pass and one multiply): the coefficient
     ρ / ‖T⊙g‖ is a 0-d device tensor per (group, ρ), so ε = coefficient · T²⊙g is one foreach multiply for
     T = 1 tensors and two for scaled ones.
     """
     grads, weights, extra = list(grads), list(weights), list(extra_grads)
-    groups = list(_grouped(grads).values()) if groups is None else groups
-    extra_groups = list(_grouped(extra).values()) if extra_groups is None else extra_groups
+    groups = list(grouped(grads).values()) if groups is None else groups
+    extra_groups = list(grouped(extra).values()) if extra_groups is None else extra_groups
     scales = _scales_foreach(weights, grads, scaled, model, eta, groups)
     eps: list[Tensor] = [None] * len(grads)  # type: ignore[list-item]
     if model.geometry == "linf":
@@ -381,14 +338,15 @@ def _perturbation_foreach(
         return eps, None
     # ℓ2: u = T⊙g, ε = ρ·T⊙u / ‖u‖ (the norm also over the extra gradients for norm_over="all")
     u = _times_scales(grads, scales, groups)
-    u_extra = _times_scales(extra, _scales_foreach(list(extra_weights), extra, extra_scaled, model, eta, extra_groups), extra_groups)
-    norm = norm_of(u + u_extra) if norm_of is not None else _total_norm(
+    extra_scales = _scales_foreach(list(extra_weights), extra, list(extra_scaled), model, eta, extra_groups)
+    u_extra = _times_scales(extra, extra_scales, extra_groups)
+    norm = norm_of(u + u_extra) if norm_of is not None else total_norm(
         [[u[i] for i in idx] for idx in groups] + [[u_extra[i] for i in idx] for idx in extra_groups],
-        _norm_device(grads),
+        norm_device(grads),
     )
     for idx in groups:
         for rho, sub in _by_rho(idx, rhos).items():
-            coef = _coefficient(rho, norm, grads[idx[0]])
+            coef = coefficient(rho, norm, grads[idx[0]])
             plain = [i for i in sub if scales[i] is None]
             if plain:
                 for i, e in zip(plain, torch._foreach_mul([u[i] for i in plain], coef)):

@@ -27,10 +27,11 @@ network leaves its initialization is meant to keep runs on the trainable side of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["RhoSchedule", "RhoWarmup", "RhoLambda", "as_rho_schedule", "scheduled_rho"]
+__all__ = ["RhoSchedule", "RhoWarmup", "RhoLambda", "as_rho_schedule", "scheduled_rho", "apply_rho_schedule",
+           "rho_in_effect"]
 
 
 @runtime_checkable
@@ -109,3 +110,23 @@ def scheduled_rho(schedule: RhoSchedule, step: int, group: Mapping[str, Any]) ->
             ">= 0 (a callable schedule returns a factor of rho, e.g. min(1.0, (t + 1) / 500))."
         )
     return float(value)
+
+
+def apply_rho_schedule(schedule: RhoSchedule | None, step: int, groups: Sequence[dict[str, Any]],
+                       check: Callable[[Any, str], float]) -> None:
+    """Set each group's ρ for SAM step ``step``: the schedule's, from its base ρ (``group["initial_rho"]``,
+    kept the first time as LR schedulers keep ``initial_lr``); without a schedule, ``check`` the ρ as set (a
+    group's ρ changed by hand since the last step is validated before it is used)."""
+    for group in groups:
+        if schedule is None:
+            check(group["rho"], "rho of a param group")
+            continue
+        group.setdefault("initial_rho", group["rho"])
+        group["rho"] = scheduled_rho(schedule, step, group)
+
+
+def rho_in_effect(groups: Sequence[dict[str, Any]]) -> str:
+    """The perturbed groups' ρ as the next step uses it: one value, or one per group where they differ."""
+    rhos = [g["rho"] for g in groups if g["perturb"]]
+    distinct = list(dict.fromkeys(rhos))
+    return f"{distinct[0]:g}" if len(distinct) == 1 else "[" + ", ".join(f"{r:g}" for r in rhos) + "]"

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from normsam.optim.perturbations import _grouped
+from normsam.optim._foreach import grouped
 
 __all__ = [
     "BN_POLICIES",
@@ -108,7 +108,7 @@ class RunningStatsFreezer:
         if not same:  # first use, or model.to(...) replaced the buffers
             self._buffers = buffers
             self._copies = [torch.empty_like(b) for b in buffers]
-            self._groups = list(_grouped(buffers).values())
+            self._groups = list(grouped(buffers).values())
 
     @torch.no_grad()
     def save(self) -> None:

@@ -38,7 +38,6 @@ __all__ = [
     "is_norm_layer",
     "named_parameter_infos",
     "select",
-    "param_groups",
     "describe_scope",
 ]
 
@@ -211,48 +210,6 @@ def _frozen_norm_parameters(model: nn.Module) -> list[str]:
         for local, param in module.named_parameters(recurse=False)
         if not param.requires_grad
     ]
-
-
-def param_groups(
-    model: nn.Module,
-    scope: ScopeSpec = "norm",
-    *,
-    include: ScopeSpec | None = None,
-    exclude: ScopeSpec | None = None,
-    weight_decay: float | None = None,
-    **group_options: Any,
-) -> list[dict[str, Any]]:
-    """Param-group dicts for :class:`normsam.SAM` (or any torch optimizer), split by scope.
-
-    Returns the perturbed parameters (``perturb=True``) and, if any remain, the others (``perturb=False``);
-    every group carries ``param_names`` so the bias rule can see names. ``group_options`` (e.g. ``rho=0.5``)
-    are set on the perturbed groups only.
-
-    ``weight_decay`` follows the usual convention: it goes on the weights, and normalization-layer
-    parameters and biases get ``weight_decay=0.0``. Each of the two groups is then split in two (decay and
-    no decay), and empty groups are left out. Without ``weight_decay`` the groups carry none, so the
-    optimizer's own default applies to all of them.
-    """
-    selected, rest = select(model, scope, include=include, exclude=exclude)
-    parts = [(selected, dict(perturb=True, **group_options)), (rest, dict(perturb=False))]
-    groups = []
-    for infos, options in parts:
-        if weight_decay is None:
-            groups.append(_group(infos, **options))
-            continue
-        decay = [i for i in infos if not (i.is_norm or i.is_bias)]
-        no_decay = [i for i in infos if i.is_norm or i.is_bias]
-        groups.append(_group(decay, weight_decay=weight_decay, **options))
-        groups.append(_group(no_decay, weight_decay=0.0, **options))
-    return [g for g in groups if g["params"]]
-
-
-def _group(infos: list[ParamInfo], **options: Any) -> dict[str, Any]:
-    return {
-        "params": [i.param for i in infos],
-        "param_names": [i.name for i in infos],
-        **options,
-    }
 
 
 @dataclass(frozen=True)

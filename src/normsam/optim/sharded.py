@@ -38,9 +38,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from normsam.optim.perturbations import PerturbationModel, _grouped
+from normsam.optim._foreach import grouped
+from normsam.optim.perturbations import PerturbationModel
+from normsam.optim.storage import PerturbedTensors, check_loss
 
-__all__ = ["ShardedTensors", "check_sharded_options", "refuse_late_sharding", "sharding_for"]
+__all__ = ["ShardedTensors", "ShardedPerturbedTensors", "check_sharded_options", "refuse_late_sharding",
+           "sharding_for"]
 
 SUPPORTED = (
     "normsam.SAM supports FSDP2 (torch.distributed.fsdp.fully_shard on a 1-D device mesh or HSDP's 2-D one, "
@@ -178,11 +181,12 @@ def check_sharded_options(mask_scope: str | None, sync_ascent: bool | None) -> N
 
 
 class ShardedTensors:
-    """SAM's perturbed (and norm-only) tensors as local shards, with the global norms and ascent gradient.
+    """A model's FSDP2 sharding as SAM sees it: local shards, the global norms and ascent gradient.
 
-    ``SAM`` keeps its plan over the parameters themselves (their identity keys state and masks) and asks this
-    object for their *data*: :meth:`local` gives the local shard of a DTensor (the tensor FSDP2 all-gathers
-    from, so writing it perturbs and restores the parameter) and a plain tensor itself."""
+    The storage (:class:`ShardedPerturbedTensors`) keeps the parameters themselves (their identity keys the
+    stored ε) and asks this object for their *data*: :meth:`local` gives the local shard of a DTensor (the
+    tensor FSDP2 all-gathers from, so writing it perturbs and restores the parameter) and a plain tensor
+    itself."""
 
     def __init__(self, fsdp_params: dict[int, Any], group: Any, replica_group: Any = None):
         self._fsdp_params = fsdp_params
@@ -192,6 +196,10 @@ class ShardedTensors:
 
     def is_shard(self, p: Tensor) -> bool:
         return isinstance(p, self._dtensor)
+
+    def perturbed_tensors(self, entries: Sequence[Any], others: Sequence[Any], **kwargs: Any) -> ShardedPerturbedTensors:
+        """The storage of SAM's perturbed tensors on this sharding (see :func:`normsam.optim.storage.perturbed_tensors`)."""
+        return ShardedPerturbedTensors(self, entries, others, **kwargs)
 
     def local(self, tensors: Iterable[Tensor]) -> list[Tensor]:
         return [t._local_tensor if isinstance(t, self._dtensor) else t for t in tensors]
@@ -259,7 +267,7 @@ class ShardedTensors:
         if replicas:
             import torch.distributed as dist
 
-            for idx in _grouped([grads[i] for i in replicas]).values():
+            for idx in grouped([grads[i] for i in replicas]).values():
                 pick = [replicas[j] for j in idx]
                 flat = torch.cat([grads[i].reshape(-1) for i in pick])
                 dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.replica_group)
@@ -277,7 +285,7 @@ class ShardedTensors:
 
         def squares(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
             total = torch.zeros((), dtype=torch.float64, device=device)
-            for idx in _grouped(tensors).values():  # one foreach norm per (device, dtype), squared in float64
+            for idx in grouped(tensors).values():  # one foreach norm per (device, dtype), squared in float64
                 norms = torch.stack(torch._foreach_norm([tensors[i] for i in idx])).to(device, torch.float64)
                 total = total + norms.square().sum()
             return total
@@ -331,3 +339,37 @@ class ShardedTensors:
             scale_foreach=lambda ws, gs, eta: scale_foreach(whole(ws), gs, eta),
         )
 
+
+
+class ShardedPerturbedTensors(PerturbedTensors):
+    """The perturbed tensors of an FSDP2 model: ε and the backup on each rank's local shards, the ascent
+    gradient through FSDP2's own reduce-scatter (the global batch's), norms summed over the ranks, and
+    layerwise's T from the whole tensor's norm (the module docstring)."""
+
+    sharded = True
+
+    def __init__(self, sharding: ShardedTensors, *args: Any, **kwargs: Any):
+        self.sharding = sharding
+        super().__init__(*args, **kwargs)
+        self.perturbation_model = sharding.perturbation_model(
+            self.perturbation_model, self.params + self.others, self.data + self.others_data
+        )
+
+    def local(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        return self.sharding.local(tensors)
+
+    def is_current(self) -> bool:
+        return super().is_current() and self.sharding.is_current(self.params, self.data)
+
+    def gradients(self, loss: Tensor | None) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        if loss is None:
+            return self.sharding.gradients(self.params), self.sharding.gradients(self.others)
+        check_loss(loss)
+        return self.sharding.ascent_gradients(loss, self.params, self.others)
+
+    def ascent_inputs(self) -> list[Tensor]:
+        """The unsharded parameters autograd sees in the current pass (call it after the forward)."""
+        return self.sharding.ascent_inputs(self.params)
+
+    def norm_of(self, tensors: Sequence[Tensor]) -> Callable[[Sequence[Tensor]], Tensor]:
+        return self.sharding.norm_of(tensors)

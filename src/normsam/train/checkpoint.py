@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from normsam import files
 from normsam.files import json_dumps
-from normsam.files import read_jsonl as _read_jsonl
 
 __all__ = [
     "CHECKPOINT",
@@ -43,6 +43,7 @@ __all__ = [
     "load_checkpoint",
     "write_json",
     "write_metrics",
+    "read_jsonl",
     "environment",
 ]
 
@@ -161,10 +162,12 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a run folder's JSON-lines file (``metrics.jsonl``, ``norm_stats.jsonl``); ``[]`` when the file
+    does not exist (yet). A damaged line is a one-line error naming it (:func:`normsam.files.read_jsonl`)."""
     path = Path(path)
     if not path.is_file():
         return []
-    return _read_jsonl(path)
+    return files.read_jsonl(path)
 
 
 def environment(device: torch.device, *, world_size: int = 1) -> dict[str, Any]:

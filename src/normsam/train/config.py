@@ -24,7 +24,9 @@ import yaml
 from normsam.files import read_yaml
 from normsam.optim.amp import AMP_MODES, autocast, check_bf16_kernels
 from normsam.optim.ascent import ASCENTS, check_momentum_options
+from normsam.optim.options import SAMOptions
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
+from normsam.optim.rho_schedules import RhoWarmup
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, SCOPES
 
@@ -152,6 +154,40 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def sam_options(self, steps_per_epoch: int) -> SAMOptions | None:
+        """The run's :class:`~normsam.optim.options.SAMOptions` (``None`` for ``scope=none``: no SAM), the one
+        place where the config's keys become SAM's. ``steps_per_epoch`` turns the epoch-counted keys into SAM
+        steps: ``rho_warmup_epochs`` (a :class:`~normsam.optim.rho_schedules.RhoWarmup` of at least one step,
+        counted in SAM steps, so a late SAM window warms up from its own start) and ssam-d's schedule length
+        (the SAM window's steps)."""
+        if self.scope == "none":
+            return None
+        masks: dict[str, Any] = {}
+        if self.scope in MASK_SCOPES:
+            masks.update(sparsity=self.sparsity, mask_seed=self.seed)
+        if self.scope == "ssam-d":
+            sam_epochs = (self.sam_end or self.epochs) - self.sam_start
+            masks.update(mask_interval=self.mask_interval, mask_total_steps=max(1, sam_epochs * steps_per_epoch))
+        warmup = RhoWarmup(max(1, round(self.rho_warmup_epochs * steps_per_epoch))) if self.rho_warmup_epochs else None
+        return SAMOptions(
+            scope=self.scope,
+            rho=self.rho,
+            perturbation=self.perturbation,
+            eta=self.eta,
+            normalize_bias=self.normalize_bias,
+            norm_over=self.norm_over,
+            bn_policy=self.bn_policy,
+            # (True under parallel=fsdp: the config records what FSDP2 does; unset for the momentum ascent,
+            # which has no ascent gradient to average, and whose config refuses sync_ascent=true)
+            sync_ascent=None if self.ascent == "momentum" else self.sync_ascent,
+            ascent_interval=self.ascent_interval,
+            ascent=self.ascent,
+            layerwise_scaling=self.layerwise_scaling,
+            scaled_tensors=self.scaled_tensors,
+            rho_schedule=warmup,
+            **masks,
+        )
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked on load); raise ValueError naming the fix."""

@@ -1,6 +1,6 @@
 """A run folder as a thing to read: its config, data, model and checkpoint, in one place.
 
-The training loop (:mod:`normsam.train.loop`) writes run folders and reads them back to resume; the
+The training loop writes run folders (:mod:`normsam.train.run_store`) and reads them back to resume; the
 analysis (``normsam sharpness``, reports) reads them. Both go through this module, which depends only on
 the config, data, model and checkpoint layers, so neither needs the other.
 

@@ -51,7 +51,8 @@ Modules
 ``splits`` (subsets, label noise, validation splits), ``augment`` (batch augmentation), ``memory`` (the
 in-memory :class:`BatchLoader`), ``load`` (:func:`load_data`), ``streamed`` (per-sample decoding in loader
 workers: webdataset shards and streamed image folders) and ``make_shards`` (``normsam make-shards``). The
-public names of the first six are re-exported here.
+user-facing names of the first six are re-exported here; the helpers they share (``splits.derive_data_seed``,
+``containers.describe_value``, the readers' loaders) are imported from their modules.
 
 Augmentation presets
 --------------------

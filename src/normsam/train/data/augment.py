@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from normsam.train.data.containers import DataSplits, _describe
+from normsam.train.data.containers import DataSplits, describe_value
 
 #: Names accepted by :func:`make_augment`.
 AUGMENTS: tuple[str, ...] = ("none", "crop", "crop-flip", "autoaugment")
@@ -35,7 +35,7 @@ class Normalize:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if images.dim() != 4 or images.shape[1] != len(self.mean):
             raise ValueError(
-                f"expected a batch N×{len(self.mean)}×H×W (one mean/std per channel), got {_describe(images)}."
+                f"expected a batch N×{len(self.mean)}×H×W (one mean/std per channel), got {describe_value(images)}."
             )
         # (x/255 - mean)/std == x * (1 / (255 std)) - mean/std: one conversion and two in-place passes.
         scale = torch.tensor([1.0 / (255.0 * s) for s in self.std], dtype=torch.float32, device=images.device)
@@ -128,7 +128,7 @@ class BatchAugment:
     ) -> torch.Tensor | tuple[torch.Tensor, AugmentParams]:
         """Augment and normalize; the random draws come from ``generator`` or, already drawn, ``params``."""
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"BatchAugment expects a uint8 batch N×C×H×W, got {_describe(images)}.")
+            raise ValueError(f"BatchAugment expects a uint8 batch N×C×H×W, got {describe_value(images)}.")
         if params is None:
             if generator is None:
                 if self.is_random:

@@ -8,6 +8,8 @@ from typing import Union
 
 import torch
 
+__all__ = ["PathLike", "DatasetNotFoundError", "CorruptDataError", "ArrayDataset", "DataSplits", "describe_value"]
+
 PathLike = Union[str, os.PathLike]
 
 
@@ -35,11 +37,11 @@ class ArrayDataset:
         if not isinstance(self.images, torch.Tensor) or self.images.dtype != torch.uint8 or self.images.dim() != 4:
             raise ValueError(
                 "ArrayDataset.images must be a uint8 tensor of shape N×C×H×W, got "
-                f"{_describe(self.images)}; convert with (x * 255).round().clamp(0, 255).to(torch.uint8)."
+                f"{describe_value(self.images)}; convert with (x * 255).round().clamp(0, 255).to(torch.uint8)."
             )
         if not isinstance(self.labels, torch.Tensor) or self.labels.dtype != torch.int64 or self.labels.dim() != 1:
             raise ValueError(
-                f"ArrayDataset.labels must be an int64 tensor of shape N, got {_describe(self.labels)}; "
+                f"ArrayDataset.labels must be an int64 tensor of shape N, got {describe_value(self.labels)}; "
                 "convert with labels.long()."
             )
         if len(self.images) != len(self.labels):
@@ -77,7 +79,8 @@ class DataSplits:
     clean_labels: torch.Tensor | None = None
 
 
-def _describe(x: object) -> str:
+def describe_value(x: object) -> str:
+    """What ``x`` is, for an error message: ``"<dtype> tensor of shape (…)"`` for a tensor, else its type's name."""
     if isinstance(x, torch.Tensor):
         return f"{x.dtype} tensor of shape {tuple(x.shape)}"
     return type(x).__name__

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from normsam.train.data.containers import ArrayDataset, DataSplits, PathLike
 from normsam.train.data.readers import (
-    _IDX_INFO,
-    _STATS,
-    _channel_stats,
-    _load_cifar,
-    _load_idx_dataset,
-    _load_imagefolder,
-    _make_synthetic,
+    IDX_DATASETS,
+    PUBLISHED_STATS,
+    channel_stats,
+    load_cifar,
+    load_idx_dataset,
+    load_imagefolder,
+    make_synthetic,
 )
 from normsam.train.data.splits import flip_labels, stratified_split_indices, stratified_subset_indices
 
@@ -79,13 +79,12 @@ def load_data(
             f"for it (resizing only applies to imagefolder and synthetic). Leave image_size unset."
         )
 
-    if key in _IDX_INFO:
-        train, test, source = _load_idx_dataset(key, data_dir, download)
-        classes = list(_IDX_INFO[key][3])
+    if key in IDX_DATASETS:
+        train, test, classes, source = load_idx_dataset(key, data_dir, download)
     elif key in ("cifar10", "cifar100"):
-        train, test, classes, source = _load_cifar(key, data_dir, download)
+        train, test, classes, source = load_cifar(key, data_dir, download)
     elif key == "imagefolder":
-        train, test, classes, source = _load_imagefolder(data_dir, image_size or 64)
+        train, test, classes, source = load_imagefolder(data_dir, image_size or 64)
     else:  # synthetic
         if (
             len(synthetic_size) != 2
@@ -94,7 +93,7 @@ def load_data(
             raise ValueError(
                 f"synthetic_size must be (n_train, n_test) with positive ints, got {synthetic_size!r}."
             )
-        train, test = _make_synthetic((synthetic_size[0], synthetic_size[1]), seed, image_size or 32)
+        train, test = make_synthetic((synthetic_size[0], synthetic_size[1]), seed, image_size or 32)
         classes = [f"class{i}" for i in range(10)]
         source = "synthetic"
 
@@ -111,10 +110,10 @@ def load_data(
         noisy, noisy_indices = flip_labels(train.labels, label_noise, num_classes, seed)
         train = ArrayDataset(train.images, noisy)
 
-    if key in _STATS:
-        mean, std = _STATS[key]
+    if key in PUBLISHED_STATS:
+        mean, std = PUBLISHED_STATS[key]
     else:
-        mean, std = _channel_stats(train.images)
+        mean, std = channel_stats(train.images)
 
     return DataSplits(
         train=train,

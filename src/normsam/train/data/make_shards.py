@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from normsam.train.data.containers import CorruptDataError, DatasetNotFoundError
-from normsam.train.data.splits import _generator
+from normsam.train.data.splits import data_generator
 from normsam.train.data.streamed import MANIFEST
 
 __all__ = ["make_shards"]
@@ -96,7 +96,7 @@ def make_shards(
                              f"({classes}); both splits need the same class sub-folders so that labels agree.")
         classes = names
         if split == "train":
-            order = torch.randperm(len(samples), generator=_generator(seed, 9)).tolist()
+            order = torch.randperm(len(samples), generator=data_generator(seed, 9)).tolist()
             samples = [samples[i] for i in order]
         shards: list[dict[str, Any]] = []
         per_class: Counter[str] = Counter()

@@ -8,7 +8,7 @@ import torch
 
 from normsam.train.data.augment import BatchAugment
 from normsam.train.data.containers import ArrayDataset
-from normsam.train.data.splits import _generator
+from normsam.train.data.splits import data_generator
 
 # --------------------------------------------------------------------------------------------------------
 # Loader
@@ -91,7 +91,7 @@ class BatchLoader:
         epoch = self.epoch if epoch is None else epoch
         n = len(self.dataset)
         if self.shuffle:
-            order = torch.randperm(n, generator=_generator(self.seed, 3, epoch))
+            order = torch.randperm(n, generator=data_generator(self.seed, 3, epoch))
         else:
             order = torch.arange(n)
         per_rank = self.num_samples
@@ -113,7 +113,7 @@ class BatchLoader:
         idx = self.indices()
         # One generator for all ranks: each step draws the augmentation of the whole global batch and every
         # rank applies its share, so DDP sees exactly the batches of one process with the global batch size.
-        gen = _generator(self.seed, 4, self.epoch)
+        gen = data_generator(self.seed, 4, self.epoch)
         draws_global = isinstance(self.augment, BatchAugment) and self.augment.is_random
         images, labels = self.dataset.images, self.dataset.labels
         non_blocking = self.device.type == "cuda"

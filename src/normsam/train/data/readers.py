@@ -21,9 +21,14 @@ from normsam.train.data.containers import (
     CorruptDataError,
     DatasetNotFoundError,
     PathLike,
-    _describe,
+    describe_value,
 )
-from normsam.train.data.splits import _derive_seed
+from normsam.train.data.splits import derive_data_seed
+
+__all__ = [
+    "DATA_ENV_VAR", "DEBIAN_FASHION_MNIST_DIR", "SYSTEM_SEARCH_DIRS", "PUBLISHED_STATS", "IDX_DATASETS", "read_idx",
+    "load_idx_dataset", "load_cifar", "load_imagefolder", "make_synthetic", "channel_stats",
+]
 
 #: Environment variable naming a data root, searched after ``data_dir``.
 DATA_ENV_VAR = "NORMSAM_DATA"
@@ -37,8 +42,9 @@ SYSTEM_SEARCH_DIRS: dict[str, tuple[Path, ...]] = {
     "mnist": (),
 }
 
-# Published per-channel statistics of the training images (pixel values scaled to [0, 1]).
-_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+#: Published per-channel (mean, std) of the training images (pixel values scaled to [0, 1]), per data set;
+#: the others' are computed from their training split (:func:`channel_stats`).
+PUBLISHED_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ((0.1307,), (0.3081,)),
     "fashion-mnist": ((0.2860,), (0.3530,)),
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -62,6 +68,9 @@ _IDX_INFO = {
     ),
     "mnist": ("MNIST", ("", "mnist", "MNIST/raw"), "MNIST", [str(d) for d in range(10)]),
 }
+
+#: The data sets read from IDX files (:func:`load_idx_dataset`).
+IDX_DATASETS: tuple[str, ...] = tuple(_IDX_INFO)
 
 # IDX type codes -> big-endian numpy dtypes.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -156,12 +165,12 @@ def _read_idx_split(folder: Path, pretty: str) -> tuple[ArrayDataset, ArrayDatas
         labels = read_idx(files[f"{part}_labels"])  # type: ignore[arg-type]
         if images.dim() != 3 or images.dtype != torch.uint8:
             raise CorruptDataError(
-                f"{files[f'{part}_images']} should hold uint8 images N×H×W, got {_describe(images)}."
+                f"{files[f'{part}_images']} should hold uint8 images N×H×W, got {describe_value(images)}."
             )
         if labels.dim() != 1 or len(labels) != len(images):
             raise CorruptDataError(
                 f"{files[f'{part}_labels']} should hold {len(images)} labels (one per image in "
-                f"{files[f'{part}_images']}), got {_describe(labels)}."
+                f"{files[f'{part}_images']}), got {describe_value(labels)}."
             )
         labels = labels.long()
         if len(labels) and (labels.min() < 0 or labels.max() > 9):
@@ -173,17 +182,26 @@ def _read_idx_split(folder: Path, pretty: str) -> tuple[ArrayDataset, ArrayDatas
     return splits[0], splits[1]
 
 
-def _load_idx_dataset(
+def load_idx_dataset(
     name: str, data_dir: PathLike | None, download: bool
-) -> tuple[ArrayDataset, ArrayDataset, str]:
-    pretty, _, tv_class, _ = _IDX_INFO[name]
+) -> tuple[ArrayDataset, ArrayDataset, list[str], str]:
+    """``(train, test, class names, source folder)`` of the IDX data set ``name`` (one of :data:`IDX_DATASETS`),
+    from the first folder searched that has all four files (see :mod:`normsam.train.data`); with ``download``
+    and none found, torchvision downloads them.
+
+    Raises:
+        DatasetNotFoundError: the files are not found (the message lists every place searched), or the download
+            failed.
+        CorruptDataError: a file is damaged.
+    """
+    pretty, _, tv_class, class_names = _IDX_INFO[name]
     candidates = _idx_candidates(name, data_dir)
     partial: list[str] = []
     for folder, _ in candidates:
         found = {stem: _find_idx_file(folder, stem) for stem in _IDX_FILES.values()}
         if all(found.values()):
             train, test = _read_idx_split(folder, pretty)
-            return train, test, str(folder)
+            return train, test, list(class_names), str(folder)
         if any(found.values()):
             missing = [stem for stem, path in found.items() if path is None]
             partial.append(f"{folder} has some of the files but lacks {', '.join(missing)}")
@@ -202,7 +220,7 @@ def _load_idx_dataset(
         folder = root / tv_class / "raw"
         if all(_find_idx_file(folder, stem) for stem in _IDX_FILES.values()):
             train, test = _read_idx_split(folder, pretty)
-            return train, test, str(folder)
+            return train, test, list(class_names), str(folder)
         raise DatasetNotFoundError(
             f"torchvision reported a successful {pretty} download, but the IDX files are not in {folder}."
         )
@@ -249,9 +267,16 @@ def _idx_not_found_message(name: str, candidates: list[tuple[Path, str]], partia
 # --------------------------------------------------------------------------------------------------------
 
 
-def _load_cifar(
+def load_cifar(
     name: str, data_dir: PathLike | None, download: bool
 ) -> tuple[ArrayDataset, ArrayDataset, list[str], str]:
+    """``(train, test, class names, source folder)`` of ``"cifar10"`` or ``"cifar100"`` in torchvision's pickled
+    format, from ``data_dir`` (the only place searched when given), else ``$NORMSAM_DATA``; with ``download``
+    and nothing found, torchvision downloads it (into ``data_dir`` or ``./data``).
+
+    Raises:
+        DatasetNotFoundError: not found, incomplete, or failing torchvision's md5 check.
+    """
     import torchvision.datasets as tvd
 
     cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
@@ -290,9 +315,16 @@ def _load_cifar(
     return parts[0], parts[1], list(ds.classes), str(root / cls.base_folder)
 
 
-def _load_imagefolder(
+def load_imagefolder(
     data_dir: PathLike | None, image_size: int
 ) -> tuple[ArrayDataset, ArrayDataset, list[str], str]:
+    """``(train, test, class names, source folder)`` of ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*``
+    (or ``test/``), every image resized (shorter side, then centre crop) to ``image_size`` and held in memory.
+
+    Raises:
+        DatasetNotFoundError: no ``data_dir`` (nor ``$NORMSAM_DATA``), or not the expected folders.
+        ValueError: the two splits have different class folders.
+    """
     import torchvision.datasets as tvd
     from torchvision import transforms as T
 
@@ -334,15 +366,16 @@ def _load_imagefolder(
     return parts[0], parts[1], classes, str(root)
 
 
-def _make_synthetic(
+def make_synthetic(
     sizes: tuple[int, int], seed: int, image_size: int, num_classes: int = 10, channels: int = 3
 ) -> tuple[ArrayDataset, ArrayDataset]:
-    """Class prototypes (smooth random patterns) plus per-sample Gaussian noise, deterministic from ``seed``.
+    """``(train, test)`` of ``sizes`` examples: class prototypes (smooth random patterns) plus per-sample Gaussian
+    noise, deterministic from ``seed``.
 
     The prototypes are 4×4 random patterns upsampled to ``image_size``: low-frequency, so that random crops
     and flips keep the class recognisable, while the noise keeps the task from being trivial.
     """
-    gen = torch.Generator().manual_seed(_derive_seed(seed, 0x5EED))
+    gen = torch.Generator().manual_seed(derive_data_seed(seed, 0x5EED))
     coarse = torch.rand(num_classes, channels, 4, 4, generator=gen)
     prototypes = torch.nn.functional.interpolate(coarse, size=(image_size, image_size), mode="bilinear",
                                                  align_corners=False)
@@ -357,7 +390,7 @@ def _make_synthetic(
     return parts[0], parts[1]
 
 
-def _channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images scaled to [0, 1], computed in chunks (float64)."""
     c = images.shape[1]
     total = torch.zeros(c, dtype=torch.float64)

@@ -80,7 +80,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from normsam.train.data.augment import Normalize
 from normsam.train.data.containers import CorruptDataError, DatasetNotFoundError
-from normsam.train.data.splits import _derive_seed, _generator
+from normsam.train.data.splits import data_generator, derive_data_seed
 
 __all__ = [
     "STREAMED_DATASETS",
@@ -495,7 +495,7 @@ class ShardStream(IterableDataset):
     def shard_order(self) -> list[Shard]:
         if not self.shuffle:
             return self.shards
-        perm = torch.randperm(len(self.shards), generator=_generator(self.seed, 6, self.epoch)).tolist()
+        perm = torch.randperm(len(self.shards), generator=data_generator(self.seed, 6, self.epoch)).tolist()
         return [self.shards[i] for i in perm]
 
     def segments(self, worker: int, num_workers: int) -> list[tuple[Shard, int, int]]:
@@ -549,7 +549,7 @@ class ShardStream(IterableDataset):
             raise CorruptDataError(f"{where}: class index {label} is outside 0..{self.num_classes - 1}.")
         image = _decode_image(sample[ext], where)
         name = f"{os.path.basename(url)}/{key}".encode()
-        return _transformed(self.transform, image, _derive_seed(self.seed, 7, self.epoch, zlib.crc32(name))), label
+        return _transformed(self.transform, image, derive_data_seed(self.seed, 7, self.epoch, zlib.crc32(name))), label
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         import webdataset as wds
@@ -557,7 +557,7 @@ class ShardStream(IterableDataset):
         worker, num_workers = _worker()
         samples: Iterator = self._read(self.segments(worker, num_workers))
         if self.shuffle and self.shuffle_buffer > 1:
-            rng = random.Random(_derive_seed(self.seed, 8, self.epoch, self.rank, worker))
+            rng = random.Random(derive_data_seed(self.seed, 8, self.epoch, self.rank, worker))
             samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
         batch = []
         for url, sample in samples:
@@ -586,14 +586,14 @@ class FolderSamples(Dataset):
             raise CorruptDataError(f"{path} cannot be read ({exc}).") from exc
         image = _decode_image(data, path)
         label = int(self.labels[index])
-        return _transformed(self.transform, image, _derive_seed(self.seed, 7, self.epoch, index)), label
+        return _transformed(self.transform, image, derive_data_seed(self.seed, 7, self.epoch, index)), label
 
 
 def folder_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
                    world_size: int = 1) -> list[list[int]]:
     """This rank's batches of example indices: the epoch's permutation without its last ``n mod world_size``
     entries, each global batch of ``batch_size × world_size`` split among the ranks."""
-    order = torch.randperm(n, generator=_generator(seed, 3, epoch)) if shuffle else torch.arange(n)
+    order = torch.randperm(n, generator=data_generator(seed, 3, epoch)) if shuffle else torch.arange(n)
     per_rank = n // world_size
     if per_rank == 0:
         raise ValueError(f"{n} examples cannot be shared by {world_size} processes.")
@@ -662,7 +662,7 @@ def sharpness_examples(data: StreamedData, *, n: int, seed: int) -> tuple[torch.
                              seed=seed, shuffle=True, shuffle_buffer=1)
         images, labels = next(iter(stream))
     else:
-        order = torch.randperm(len(data.train), generator=_generator(seed, 10))[:count].tolist()
+        order = torch.randperm(len(data.train), generator=data_generator(seed, 10))[:count].tolist()
         samples = FolderSamples(data.train.files, data.train.labels, transform=transform, seed=seed)
         images, labels = _stack([samples[i] for i in order])
     return Normalize(data.mean, data.std)(images), labels
