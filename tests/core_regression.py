@@ -79,7 +79,7 @@ def run_groups(foreach: bool) -> torch.Tensor:
     groups = normsam.param_groups(model, "norm", weight_decay=1e-3)
     for i, g in enumerate(groups):
         g["rho"] = 0.5 * (i + 1)
-    sam = normsam.SAM(groups, torch.optim.SGD, model=model, lr=0.1, momentum=0.9, perturbation="asam",
+    sam = normsam.SAM(groups, torch.optim.SGD, rho=0.5, model=model, lr=0.1, momentum=0.9, perturbation="asam",
                       foreach=foreach)
     for step in range(STEPS):
         sam.first_step(_loss(model, step))

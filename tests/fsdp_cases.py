@@ -348,21 +348,21 @@ def refusals(mesh) -> dict:
         except ValueError as error:
             out[name] = str(error)
 
-    attempt("sync_ascent_false", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, sync_ascent=False))
-    attempt("mask_scope", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, scope="random",
+    attempt("sync_ascent_false", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, rho=0.5, sync_ascent=False))
+    attempt("mask_scope", lambda: normsam.SAM(shard(make_model(), mesh), torch.optim.SGD, rho=0.5, scope="random",
                                               sparsity=0.5))
-    attempt("no_model", lambda: normsam.SAM(shard(make_model(), mesh).parameters(), torch.optim.SGD))
+    attempt("no_model", lambda: normsam.SAM(shard(make_model(), mesh).parameters(), torch.optim.SGD, rho=0.5))
 
     def tensor_parallel():
         model = make_model()
         model.fc1.weight = nn.Parameter(distribute_tensor(model.fc1.weight.detach(), mesh, [Replicate()]))
-        return normsam.SAM(model, torch.optim.SGD, scope="all")
+        return normsam.SAM(model, torch.optim.SGD, rho=0.5, scope="all")
 
     attempt("tensor_parallel", tensor_parallel)
 
     def sharded_after_sam():
         model = make_model()
-        sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
+        sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
         shard(model, mesh)
         for group in sam.param_groups:  # what accelerate does: the optimizer's tensors swapped for the shards
             group["params"] = [dict(model.named_parameters())[n] for n in group["param_names"]]
@@ -373,7 +373,7 @@ def refusals(mesh) -> dict:
 
     def shards_as_backward_inputs():  # autograd never reaches the shards: no gradient, silently
         model = shard(make_model(), mesh)
-        sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
+        sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
         x, y = batches(0)
         F.cross_entropy(model(my_half(x)), my_half(y)).backward(inputs=sam.storage.params)
         sam.first_step()

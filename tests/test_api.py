@@ -11,7 +11,7 @@ def test_contract_names():
     sam = inspect.signature(normsam.SAM)
     for kw in ("rho", "perturbation", "eta", "normalize_bias", "norm_over", "scope"):
         assert sam.parameters[kw].kind is inspect.Parameter.KEYWORD_ONLY, kw
-    assert sam.parameters["rho"].default == 0.05 and sam.parameters["norm_over"].default == "perturbed"
+    assert sam.parameters["rho"].default is None and sam.parameters["norm_over"].default == "perturbed"  # ρ required
     sharp = inspect.signature(normsam.measure_sharpness)
     assert [p for p in ("rho", "kind", "norm", "adaptive", "steps", "scope", "loss_fn", "logit_normalize",
                         "rand_init", "seed") if p not in sharp.parameters] == []

@@ -77,14 +77,14 @@ def test_assigning_an_option_on_a_built_sam_raises_with_the_way_to_change_it():
 def test_a_typo_in_a_sam_option_is_not_blamed_on_the_base_optimizer():
     with pytest.raises(ValueError, match=r"Unknown option 'ascnet_interval': neither SAM nor SGD takes it\. Did you "
                                          r"mean 'ascent_interval'\?"):
-        normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1, ascnet_interval=2)
+        normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, lr=0.1, ascnet_interval=2)
 
 
 @pytest.mark.parametrize("foreach", [True, False])
 def test_a_foreach_given_to_sam_reaches_the_base_optimizer(foreach):
-    sam = normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1, foreach=foreach)
+    sam = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, lr=0.1, foreach=foreach)
     assert all(g["foreach"] is foreach for g in sam.base_optimizer.param_groups)
-    assert normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1).base_optimizer.defaults["foreach"] is None  # its own
+    assert normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, lr=0.1).base_optimizer.defaults["foreach"] is None  # its own
 
 
 def test_the_signature_shows_every_option_from_the_one_list():
@@ -290,7 +290,7 @@ def test_the_grad_scaler_is_passed_once_and_equals_the_manual_route():
 
 
 def test_perturbed_parameters_still_works_for_one_release_with_a_warning():
-    sam = normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1)
+    sam = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, lr=0.1)
     with pytest.warns(DeprecationWarning, match=r"use sam\.ascent_inputs\(\)"):
         assert sam.perturbed_parameters() == sam.ascent_inputs()
 
@@ -337,12 +337,12 @@ def test_repr_shows_the_rho_of_the_groups_after_a_load():
 @pytest.mark.parametrize(("make_state", "message"), [
     (lambda model: torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict(),
      r"this is a plain optimizer's state dict \(no SAM part, groups without 'perturb'\)"),
-    (lambda model: normsam.SAM(model, torch.optim.AdamW, lr=0.1).state_dict(),
+    (lambda model: normsam.SAM(model, torch.optim.AdamW, rho=0.5, lr=0.1).state_dict(),
      r"the state dict is SAM over AdamW, this SAM wraps SGD"),
 ])
 def test_state_dicts_that_do_not_fit_are_refused(make_state, message):
     model = make_cnn()
-    sam = normsam.SAM(model, torch.optim.SGD, lr=0.1, momentum=0.9)
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9)
     with pytest.raises(ValueError, match=message):
         sam.load_state_dict(make_state(model))
 
@@ -357,3 +357,16 @@ def test_norm_layers_frozen_after_sam_was_built_get_a_clear_error_and_repr_still
                                          r"groups has requires_grad=False \(frozen after SAM was built\?\)"):
         sam.first_step(_loss(model))
     assert sam.counters["sam_steps"] == 0
+
+
+def test_rho_is_required_with_the_typical_ranges_of_the_perturbation_model():
+    """SAM-ON's default scope needs 5-10x SAM-all's radius: no single default fits both (issue 26)."""
+    with pytest.raises(ValueError, match=r"rho is required: .*perturbation='asam' the paper's range is 5-10 for SAM-ON "
+                                         r"\(scope='norm', the default with a model\) and 2\.5-5 for SAM-all"):
+        normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1, perturbation="asam")
+    model = make_cnn()
+    sam = normsam.SAM(normsam.param_groups(model, "norm", rho=0.7), torch.optim.SGD, model=model, lr=0.1)
+    assert [g["rho"] for g in sam.param_groups] == [0.7, 0.0]  # a group's own ρ is enough; others are unused
+    with pytest.raises(ValueError, match="rho is required"):
+        sam.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "perturb": True,
+                             "param_names": ["extra.weight"]})

@@ -123,7 +123,7 @@ def test_errors_name_the_fix():
     model = make_cnn()
     for bad in (0, -2, 1.5, True):
         with pytest.raises(ValueError, match=r"Invalid ascent_interval: .*it must be an int >= 1"):
-            normsam.SAM(model, torch.optim.SGD, lr=0.1, ascent_interval=bad)
+            normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, ascent_interval=bad)
     with pytest.raises(ValueError, match=r"ascent_interval must be >= 1, got 0"):
         load_config(None, {"ascent_interval": 0})
     for bad in (0, 1.5, -0.5):

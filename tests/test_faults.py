@@ -49,7 +49,7 @@ def test_patterns_that_match_nothing_are_refused(key):
     with pytest.raises(ValueError, match=r"pattern 'layer9\.\*' selects no parameters.*names look like"):
         normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1, **{key: ["layer9.*"]})
     with pytest.raises(ValueError, match=r"pattern 'bn1.wieght' selects no parameters.*'bn1.weight'"):
-        normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1, scope=["head.*", "bn1.wieght"])
+        normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, lr=0.1, scope=["head.*", "bn1.wieght"])
 
 
 @pytest.mark.parametrize("overrides, message", [

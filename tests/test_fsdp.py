@@ -161,7 +161,7 @@ def test_deepspeed_zero_is_refused():
     model = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
     model[1].weight.ds_id = 0  # what ZeRO-3 puts on the parameters it partitions
     with pytest.raises(ValueError, match="DeepSpeed ZeRO.*fully_shard"):
-        normsam.SAM(model, torch.optim.SGD, lr=0.1)
+        normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
 
 
 def test_deepspeed_engine_is_refused():
@@ -171,7 +171,7 @@ def test_deepspeed_engine_is_refused():
             self.module = nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))
 
     with pytest.raises(ValueError, match="DeepSpeed"):
-        normsam.SAM(DeepSpeedEngine(), torch.optim.SGD, lr=0.1)
+        normsam.SAM(DeepSpeedEngine(), torch.optim.SGD, rho=0.5, lr=0.1)
 
 
 def test_fsdp1_flat_parameters_are_refused():
@@ -179,7 +179,7 @@ def test_fsdp1_flat_parameters_are_refused():
     for p in model.parameters():
         p._fsdp_flattened = True  # what FSDP1 marks its managed parameters with
     with pytest.raises(ValueError, match="FSDP1.*fully_shard"):
-        normsam.SAM(list(model.parameters()), torch.optim.SGD, lr=0.1)
+        normsam.SAM(list(model.parameters()), torch.optim.SGD, rho=0.5, lr=0.1)
 
 
 def test_sam_trainer_refuses_accelerate_fsdp_when_built(tmp_path):

@@ -146,8 +146,28 @@ def test_a_gate_not_met_stops_the_study_before_the_pilot(tmp_path, capsys):
     assert "normsam study: error: Regime gate not met" in captured.err and not (out / "pilot").exists()
 
 
-def test_a_gate_met_runs_the_pilot_extends_an_edge_and_reports_the_gate(tmp_path):
+def _smallest_rho_best(monkeypatch):
+    """These tiny pilot runs train nothing, so every ρ ties at 10% (and a tie is never extended,
+    tests/test_stale_results.py); make the smallest ρ the strict best, as a pilot that trains would."""
+    from normsam.analysis import study as study_module
+
+    real = study_module.choose_rho
+
+    def choose_rho(*args, **kwargs):
+        choice = real(*args, **kwargs)
+        for entry in choice.values():
+            smallest = min(entry["candidates"], key=float)
+            entry["candidates"][smallest] = [v + 1.0 for v in entry["candidates"][smallest]]
+            entry["rho"] = float(smallest)
+            entry.pop("tied", None)
+        return choice
+
+    monkeypatch.setattr(study_module, "choose_rho", choose_rho)
+
+
+def test_a_gate_met_runs_the_pilot_extends_an_edge_and_reports_the_gate(tmp_path, monkeypatch):
     path, out = _study(tmp_path, margin=0)
+    _smallest_rho_best(monkeypatch)
     run_study(path)
     choice = json.loads((out / "choice.json").read_text())
     candidates = choice["choice"]["norm"]["candidates"]
@@ -173,8 +193,8 @@ def test_a_gate_met_runs_the_pilot_extends_an_edge_and_reports_the_gate(tmp_path
 def test_edge_extensions_step_outwards_at_the_grids_ratio():
     grid = [{"scope": ["all", "norm"], "rho": [0.1, 0.2, 0.4]}, {"scope": ["norm"], "ascent": ["momentum"],
                                                                 "bn_policy": ["update"], "rho": [1.0, 3.0]}]
-    def choice(rho, values):
-        return {"rho": rho, "candidates": {str(v): [50.0] for v in values}}
+    def choice(rho, values):  # the chosen ρ strictly best (a tie is never extended: tests/test_stale_results.py)
+        return {"rho": rho, "candidates": {str(v): [60.0 if v == rho else 50.0] for v in values}}
     more = edge_extensions({"all": choice(0.4, [0.1, 0.2, 0.4]), "norm": choice(0.2, [0.1, 0.2, 0.4]),
                             "norm/momentum": choice(1.0, [1.0, 3.0])}, grid, grid, 3)
     assert more == [{"scope": ["all"], "rho": [0.8]},

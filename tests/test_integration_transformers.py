@@ -154,6 +154,8 @@ def test_a_ready_sam_can_be_passed_and_other_optimizers_are_refused(tmp_path):
     (dict(rhoo=0.5), r"Unknown option 'rhoo': SAM has no such option\. Did you mean 'rho'\?"),
     (dict(rho=0.5, sparsity=0.9), r"sparsity=0\.9: sparsity is only used by the element-mask scopes"),
     (dict(rho=-1.0), r"Invalid rho: -1\.0"),
+    (dict(perturbation="asam"), r"rho is required: .*5-10 for SAM-ON"),
+    (None, r"SAMTrainer needs SAM's options, at least its radius: sam=dict\(rho=0\.5\)"),
 ])
 def test_sam_options_are_checked_when_the_trainer_is_built_not_when_it_trains(tmp_path, sam, message):
     with pytest.raises(ValueError, match=message):

@@ -50,9 +50,9 @@ def test_masked_elements_are_not_perturbed():
 
 
 def test_mask_seed_makes_masks_reproducible():
-    a = normsam.SAM(make_cnn(), torch.optim.SGD, scope="random", sparsity=0.5, lr=0.1, mask_seed=7)
-    b = normsam.SAM(make_cnn(), torch.optim.SGD, scope="random", sparsity=0.5, lr=0.1, mask_seed=7)
-    c = normsam.SAM(make_cnn(), torch.optim.SGD, scope="random", sparsity=0.5, lr=0.1, mask_seed=8)
+    a = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, scope="random", sparsity=0.5, lr=0.1, mask_seed=7)
+    b = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, scope="random", sparsity=0.5, lr=0.1, mask_seed=7)
+    c = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, scope="random", sparsity=0.5, lr=0.1, mask_seed=8)
     assert all(torch.equal(x, y) for x, y in zip(a.masks(), b.masks()))
     assert not all(torch.equal(x, y) for x, y in zip(a.masks(), c.masks()))
 
@@ -85,10 +85,10 @@ def test_ssam_f_mask_is_the_top_k_of_the_empirical_fisher():
 
 
 def test_refresh_masks_is_only_for_ssam_f():
-    sam = normsam.SAM(make_cnn(), torch.optim.SGD, scope="random", sparsity=0.5, lr=0.1)
+    sam = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, scope="random", sparsity=0.5, lr=0.1)
     with pytest.raises(ValueError, match="refresh_masks\\(\\) is for scope='ssam-f'"):
         sam.refresh_masks([make_batch()])
-    sam = normsam.SAM(make_cnn(), torch.optim.SGD, scope="ssam-f", sparsity=0.5, lr=0.1)
+    sam = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, scope="ssam-f", sparsity=0.5, lr=0.1)
     with pytest.raises(ValueError, match="got no batches"):
         sam.refresh_masks([])
 

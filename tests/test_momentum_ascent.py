@@ -393,13 +393,13 @@ class NoMomentum(torch.optim.Optimizer):
 def test_a_base_optimizer_without_momentum_is_refused_with_the_fix():
     model = make_cnn()
     with pytest.raises(ValueError, match=r"SGD has none .*momentum=0.*pass momentum=0.9"):
-        normsam.SAM(model, torch.optim.SGD, lr=0.1, ascent="momentum")
+        normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, ascent="momentum")
     with pytest.raises(ValueError, match=r"AdamW has none .*betas\[0\] > 0"):
-        normsam.SAM(model, torch.optim.AdamW, lr=0.1, betas=(0.0, 0.99), ascent="momentum")
+        normsam.SAM(model, torch.optim.AdamW, rho=0.5, lr=0.1, betas=(0.0, 0.99), ascent="momentum")
     with pytest.raises(ValueError, match=r"maximize=True.*Minimize the negated objective"):
-        normsam.SAM(model, torch.optim.SGD, lr=0.1, momentum=0.9, maximize=True, ascent="momentum")
+        normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, maximize=True, ascent="momentum")
     with pytest.raises(ValueError, match=r"does not know where NoMomentum keeps one.*register_momentum_state"):
-        normsam.SAM(model, NoMomentum, lr=0.1, ascent="momentum")
+        normsam.SAM(model, NoMomentum, rho=0.5, lr=0.1, ascent="momentum")
     register_momentum_state(NoMomentum, "trace")  # the fix the message names
     try:
         sam = normsam.SAM(model, NoMomentum, lr=0.1, rho=0.5, ascent="momentum")

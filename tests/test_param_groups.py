@@ -56,38 +56,38 @@ def test_model_parameters_with_model_equals_sam_on_the_module(batch):
 
 def test_scope_and_include_apply_to_groups_given_with_a_model():
     model = make_cnn()
-    sam = normsam.SAM(model.parameters(), torch.optim.SGD, model=model, scope="norm", exclude=["gn.*"], lr=0.1)
+    sam = normsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, model=model, scope="norm", exclude=["gn.*"], lr=0.1)
     assert perturbed_names(sam) == {"bn1.weight", "bn1.bias"}
-    sam = normsam.SAM(model.parameters(), torch.optim.SGD, model=model, scope="all", lr=0.1)
+    sam = normsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, model=model, scope="all", lr=0.1)
     assert len(sam.ascent_inputs()) == len(list(model.parameters()))
 
 
 def test_groups_with_an_explicit_perturb_keep_it():
     model = make_cnn()
-    sam = normsam.SAM(normsam.param_groups(model, "all"), torch.optim.SGD, model=model, lr=0.1)
+    sam = normsam.SAM(normsam.param_groups(model, "all"), torch.optim.SGD, rho=0.5, model=model, lr=0.1)
     assert sam.scope == "groups"
     assert len(sam.ascent_inputs()) == len(list(model.parameters()))
 
 
 def test_without_a_model_tensors_mean_sam_on_all_and_repr_says_so():
     model = make_cnn()
-    sam = normsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    sam = normsam.SAM(model.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
     assert sam.scope == "all"
     assert len(sam.ascent_inputs()) == len(list(model.parameters()))
     assert "no model given: SAM on every tensor passed, not SAM-ON" in repr(sam)
     assert "no model given" in sam.describe()
-    assert "no model given" not in repr(normsam.SAM(model, torch.optim.SGD, lr=0.1))
+    assert "no model given" not in repr(normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1))
 
 
 def test_tensors_that_are_not_the_models_are_an_error():
     model, other = make_cnn(), nn.Linear(3, 3)
     with pytest.raises(ValueError, match=r"2 tensor\(s\) passed to SAM are not parameters of model= \(SmallCNN\)"):
-        normsam.SAM([*model.parameters(), *other.parameters()], torch.optim.SGD, model=model, lr=0.1)
+        normsam.SAM([*model.parameters(), *other.parameters()], torch.optim.SGD, rho=0.5, model=model, lr=0.1)
 
 
 def test_describe_lists_the_perturbed_tensors():
     model = make_cnn()
-    text = normsam.SAM(param_groups_weight_decay(model), torch.optim.SGD, model=model, lr=0.1).describe()
+    text = normsam.SAM(param_groups_weight_decay(model), torch.optim.SGD, rho=0.5, model=model, lr=0.1).describe()
     assert text.startswith("scope='norm': 16 of ")
     assert all(name in text for name in NORM_NAMES)
 

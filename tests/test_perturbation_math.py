@@ -133,7 +133,7 @@ def test_per_group_rho_scales_each_group(pert):
     groups = normsam.param_groups(model, "norm", rho=0.2)
     groups[1]["perturb"] = True
     groups[1]["rho"] = 0.05
-    sam = normsam.SAM(groups, torch.optim.SGD, lr=0.1, perturbation=pert, foreach=True)
+    sam = normsam.SAM(groups, torch.optim.SGD, rho=0.5, lr=0.1, perturbation=pert, foreach=True)
     sam.first_step()
     ones = {n: torch.ones_like(p) for n, p in before.items()}
     unit = reference_epsilon(
@@ -278,11 +278,11 @@ def test_scaled_tensors_name_contains_weight_gives_T_one_elsewhere(pert):
 def test_official_options_errors_name_the_fix():
     model = make_cnn()
     with pytest.raises(ValueError, match=r"layerwise_scaling='official' only changes perturbation='layerwise'"):
-        normsam.SAM(model, torch.optim.SGD, lr=0.1, perturbation="asam", layerwise_scaling="official")
+        normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, perturbation="asam", layerwise_scaling="official")
     with pytest.raises(ValueError, match=r"Invalid layerwise_scaling: 'times'; use 'additive'"):
-        normsam.SAM(model, torch.optim.SGD, lr=0.1, perturbation="layerwise", layerwise_scaling="times")
+        normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, perturbation="layerwise", layerwise_scaling="times")
     with pytest.raises(ValueError, match=r"Invalid scaled_tensors: 'weights'; use 'not-bias'"):
-        normsam.SAM(model, torch.optim.SGD, lr=0.1, scaled_tensors="weights")
+        normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, scaled_tensors="weights")
 
 
 @pytest.mark.parametrize("pert", list(PERTURBATIONS))

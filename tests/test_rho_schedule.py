@@ -53,7 +53,7 @@ def test_a_callable_is_a_factor_of_each_groups_own_rho():
     for g in groups:
         if g["perturb"]:
             g["rho"] = 4.0 if "gn.weight" in g["param_names"] else 2.0
-    sam = normsam.SAM(groups, torch.optim.SGD, model=model, lr=0.1, rho_schedule=lambda t: 0.5 ** t)
+    sam = normsam.SAM(groups, torch.optim.SGD, rho=0.5, model=model, lr=0.1, rho_schedule=lambda t: 0.5 ** t)
     assert isinstance(sam.rho_schedule, RhoLambda)
     x, y = make_batch()
     for t in range(3):

@@ -118,7 +118,7 @@ def test_unreadable_checkpoints_give_a_one_line_error(two_epochs, tmp_path, caps
 
 def test_sam_warns_once_when_the_model_trains_in_eval_mode():
     model = make_cnn().eval()
-    sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
     x, y = make_batch()
     with pytest.warns(UserWarning, match=r"eval\(\) mode.*running statistics never move.*model\.train\(\)"):
         sam.first_step(F.cross_entropy(model(x), y), zero_grad=True)
@@ -128,7 +128,7 @@ def test_sam_warns_once_when_the_model_trains_in_eval_mode():
         sam.first_step(F.cross_entropy(model(x), y), zero_grad=True)  # once only
         sam.second_step(zero_grad=True)
         trained = make_cnn().train()
-        sam_train = normsam.SAM(trained, torch.optim.SGD, lr=0.1)
+        sam_train = normsam.SAM(trained, torch.optim.SGD, rho=0.5, lr=0.1)
         sam_train.first_step(F.cross_entropy(trained(x), y), zero_grad=True)  # train mode: silent
 
 
@@ -157,7 +157,7 @@ def test_compare_cost_column_is_measured_side_by_side(tmp_path, monkeypatch, cap
     assert [r["step_ratio"] for r in result["rows"]] == [measured["SGD"].median_ratio,
                                                            measured["SAM-all"].median_ratio,
                                                            measured["SAM-ON (cheap ascent)"].median_ratio]
-    assert "step time / SGD (measured side by side)" in result["table"]
+    assert "step time / SGD (measured side by side; median, min–max of the rounds)" in result["table"]
     assert [r["method"] for r in result["rows"]] == ["SGD", "SAM-all (asam, ρ=0.1)", "SAM-ON (asam, ρ=0.5)"]
     out = capsys.readouterr().out
     assert f"Run folder: {tmp_path / 'cmp' / 'sgd'}" in out and f"Finished: {tmp_path / 'cmp' / 'sam-on'}" in out

@@ -129,7 +129,8 @@ def test_resume_gives_the_same_metrics_as_an_uninterrupted_run(tmp_path, monkeyp
 def test_existing_and_finished_runs_are_protected(tmp_path):
     cfg = _cfg(tmp_path, epochs=1)
     Trainer(cfg).run()
-    with pytest.raises(RunExistsError, match="already holds a run; resume it with"):
+    with pytest.raises(RunExistsError, match="already holds a run, so a new one cannot start there: .* holds a "
+                                             "finished run .*: there is nothing to resume"):
         Trainer(cfg)
     with pytest.raises(RunExistsError, match="already finished"):
         resume(tmp_path / "run")
@@ -228,6 +229,8 @@ def test_config_layers_and_types(tmp_path):
         (["scope=random"], r"needs sparsity="),
         (["batch_size=100", "accumulation=3"], r"not divisible by accumulation=3"),
         (["rho"], r"is not key=value"),
+        (["optimizer=adamw", "momentum=1.5"], r"momentum must lie in \[0, 1\), got 1\.5: it is SGD's momentum and "
+                                              r"beta1 of adamw and lion"),
     ],
 )
 def test_config_errors(overrides, message):

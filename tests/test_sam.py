@@ -255,8 +255,8 @@ def test_flat_path_only_where_it_is_exact():
         return [dict(norm, params=norm["params"][:2], rho=0.2), dict(norm, params=norm["params"][2:], rho=0.9),
                 *(g for g in groups if not g["perturb"])]
 
-    sam = normsam.SAM(two_rhos(), torch.optim.SGD, lr=0.1, model=model)
-    reference = normsam.SAM(two_rhos(), torch.optim.SGD, lr=0.1, model=model, foreach=False)
+    sam = normsam.SAM(two_rhos(), torch.optim.SGD, rho=0.5, lr=0.1, model=model)
+    reference = normsam.SAM(two_rhos(), torch.optim.SGD, rho=0.5, lr=0.1, model=model, foreach=False)
     storage = sam.storage
     assert isinstance(storage, FlatPerturbedTensors)  # the layout allows it; the step sees two ρ
     grads = list(torch.autograd.grad(_loss(model, make_batch()), storage.params))
@@ -339,26 +339,26 @@ def test_errors_name_the_fix():
         with pytest.raises(ValueError, match=message):
             normsam.SAM(model, sgd, lr=0.1, **kwargs)
     with pytest.raises(ValueError, match="not an instance"):
-        normsam.SAM(model, sgd(model.parameters(), lr=0.1))
+        normsam.SAM(model, sgd(model.parameters(), lr=0.1), rho=0.5)
     with pytest.raises(ValueError, match="needs the model to find its layers"):
-        normsam.SAM(model.parameters(), sgd, scope="norm", lr=0.1)
+        normsam.SAM(model.parameters(), sgd, rho=0.5, scope="norm", lr=0.1)
     with pytest.raises(ValueError, match="bn_policy='freeze' needs the model"):
-        normsam.SAM(model.parameters(), sgd, bn_policy="freeze", lr=0.1)
+        normsam.SAM(model.parameters(), sgd, rho=0.5, bn_policy="freeze", lr=0.1)
     with pytest.raises(ValueError, match="empty parameter list"):
-        normsam.SAM([], sgd, lr=0.1)
+        normsam.SAM([], sgd, rho=0.5, lr=0.1)
     with pytest.raises(ValueError, match=r"keeps no element"):
-        normsam.SAM(model, sgd, scope="random", sparsity=0.999999, lr=0.1)
+        normsam.SAM(model, sgd, rho=0.5, scope="random", sparsity=0.999999, lr=0.1)
 
 
 def test_norm_scope_on_a_model_without_norm_layers_says_what_to_do():
     mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     with pytest.raises(ValueError, match=r"scope='norm' selects no parameters.*no normalization layer.*scope='all'"):
-        normsam.SAM(mlp, torch.optim.SGD, lr=0.1)
+        normsam.SAM(mlp, torch.optim.SGD, rho=0.5, lr=0.1)
 
 
 def test_step_order_errors():
     model = make_cnn()
-    sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
     with pytest.raises(ValueError, match=r"second_step\(\)/restore\(\) called without first_step\(\)"):
         sam.second_step()
     sam.first_step(_loss(model, make_batch()))

@@ -88,7 +88,7 @@ def test_add_param_group_follows_the_scope():
     stranger = nn.Linear(3, 3).double()
     with pytest.raises(ValueError, match=r"not parameters of the model .* add the new layer to the model first"):
         sam.add_param_group({"params": stranger.parameters()})
-    masked = normsam.SAM(make_cnn(), torch.optim.SGD, lr=0.1, scope="random", sparsity=0.5)
+    masked = normsam.SAM(make_cnn(), torch.optim.SGD, rho=0.5, lr=0.1, scope="random", sparsity=0.5)
     with pytest.raises(ValueError, match="element masks were drawn"):
         masked.add_param_group({"params": [nn.Parameter(torch.ones(2, dtype=torch.float64))], "perturb": True})
 
@@ -111,10 +111,10 @@ def test_a_step_without_an_ascent_gradient_is_an_error_not_a_counted_sam_step(wa
 def test_a_rho_that_is_not_a_number_is_refused(rho):
     model = make_cnn()
     with pytest.raises(ValueError, match="rho must be a number"):
-        normsam.SAM([{"params": [model.bn1.weight], "rho": rho}], torch.optim.SGD, lr=0.1)
+        normsam.SAM([{"params": [model.bn1.weight], "rho": rho}], torch.optim.SGD, rho=0.5, lr=0.1)
     with pytest.raises(ValueError, match="rho must be a number"):
         normsam.SAM(model, torch.optim.SGD, lr=0.1, rho=rho)
-    sam = normsam.SAM(model, torch.optim.SGD, lr=0.1)
+    sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
     with pytest.raises(ValueError, match="rho must be a number"):
         sam.add_param_group({"params": [nn.Parameter(torch.ones(2))], "rho": rho, "perturb": True,
                              "param_names": ["extra"]})

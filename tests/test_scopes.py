@@ -177,7 +177,7 @@ def test_frozen_norm_layers_are_called_frozen_not_missing():
     model[1].requires_grad_(False)
     frozen = r"their affine parameters are frozen \(requires_grad=False: 1\.weight, 1\.bias\).*requires_grad_\(True\)"
     with pytest.raises(ValueError, match=frozen) as info:
-        normsam.SAM(model, torch.optim.SGD, lr=0.1)
+        normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
     assert "has no normalization layer" not in str(info.value)
     many = nn.Sequential(*[nn.LayerNorm(2) for _ in range(3)], nn.Linear(2, 2))
     for layer in many[:3]:

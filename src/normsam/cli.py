@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_make_shards)
 
     p = sub.add_parser("compare", help="SGD vs SAM-all vs SAM-ON on Fashion-MNIST (the demo)")
-    p.add_argument("--out", default="runs/compare", help="output folder (default: runs/compare)")
+    p.add_argument("--out", default="runs/compare",
+                   help="output folder (default: runs/compare); runs already there are reused only when they were "
+                        "trained with the settings asked for, else compare refuses and names the settings that differ")
     p.add_argument("--data-dir", help="where Fashion-MNIST lies (default: $NORMSAM_DATA, then Debian's path)")
     p.add_argument("--epochs", type=int)
     p.add_argument("--subset", type=int, help="training images (stratified); default: the quick preset's 4000")

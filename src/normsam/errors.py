@@ -7,7 +7,8 @@ names the file and the fix, with an exit status:
   YAML file; their messages already say how to fix them): exit status 2;
 * ``OSError`` of the environment (a full disk, no permission, a read-only file system, a path that is a file):
   the file it was about, the reason, and a hint; exit status 2. Every run-folder write is atomic, so after a
-  full disk ``normsam train --resume RUN_DIR`` continues exactly from the last checkpoint;
+  full disk the run goes on from where it was; the message says how for the run folder the file was in, in
+  its state (:func:`normsam.train.next_step.next_step`: ``--resume`` only where a checkpoint exists);
 * :class:`normsam.train.divergence.RunDiverged` (the loss became non-finite): exit status 3.
 
 Anything else is a bug and keeps its traceback.
@@ -34,7 +35,16 @@ _HINTS = {
     errno.EEXIST: "it exists already; choose another path",
 }
 
-_RESUME_NOTE = "; a run resumes exactly from its last checkpoint with `normsam train --resume RUN_DIR`"
+_RESUME_NOTE = ("; a run with a checkpoint (one finished epoch) resumes exactly with `normsam train --resume "
+                "RUN_DIR`, one without starts again with the same command")
+
+
+def _full_disk_note(filename: str | None) -> str:
+    """How the run whose file could not be written goes on, for the state its folder is in."""
+    from normsam.train.next_step import find_run_folder, next_step
+
+    run_dir = find_run_folder(filename)
+    return _RESUME_NOTE if run_dir is None else f"; {next_step(run_dir)}"
 
 
 def fault_message(err: BaseException) -> tuple[str, int] | None:
@@ -48,6 +58,6 @@ def fault_message(err: BaseException) -> tuple[str, int] | None:
     if isinstance(err, OSError) and err.errno in _HINTS:
         where = f" ({err.filename})" if err.filename else ""
         reason = err.strerror or os.strerror(err.errno)
-        note = _RESUME_NOTE if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        note = _full_disk_note(err.filename) if err.errno in (errno.ENOSPC, errno.EDQUOT) else ""
         return f"{reason}{where}: {_HINTS[err.errno]}{note}.", EXIT_BAD_INPUT
     return None

@@ -43,6 +43,12 @@ the pilot then adds the next value out, at the ratio of the grid's two outermost
 ``max_extensions`` times per scope (pilot key, default 3); ``choice.json`` lists the values added and any
 choice still at an edge.
 
+A tie (the best mean shared by another candidate, within :data:`TIE_TOLERANCE`: every ρ at 10% because
+nothing trains, or equal values) goes to the smaller ρ, but says nothing about where the best ρ lies: the
+grid is then not extended (a tie at the lower edge would otherwise walk ρ down to ≈ SGD, each new value tying
+again), and the tie is recorded in ``choice.json`` (``tied``: per arm, the tied values), marked in
+``choice.md`` and printed as a warning.
+
 An arm with a ρ warm-up (``rho_warmup_epochs: [6]`` in its grid entry) is chosen on its own, as
 ``@rho:norm+warmup6``: its best ρ need not be the constant-ρ arm's. ``earlier:`` (pilot key: one or more
 ``choice.json`` files of an earlier pilot with the same recipe and pilot seeds) adds that pilot's candidates to
@@ -75,6 +81,9 @@ STUDY_KEYS = ("preset", "base", "out", "workers", "gate", "pilot", "phases", "ex
 _PILOT_KEYS = ("seeds", "grid", "max_extensions", "earlier")
 _PHASE_KEYS = ("name", "seeds", "grid")
 _PLACEHOLDER_KINDS = ("rho", "sparsity")
+
+#: Means (in accuracy points) closer than this to the best are tied with it.
+TIE_TOLERANCE = 1e-6
 
 
 def load_study(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -183,21 +192,27 @@ def earlier_candidates(paths: Sequence[str | Path]) -> dict[str, dict[float, lis
 
 
 def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc", *,
-               earlier: Mapping[str, Mapping[float, Sequence[float]]] | None = None) -> dict[str, dict[str, Any]]:
+               earlier: Mapping[str, Mapping[float, Sequence[float]]] | None = None,
+               runs: Sequence[str | Path] | None = None) -> dict[str, dict[str, Any]]:
     """Per arm (scope, ascent and ρ warm-up, see :func:`choice_key`), the ρ whose pilot runs have the best mean
     ``metric`` (ties: the smaller ρ). ``earlier``: candidates of an earlier pilot (:func:`earlier_candidates`),
-    added to this pilot's.
+    added to this pilot's. ``runs``: the pilot's run folders; other folders under ``pilot_dir`` are left out
+    (default: every finished run under it).
 
     Returns ``{key: {"rho": ρ, "candidates": {ρ: [values over seeds]}}}`` for every arm with a ρ, with
-    ``"earlier": [ρ, ...]`` listing the candidates that came from the record.
+    ``"earlier": [ρ, ...]`` listing the candidates that came from the record and ``"tied": [ρ, ...]`` the
+    candidates whose mean equals the best one (:func:`tied_candidates`), when there are several.
     """
     from normsam.train.config import config_from_file
 
     table: dict[str, dict[float, list[float]]] = {
         key: {rho: list(values) for rho, values in by_rho.items()} for key, by_rho in (earlier or {}).items()
     }
+    wanted = None if runs is None else {Path(r).resolve() for r in runs}
     for summary_path in sorted(Path(pilot_dir).rglob(ckpt.SUMMARY)):
         run = summary_path.parent
+        if wanted is not None and run.resolve() not in wanted:
+            continue
         cfg = config_from_file(run / ckpt.CONFIG)
         if cfg.scope == "none" or not isinstance(cfg.scope, str):
             continue
@@ -223,9 +238,21 @@ def choose_rho(pilot_dir: str | Path, metric: str = "final_val_acc", *,
     for key, by_rho in table.items():
         best = max(sorted(by_rho), key=lambda r: sum(by_rho[r]) / len(by_rho[r]))  # sorted: ties → smaller ρ
         choice[key] = {"rho": best, "candidates": {str(r): v for r, v in sorted(by_rho.items())}}
+        tied = tied_candidates(choice[key])
+        if tied:
+            choice[key]["tied"] = tied
         if key in (earlier or {}):
             choice[key]["earlier"] = sorted(earlier[key])
     return choice
+
+
+def tied_candidates(entry: Mapping[str, Any]) -> list[float]:
+    """The ρ values (sorted) whose mean is within :data:`TIE_TOLERANCE` of the chosen ρ's, the chosen one
+    included, when there are at least two; else ``[]``."""
+    means = {float(r): sum(v) / len(v) for r, v in entry["candidates"].items()}
+    best = means[float(entry["rho"])]
+    tied = sorted(r for r, m in means.items() if abs(m - best) <= TIE_TOLERANCE)
+    return tied if len(tied) > 1 else []
 
 
 def _grid_entries(grid: Any) -> list[dict[str, Any]]:
@@ -246,7 +273,8 @@ def _round(value: float) -> float:
 
 def edge_extensions(choice: Mapping[str, Any], grid: Any, original: Any, limit: int) -> list[dict[str, Any]]:
     """Grid entries that extend the pilot where a chosen ρ lies at an edge of its candidates: one more ρ
-    outwards, at the ratio of the two outermost values; at most ``limit`` added per arm beyond ``original``."""
+    outwards, at the ratio of the two outermost values; at most ``limit`` added per arm beyond ``original``.
+    A tied choice (:func:`tied_candidates`) is not extended: the pilot cannot tell its values apart."""
     entries, base = _grid_entries(grid), _grid_entries(original)
     out = []
     for key, entry in choice.items():
@@ -256,7 +284,7 @@ def edge_extensions(choice: Mapping[str, Any], grid: Any, original: Any, limit: 
             continue
         originally = {float(r) for e in base if e is template for r in e.get("rho", [])}
         originally |= {float(r) for r in entry.get("earlier", [])}  # an earlier pilot's values are no extension
-        if len(set(rhos) - originally) >= limit:
+        if len(set(rhos) - originally) >= limit or tied_candidates(entry):
             continue
         best = float(entry["rho"])
         if best == rhos[-1]:
@@ -314,8 +342,19 @@ def _placeholders(grid: Any) -> set[str]:
     return {grid} if isinstance(grid, str) and grid.startswith("@") else set()
 
 
+def _mean_of(entry: Mapping[str, Any], rho: float) -> float:
+    values = next(v for r, v in entry["candidates"].items() if math.isclose(float(r), float(rho)))
+    return sum(values) / len(values)
+
+
 def _choice_markdown(choice: Mapping[str, Any], metric: str, earlier: Sequence[str] = ()) -> str:
     lines = [f"# ρ chosen by the pilot (best mean {metric}; the test set played no part)", ""]
+    for scope, entry in choice.items():
+        if entry.get("tied"):
+            lines += [f"**Tie ({scope}):** ρ {', '.join(f'{float(r):g}' for r in entry['tied'])} have the same mean "
+                      f"{metric} ({_mean_of(entry, entry['rho']):.2f}), so the pilot cannot tell them apart (did "
+                      f"anything train?). The smallest, {float(entry['rho']):g}, is used, and the grid was not "
+                      "extended past it.", ""]
     if earlier:
         lines += ["Candidates marked *record* come from an earlier pilot's record, not from runs in this folder: "
                   + ", ".join(earlier) + ".", ""]
@@ -323,7 +362,8 @@ def _choice_markdown(choice: Mapping[str, Any], metric: str, earlier: Sequence[s
     for scope, entry in choice.items():
         from_record = {float(r) for r in entry.get("earlier", [])}
         for rho, vals in entry["candidates"].items():
-            mark = "✔" if math.isclose(float(rho), entry["rho"]) else ""
+            tied = any(math.isclose(float(rho), float(r)) for r in entry.get("tied", []))
+            mark = (("✔" if math.isclose(float(rho), entry["rho"]) else "") + (" (tie)" if tied else "")).strip()
             source = " (*record*)" if float(rho) in from_record else ""
             lines.append(f"| {scope} | {float(rho):g}{source} | {sum(vals) / len(vals):.2f} | {len(vals)} | {mark} |")
     return "\n".join(lines) + "\n"
@@ -492,7 +532,7 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
     record_path = out / "study.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {"phases": {}}
 
-    def timed(name: str, sweep_spec: dict[str, Any]) -> None:
+    def timed(name: str, sweep_spec: dict[str, Any]) -> Any:
         sweep_file = out / "sweeps" / f"{name}.yaml"
         ckpt.atomic_write_text(sweep_file, yaml.safe_dump(sweep_spec, sort_keys=False))
         print(f"study {out}: phase {name} ({sweep_file})", flush=True)
@@ -511,6 +551,7 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
               f"{total % 3600 / 60:.0f} min over all sittings ({record_path})", flush=True)
         if sweep.failed:
             raise RuntimeError(f"Phase {name}: {len(sweep.failed)} run(s) failed; see {sweep.out / 'sweep.json'}.")
+        return sweep
 
     if spec.get("gate") is not None:  # first, and decided by SGD alone: is there damage for SAM to undo?
         _run_gate(spec, out, timed)
@@ -527,8 +568,10 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
     extended: list[dict[str, Any]] = [e for e in earlier if e not in grid]
     grid += extended
     while True:  # always: finished pilot runs are skipped, and the choice needs every one of them
-        timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), grid))
-        choice = choose_rho(out / "pilot", metric, earlier=from_record)
+        pilot_sweep = timed("pilot", _sweep_spec(spec, "pilot", pilot.get("seeds", [0]), grid))
+        # only this pilot's runs: a folder left by an earlier version of the study file (other seeds, another
+        # recipe) under pilot/ must not join the choice
+        choice = choose_rho(out / "pilot", metric, earlier=from_record, runs=[r.folder for r in pilot_sweep.runs])
         more = edge_extensions(choice, grid, pilot["grid"], pilot.get("max_extensions", 3))
         if not more:
             break
@@ -545,9 +588,15 @@ def _run_phases(spec: dict[str, Any], out: Path, *, workers: int | None, phases:
             values[name] = norm_sparsity(spec, scope)
         elif kind not in _PLACEHOLDER_KINDS:
             raise ValueError(f"Unknown placeholder {name!r}; use @rho:SCOPE or @sparsity:SCOPE.")
+    tied = {key: entry["tied"] for key, entry in choice.items() if entry.get("tied")}
     ckpt.write_json(out / "choice.json", {"metric": metric, "choice": choice, "values": values,
-                                          "extended": extended, "at_edge": at_edge,
+                                          "extended": extended, "at_edge": at_edge, "tied": tied,
                                           "earlier": list(pilot.get("earlier") or [])})
+    for key, rhos in tied.items():
+        print(f"study: warning: {key}: ρ {', '.join(f'{r:g}' for r in rhos)} tie on the mean {metric} "
+              f"({_mean_of(choice[key], choice[key]['rho']):.2f}): the pilot cannot tell them apart (did anything "
+              f"train?); the smallest, {choice[key]['rho']:g}, is used and the grid is not extended; see choice.md.",
+              flush=True)
     if at_edge:
         print(f"study: warning: the chosen ρ of {', '.join(at_edge)} is still at an edge of the pilot grid "
               "(max_extensions reached); see choice.md.", flush=True)

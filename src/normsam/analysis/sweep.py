@@ -62,9 +62,9 @@ from typing import Any, TextIO
 
 from normsam.files import read_json, read_yaml
 from normsam.train import checkpoint as ckpt
-from normsam.train.config import TrainConfig, config_from_file, config_keys, load_config, unknown_key_error
+from normsam.train.config import TrainConfig, config_keys, load_config, unknown_key_error
 from normsam.train.divergence import RunDiverged, is_diverged
-from normsam.train.identity import RESUME_SAFE, check_sam_window
+from normsam.train.identity import check_sam_window, folder_conflict
 from normsam.train.run_lock import RunLock
 
 __all__ = ["SWEEP_KEYS", "SWEEP_FILE", "Sweep", "SweepRun", "load_sweep", "run_sweep", "point_name"]
@@ -80,9 +80,6 @@ _RESERVED = {
     "seed": "list the seeds under the top-level `seeds:`",
     "out": "set the parent folder with the top-level `out:`",
 }
-
-#: Settings that may differ between a run folder and the sweep without changing the run (as for --resume).
-_RUN_INDEPENDENT = tuple(sorted(RESUME_SAFE))
 
 _STOPPED = "Sweep stopped; run the same `normsam sweep` command again to resume it."
 
@@ -323,19 +320,10 @@ def load_sweep(source: str | Path | Mapping[str, Any]) -> Sweep:
 
 def _conflict(run: SweepRun) -> str | None:
     """Why the run's folder cannot be reused for this run (it holds other settings), or None."""
-    if not (run.folder / ckpt.CONFIG).is_file():
+    conflict = folder_conflict(run.folder, run.config, asked_by="the sweep")
+    if conflict is None:
         return None
-    try:
-        saved = config_from_file(run.folder / ckpt.CONFIG).to_dict()
-    except ValueError as err:
-        return f"{run.folder} holds a config that cannot be read ({err}); delete the folder to train it anew."
-    wanted = run.config.to_dict()
-    diffs = [f"{key}: {saved[key]!r} in the folder, {wanted[key]!r} in the sweep"
-             for key in wanted if key not in _RUN_INDEPENDENT and saved.get(key) != wanted[key]]
-    if not diffs:
-        return None
-    return (f"{run.folder} holds a run with other settings ({'; '.join(diffs)}); delete the folder to train it "
-            "anew, or choose another out:.")
+    return f"{conflict}; delete the folder to train it anew, or choose another out:."
 
 
 def _describe(err: BaseException) -> str:

@@ -56,7 +56,7 @@ from torch import nn
 import difflib
 
 from normsam.integrations._checks import check_sam_trains
-from normsam.optim.options import SAMOptions, option_names, unknown_option_error
+from normsam.optim.options import SAMOptions, option_names, rho_required, unknown_option_error
 from normsam.optim.sam import SAM
 
 __all__ = ["SAMTrainer"]
@@ -127,9 +127,14 @@ class SAMTrainer(Trainer):
                 "passes the model and builds the base optimizer from TrainingArguments (optim=...)."
             )
         self.sam_options, self.sam_base_kwargs = _sam_options(dict(sam or {}))
+        if self.sam_options is not None and self.sam_options.rho is None:
+            raise rho_required(self.sam_options.perturbation)  # now, not when train() builds the optimizer
         self._sam_pending: list[tuple[dict[str, Any], Any]] = []
         _refuse_fsdp(kwargs["args"] if "args" in kwargs else (args[1] if len(args) > 1 else None))
         super().__init__(*args, **kwargs)
+        if self.optimizer is None and self.sam_options is None:
+            raise ValueError("SAMTrainer needs SAM's options, at least its radius: sam=dict(rho=0.5) (SAM-ON by default), "
+                             "or a ready SAM in optimizers=(SAM(model, torch.optim.AdamW, rho=..., lr=...), None).")
         if self.optimizer is not None:
             if _unwrap_sam(self.optimizer) is None:
                 raise ValueError(

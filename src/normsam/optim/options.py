@@ -28,10 +28,27 @@ from normsam.optim.rho_schedules import RhoSchedule, as_rho_schedule
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, ScopeSpec
 
-__all__ = ["SAMOptions", "NORM_OVER", "check_rho", "option_names", "unknown_option_error", "options_and_base_kwargs",
+__all__ = ["SAMOptions", "NORM_OVER", "TYPICAL_RHO", "rho_required", "set_group_rho", "check_rho", "option_names", "unknown_option_error", "options_and_base_kwargs",
            "build_base_optimizer", "signature_with_options"]
 
 NORM_OVER = ("perturbed", "all")
+
+#: ρ ranges from the paper's figure (WRN-28-10, CIFAR-100), per perturbation model: (SAM-all, SAM-ON). The reason
+#: ρ has no default: a value that fits one column is far off in the other.
+TYPICAL_RHO = {"sam": ("0.05-0.2", "0.5-1"), "asam": ("2.5-5", "5-10"), "layerwise": ("0.01-0.05", "0.05-0.5"),
+               "linf": ("0.005-0.01", "0.05-0.1")}
+
+
+def rho_required(perturbation: str) -> ValueError:
+    """The error for a perturbed group without a ρ: the typical ranges for this perturbation model."""
+    typical = TYPICAL_RHO.get(perturbation)
+    ranges = (f"; for perturbation={perturbation!r} the paper's range is {typical[1]} for SAM-ON (scope='norm', the "
+              f"default with a model) and {typical[0]} for SAM-all (scope='all')" if typical else "")
+    return ValueError(
+        f"rho is required: SAM has no default radius, because its scale depends on the scope and the perturbation "
+        f"model{ranges}. Pass it, e.g. SAM(model, torch.optim.SGD, rho=0.5, lr=0.1), or give each perturbed param "
+        "group its own 'rho'."
+    )
 
 #: ssam-d's drop rate at step 0 of its cosine schedule when none is given.
 DEFAULT_DROP_RATE = 0.5
@@ -66,8 +83,9 @@ class SAMOptions:
     """The options of :class:`normsam.SAM`. ``None`` means "the default for this setup".
 
     Args:
-        rho: the perturbation radius ρ, each param group's default (a group may carry its own ``rho``). SAM-ON
-            needs a larger ρ than SAM-all.
+        rho: the perturbation radius ρ, each param group's default (a group may carry its own ``rho``). It has
+            no default: its scale depends on the scope and the perturbation model, and SAM-ON needs a larger ρ
+            than SAM-all (:data:`TYPICAL_RHO`); a perturbed group without a ``rho`` of its own needs it.
         perturbation: ``"sam"``, ``"asam"``, ``"layerwise"``, ``"linf"`` or ``"fisher"``
             (:mod:`normsam.optim.perturbations`).
         eta: η of the scaling T; ``None``: the model's default (0.01, fisher 1.0). ``"sam"`` has no T.
@@ -102,7 +120,7 @@ class SAMOptions:
             (:mod:`normsam.optim.rho_schedules`).
     """
 
-    rho: float = 0.05
+    rho: float | None = None
     perturbation: str = "sam"
     eta: float | None = None
     normalize_bias: bool = False
@@ -125,7 +143,8 @@ class SAMOptions:
     rho_schedule: RhoSchedule | Callable[[int], float] | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "rho", check_rho(self.rho))
+        if self.rho is not None:
+            object.__setattr__(self, "rho", check_rho(self.rho))
         get_perturbation(self.perturbation, layerwise_scaling=self.layerwise_scaling)  # names the valid ones
         object.__setattr__(self, "rho_schedule", as_rho_schedule(self.rho_schedule))
         self._check_values()
@@ -311,3 +330,12 @@ def signature_with_options(init: Callable[..., Any]) -> inspect.Signature:
                for f in dataclasses.fields(SAMOptions)]
     rest = inspect.Parameter("base_kwargs", inspect.Parameter.VAR_KEYWORD, annotation="Any")
     return signature.replace(parameters=[*fixed, *options, rest])
+
+
+def set_group_rho(group: dict[str, Any], options: SAMOptions) -> None:
+    """A param group's ρ: its own, or the options' (required for a perturbed group; 0, unused, for the others)."""
+    if "rho" not in group:
+        if options.rho is None and group["perturb"]:
+            raise rho_required(options.perturbation)
+        group["rho"] = options.rho if options.rho is not None else 0.0
+    check_rho(group["rho"], "rho of a param group")

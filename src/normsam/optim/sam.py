@@ -41,7 +41,7 @@ from normsam.optim.guards import (FRAMEWORK_CLOSURE, check_loadable, is_framewor
                                   returned_loss, warn_if_eval_mode)
 from normsam.optim.masks import ElementMasks, fisher_scores
 from normsam.optim.options import (SAMOptions, build_base_optimizer, check_rho, option_names, options_and_base_kwargs,
-                                   signature_with_options)
+                                   set_group_rho, signature_with_options)
 from normsam.optim.perturbations import get_perturbation
 from normsam.optim.rho_schedules import apply_rho_schedule, rho_in_effect
 from normsam.optim.running_stats import RunningStatsSwap, running_stat_modules
@@ -89,9 +89,8 @@ class SAM(torch.optim.Optimizer):
         groups = split.initial_groups(params)
         bn_policy = options.resolved_bn_policy(model is not None)
         for group in groups:
-            group.setdefault("rho", options.rho)
             group.setdefault("perturb", True)
-            check_rho(group["rho"], "rho of a param group")
+            set_group_rho(group, options)
         # FSDP2: ε and the backup on local shards, global norms; other sharding schemes are refused here
         sharding = sharding_for(model, [p for group in groups for p in group["params"]])
         if sharding is not None:
@@ -342,9 +341,8 @@ class SAM(torch.optim.Optimizer):
             super().add_param_group(param_group)  # during __init__: the groups are already the base's
             return
         for group in self._split.place(param_group):  # as the constructor would have placed it
-            group.setdefault("rho", self.defaults["rho"])
             group.setdefault("perturb", self.defaults["perturb"])
-            check_rho(group["rho"], "rho of a param group")
+            set_group_rho(group, self.options)
             self.base_optimizer.add_param_group(group)
         self._storage = None
         self._apply_rho_schedule()
@@ -441,6 +439,7 @@ class SAM(torch.optim.Optimizer):
 
 
 SAM.__init__.__signature__ = signature_with_options(SAM.__init__)  # type: ignore[attr-defined]
+
 
 #: Names that cannot be assigned on a built SAM: its options and what is derived from them.
 _READ_ONLY = frozenset(option_names()) | {"scope", "mask_scope", "eta", "bn_policy", "perturbation_model"}

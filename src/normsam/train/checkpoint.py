@@ -9,7 +9,7 @@ A run folder explains itself::
     checkpoint.pt      written atomically after every epoch (model, optimizer, schedule, history)
     checkpoint.prev.pt the epoch before's checkpoint, kept so that a damaged checkpoint.pt costs one epoch
     summary.json       written when the run has finished ("status": "finished") or diverged ("diverged")
-    normsam.lock       the lock of the process writing the folder (pid, host, start time; see run_lock)
+    normsam.lock       while a process writes the folder: its lock (pid, host, start time; see run_lock)
 
 JSON files are standard JSON (:func:`normsam.files.json_dumps`: a non-finite number is written as null).
 """

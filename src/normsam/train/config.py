@@ -230,6 +230,11 @@ class TrainConfig:
                     "rho_warmup_epochs"):
             if not 0 <= getattr(self, key) < math.inf:
                 raise ValueError(f"{key} must be >= 0 and finite, got {getattr(self, key)}.")
+        if not self.momentum < 1:  # AdamW/Lion would call it "Invalid beta parameter at index 0"
+            raise ValueError(
+                f"momentum must lie in [0, 1), got {self.momentum}: it is SGD's momentum and beta1 of adamw and lion "
+                "(e.g. momentum=0.9)."
+            )
         if self.rho_warmup_epochs and self.scope == "none":
             raise ValueError(
                 f"rho_warmup_epochs={self.rho_warmup_epochs:g} warms up SAM's rho, and scope=none trains without SAM: "

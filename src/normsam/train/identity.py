@@ -10,6 +10,12 @@ A finished run's ``summary.json`` carries :func:`config_fingerprint` of the conf
 report can tell (:func:`check_finished_config`) when ``config.yaml`` was edited afterwards and refuse to
 label the run's numbers with settings it was not trained with.
 
+A folder that already holds a run is reused only for the same run: :func:`folder_conflict` compares the
+``config.yaml`` a folder holds with the config a command asks for (the settings outside :data:`RESUME_SAFE`),
+so a sweep or ``normsam compare`` asked for 2 epochs never skips or resumes the 1-epoch run in its folder
+and reports its numbers under the new settings. Every command that reuses run folders calls it before it
+trains or writes anything, and refuses with the differing settings and its own fix.
+
 A run labelled with SAM must take SAM steps: :func:`check_sam_window` refuses a SAM window that starts after
 the last epoch (``sam_start=5`` with ``epochs=1`` would train plain SGD under the name ``norm-sam-rho0.5``),
 and the summary records ``sam_steps``, the SAM steps actually taken. The check is the runner's, not the
@@ -23,7 +29,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESUME_SAFE", "check_resumed_config", "check_sam_window", "config_fingerprint", "check_finished_config"]
+__all__ = ["RESUME_SAFE", "check_resumed_config", "check_sam_window", "config_fingerprint", "check_finished_config",
+           "folder_conflict"]
 
 #: Settings that may change between the start of a run and a resume: they do not change what is trained.
 RESUME_SAFE = frozenset({"progress", "threads", "tensorboard", "device", "out"})
@@ -81,3 +88,36 @@ def check_finished_config(run_dir: str | Path, summary: dict[str, Any] | None, c
             f"{Path(run_dir) / 'config.yaml'} was edited after the run finished (its settings no longer match the "
             "ones it was trained with, recorded in summary.json): restore the file, or leave the run out."
         )
+
+
+def folder_conflict(folder: str | Path, cfg: Any, *, asked_by: str) -> str | None:
+    """Why ``folder`` cannot be reused for a run of ``cfg``, or None (no run there yet, or one with the same
+    settings but for :data:`RESUME_SAFE`). ``asked_by`` names what asks for ``cfg`` in the message ("the
+    sweep", "compare"); the caller appends its own fix.
+
+    The message names every differing setting (``epochs: 1 in the folder, 2 in compare``).
+    """
+    from normsam.train.config import config_from_file
+
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        saved = config_from_file(path).to_dict()
+    except ValueError as err:
+        return f"{folder} holds a config that cannot be read ({err})"
+    wanted = cfg.to_dict()
+    diffs = [f"{key}: {saved.get(key)!r} in the folder, {wanted[key]!r} in {asked_by}"
+             for key in wanted if key not in RESUME_SAFE and saved.get(key) != wanted[key]]
+    if diffs:
+        return f"{folder} holds a run with other settings ({'; '.join(diffs)})"
+    summary = Path(folder) / "summary.json"
+    if summary.is_file():  # finished: what it was trained with is recorded, whatever config.yaml says now
+        try:
+            recorded = json.loads(summary.read_text()).get("config_fingerprint")
+        except (ValueError, AttributeError):
+            recorded = None
+        if recorded is not None and recorded != config_fingerprint(cfg):
+            return (f"{folder} holds a run trained with other settings than its config.yaml says now (the file "
+                    "was edited after the run finished; summary.json records the settings it was trained with)")
+    return None

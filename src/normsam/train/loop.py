@@ -42,6 +42,7 @@ from normsam.train.config import TrainConfig, autocast, load_config
 from normsam.train.data import BatchLoader, make_augment
 from normsam.train.divergence import EpochWatch, RunDiverged, diverged_summary, is_diverged
 from normsam.train.identity import RESUME_SAFE, check_sam_window, config_fingerprint
+from normsam.train.next_step import next_step
 from normsam.train.records import EpochLog, finished_summary
 from normsam.train.run_folder import RunFolder, build_run_model, load_run_data, resolve_device
 from normsam.train.run_store import RunExistsError, TrainState, open_run_store
@@ -308,8 +309,7 @@ class Trainer:
                 self.dist.barrier()
         except KeyboardInterrupt:
             if self.dist.is_main:
-                print(f"\nInterrupted after {len(state.history)} finished epoch(s). Resume with: "
-                      f"normsam train --resume {self.run_dir}")
+                print(f"\nInterrupted after {len(state.history)} finished epoch(s); {next_step(self.run_dir)}.")
             raise
         except RunDiverged as err:
             err.run_dir = self.run_dir

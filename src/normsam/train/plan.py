@@ -9,6 +9,10 @@ pass, counted on the ``meta`` device for one sample (no memory allocated, no com
 micro-batch per rank; under bf16/fp16 autocast they are halved (an estimate: autocast keeps some ops in
 float32). Not counted: the CUDA context, allocator fragmentation, cuDNN workspaces. The estimate has not been
 compared with a GPU's measured peak yet (no GPU in the session that wrote it).
+
+Without the data on disk the plan says where it looked and how to get the data, and plans the model for a known
+data set's fixed shape (:data:`~normsam.train.data.KNOWN_SHAPES`), so that its figures are those of the plan
+with the data; for an image folder or shards it plans the run's image size and 1,000 classes, and says so.
 """
 
 from __future__ import annotations
@@ -50,6 +54,21 @@ def _saved_activation_bytes(model: torch.nn.Module, in_channels: int, image_size
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
+def _shape_without_data(cfg: TrainConfig) -> tuple[int, int, int, str]:
+    """(classes, channels, side length, where they come from) of the data of ``cfg`` when its files are missing:
+    the fixed shape of a known data set (:data:`~normsam.train.data.KNOWN_SHAPES`), else the image size the run
+    would use and ImageNet's 1,000 classes, said to be assumed."""
+    from normsam.train.data.load import IMAGEFOLDER_IMAGE_SIZE, KNOWN_SHAPES, canonical_name
+    from normsam.train.data.streamed import DEFAULT_IMAGE_SIZE, is_streamed
+
+    name = canonical_name(cfg.data)
+    known = KNOWN_SHAPES.get(name)
+    if known is not None:
+        return (*known, f"{name}'s fixed shape")
+    size = cfg.image_size or (DEFAULT_IMAGE_SIZE if is_streamed(cfg) else IMAGEFOLDER_IMAGE_SIZE)
+    return 1000, 3, size, f"the classes of {name} are known only from its files, 1,000 (ImageNet's) assumed"
+
+
 class RunPlan(dict):
     """The plan's figures (a dict) with a printable :meth:`text`."""
 
@@ -77,8 +96,13 @@ def plan_run(cfg: TrainConfig, *, world_size: int | None = None) -> RunPlan:
     try:
         data = load_run_data(cfg)
     except (DatasetNotFoundError, FileNotFoundError) as exc:
-        lines.append(f"  data        NOT FOUND: {str(exc).splitlines()[0]}")
-        lines.append("              (steps need the data; the model is planned for 1000 classes)")
+        num_classes, in_channels, image_size, why = _shape_without_data(cfg)
+        first, *rest = str(exc).splitlines() or [type(exc).__name__]
+        lines.append(f"  data        NOT FOUND: {first}")
+        lines += [f"              {line}" for line in rest]  # where it was looked for, and how to get it
+        lines.append(f"              (steps need the data; the model is planned for {num_classes:,} classes of "
+                     f"{in_channels}×{image_size}×{image_size} images: {why})")
+        out.update(num_classes=num_classes, in_channels=in_channels, image_size=image_size, data_found=False)
     if data is not None:
         streamed = isinstance(data, StreamedData)
         n_train, n_test = len(data.train), len(data.test)
@@ -93,8 +117,7 @@ def plan_run(cfg: TrainConfig, *, world_size: int | None = None) -> RunPlan:
         steps = len(loader)
         out.update(train_examples=n_train, steps_per_epoch=steps, total_steps=steps * cfg.epochs)
         num_classes, in_channels, image_size = data.num_classes, data.in_channels, data.image_size
-    else:
-        num_classes, in_channels, image_size = 1000, 3, cfg.image_size or 224
+        out.update(num_classes=num_classes, in_channels=in_channels, image_size=image_size, data_found=True)
 
     class _Shape:  # what build_run_model reads from the data
         pass

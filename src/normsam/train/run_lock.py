@@ -8,8 +8,12 @@ A second writer fails at once with :class:`RunLockedError`, naming the holder (p
 command, written into the lock file by the holder).
 
 The operating system releases a ``flock`` when its holder exits in any way (an exception, Ctrl-C, SIGTERM,
-``kill -9``, a crash), so a dead holder never blocks a resume: the lock file itself stays behind, and a stale
-holder record in it is simply overwritten by the next writer. (On network file systems without ``flock``
+``kill -9``, a crash), so a dead holder never blocks a resume: a lock file left by a killed holder is taken
+over by the next writer, which overwrites the stale record. A holder that releases the lock (the normal
+end, an exception, Ctrl-C) deletes the file first, so a finished folder holds no ``normsam.lock`` naming a
+command that no longer runs. Deleting it under the lock is safe: a writer that opened the file just before
+it was deleted and then obtains the lock on that deleted file sees that the path no longer leads to the file
+it locked, and starts over with the file now at the path. (On network file systems without ``flock``
 support the lock degrades to the local machine's processes; the holder's host name in the message shows it.)
 
 Locks are per open file, not per process: a second :class:`RunLock` on the same folder in the same process
@@ -68,6 +72,15 @@ def _describe(info: dict[str, Any] | None) -> str:
     return text
 
 
+def _same_file(handle: Any, path: Path) -> bool:
+    """Whether ``path`` still leads to the open file ``handle`` (not deleted, not replaced)."""
+    try:
+        opened, current = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (opened.st_dev, opened.st_ino) == (current.st_dev, current.st_ino)
+
+
 class RunLock:
     """An exclusive lock on a folder (created if needed); use as a context manager or acquire()/release().
     Keep the object while you write: dropping it (garbage collection) releases the lock.
@@ -91,21 +104,18 @@ class RunLock:
             return self
         check_writable(self.folder, what=f"{self.what} folder")
         path = self.folder / LOCK_FILE
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the life of the lock
-        if fcntl is not None:
+        while True:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the life of the lock
+            if fcntl is None:
+                break
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 handle.close()
-                info = holder_info(self.folder)
-                again = {
-                    "sweep": "a stopped sweep resumes when you run the same `normsam sweep` command again",
-                    "study": "a stopped study resumes when you run the same `normsam study` command again",
-                }.get((info or {}).get("what"), f"a stopped run resumes with `normsam train --resume {self.folder}`")
-                raise RunLockedError(
-                    f"{self.folder} is in use by {_describe(info)}: wait for it to finish or stop it, then run "
-                    f"again ({again}); or choose another out=."
-                ) from None
+                raise RunLockedError(self._in_use_message(holder_info(self.folder))) from None
+            if _same_file(handle, path):
+                break
+            handle.close()  # its holder deleted it on release after we opened it: lock the file at the path now
         info = {
             "pid": os.getpid(),
             "host": socket.gethostname(),
@@ -120,9 +130,30 @@ class RunLock:
         self._file = handle
         return self
 
+    def _in_use_message(self, info: dict[str, Any] | None) -> str:
+        what = (info or {}).get("what")
+        again = {
+            "sweep": "a stopped sweep resumes when you run the same `normsam sweep` command again",
+            "study": "a stopped study resumes when you run the same `normsam study` command again",
+            "compare": "a stopped compare resumes when you run the same `normsam compare` command again",
+            "sharpness": "the measurement leaves the run as it was",
+        }.get(what)
+        if again is None:  # a training run: what works afterwards depends on how far it got
+            from normsam.train.next_step import run_state
+
+            again = ("a run stopped after its first epoch resumes with `normsam train --resume "
+                     f"{self.folder}`" if run_state(self.folder) != "finished" else "the run there has finished")
+        return (f"{self.folder} is in use by {_describe(info)}: wait for it to finish or stop it, then run again "
+                f"({again}); or choose another out=.")
+
     def release(self) -> None:
         handle, self._file = self._file, None
         if handle is not None:
+            try:  # still under the lock: see the module docstring for why deleting it here is safe
+                if _same_file(handle, self.folder / LOCK_FILE):
+                    (self.folder / LOCK_FILE).unlink()
+            except OSError:
+                pass  # the folder went away, or is read-only now: the OS releases the lock all the same
             handle.close()  # closing the file releases the flock
 
     def __enter__(self) -> RunLock:
@@ -132,4 +163,7 @@ class RunLock:
         self.release()
 
     def __del__(self) -> None:  # a Trainer dropped without run(): let the folder go with it
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone; the OS releases it
+            pass

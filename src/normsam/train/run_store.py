@@ -23,6 +23,7 @@ from normsam.optim.sam import SAM
 from normsam.train import checkpoint as ckpt
 from normsam.train.config import TrainConfig, save_config
 from normsam.train.identity import check_resumed_config
+from normsam.train.next_step import next_step, run_state
 from normsam.train.norm_stats import norm_parameter_stats
 from normsam.train.run_folder import RunFolder
 from normsam.train.run_lock import RunLock
@@ -70,9 +71,10 @@ class RunStore(ABC):
                 f"start it again with `normsam train --config {self.run_dir / ckpt.CONFIG} out={self.run_dir}`."
             )
         if not resume and (folder.has_checkpoint() or folder.is_finished()):
+            state = run_state(self.run_dir)
             raise RunExistsError(
-                f"{self.run_dir} already holds a run; resume it with `normsam train --resume {self.run_dir}` "
-                "or choose another out=."
+                f"{self.run_dir} already holds a run, so a new one cannot start there: {next_step(self.run_dir)}"
+                + (", or choose another out=." if state == "interrupted" else ".")
             )
 
     def check_writable(self) -> None:

@@ -42,6 +42,12 @@ subsets such as Imagenette at low resolution). Full ImageNet is streamed instead
 folder per sample, and ``"webdataset"`` reads tar shards written by ``normsam make-shards`` (both in
 :mod:`normsam.train.data.streamed`, not through :func:`load_data`).
 
+The class count and image shape of ``"fashion-mnist"``, ``"mnist"``, ``"cifar10"`` and ``"cifar100"`` are fixed
+by their definition and held in one table, :data:`KNOWN_SHAPES` (``DataShape(num_classes, in_channels,
+image_size)``): ``normsam train --dry-run`` plans with it before the files are on disk, and :func:`load_data`
+refuses files that do not match it. An image that cannot be read or does not decode is a
+:class:`CorruptDataError` naming the file, wherever it is read (``readers.decode_image`` is the one decoder).
+
 ``"synthetic"`` is deterministic, learnable, class-conditional data for tests and benchmarks: one smooth
 random prototype image per class plus per-sample noise.
 
@@ -65,13 +71,15 @@ so do not use ``"crop-flip"`` or ``"autoaugment"`` with MNIST (:func:`make_augme
 from normsam.train.data import augment, containers, load, memory, readers, splits
 from normsam.train.data.augment import AUGMENTS, AugmentParams, BatchAugment, Normalize, make_augment
 from normsam.train.data.containers import ArrayDataset, CorruptDataError, DatasetNotFoundError, DataSplits
-from normsam.train.data.load import DATASETS, load_data
+from normsam.train.data.load import DATASETS, KNOWN_SHAPES, DataShape, load_data
 from normsam.train.data.memory import BatchLoader
 from normsam.train.data.readers import DATA_ENV_VAR, DEBIAN_FASHION_MNIST_DIR, SYSTEM_SEARCH_DIRS, read_idx
 from normsam.train.data.splits import flip_labels, stratified_split_indices, stratified_subset_indices
 
 __all__ = [
     "DATASETS",
+    "KNOWN_SHAPES",
+    "DataShape",
     "AUGMENTS",
     "DATA_ENV_VAR",
     "DEBIAN_FASHION_MNIST_DIR",

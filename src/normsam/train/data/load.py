@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from normsam.train.data.containers import ArrayDataset, DataSplits, PathLike
+from typing import NamedTuple
+
+from normsam.train.data.containers import ArrayDataset, CorruptDataError, DataSplits, PathLike
 from normsam.train.data.readers import (
     IDX_DATASETS,
     PUBLISHED_STATS,
@@ -17,12 +19,34 @@ from normsam.train.data.splits import flip_labels, stratified_split_indices, str
 #: Names accepted by :func:`load_data`.
 DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "synthetic")
 
+
+class DataShape(NamedTuple):
+    """What a model needs to know about a data set: its classes and its images' channels and side length."""
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+#: The shape of the data sets whose shape is fixed by their definition, known before (and without) their files:
+#: what ``normsam train --dry-run`` plans with when the data is not on disk yet, and what :func:`load_data`
+#: checks the files against (so a plan made without the files is the plan made with them).
+KNOWN_SHAPES: dict[str, DataShape] = {
+    "fashion-mnist": DataShape(num_classes=10, in_channels=1, image_size=28),
+    "mnist": DataShape(num_classes=10, in_channels=1, image_size=28),
+    "cifar10": DataShape(num_classes=10, in_channels=3, image_size=32),
+    "cifar100": DataShape(num_classes=100, in_channels=3, image_size=32),
+}
+
+#: The side length of ``imagefolder`` images held in memory when ``image_size`` is not given.
+IMAGEFOLDER_IMAGE_SIZE = 64
+
 # --------------------------------------------------------------------------------------------------------
 # load_data
 # --------------------------------------------------------------------------------------------------------
 
 
-def _canonical_name(name: str) -> str:
+def canonical_name(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
@@ -60,7 +84,7 @@ def load_data(
         DatasetNotFoundError: the data is not on disk (the message says where we looked and how to get it).
         CorruptDataError: a file exists but is damaged.
     """
-    key = _canonical_name(name)
+    key = canonical_name(name)
     if key not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; valid names are: {', '.join(DATASETS)}.")
     if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int)):
@@ -72,10 +96,10 @@ def load_data(
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size must be a positive int, got {image_size}.")
 
-    fixed_size = {"fashion-mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32}
-    if key in fixed_size and image_size not in (None, fixed_size[key]):
+    known = KNOWN_SHAPES.get(key)
+    if known is not None and image_size not in (None, known.image_size):
         raise ValueError(
-            f"{key} images are {fixed_size[key]}×{fixed_size[key]}; image_size={image_size} is not supported "
+            f"{key} images are {known.image_size}×{known.image_size}; image_size={image_size} is not supported "
             f"for it (resizing only applies to imagefolder and synthetic). Leave image_size unset."
         )
 
@@ -84,7 +108,7 @@ def load_data(
     elif key in ("cifar10", "cifar100"):
         train, test, classes, source = load_cifar(key, data_dir, download)
     elif key == "imagefolder":
-        train, test, classes, source = load_imagefolder(data_dir, image_size or 64)
+        train, test, classes, source = load_imagefolder(data_dir, image_size or IMAGEFOLDER_IMAGE_SIZE)
     else:  # synthetic
         if (
             len(synthetic_size) != 2
@@ -98,6 +122,16 @@ def load_data(
         source = "synthetic"
 
     num_classes = len(classes)
+    if known is not None:
+        found = DataShape(num_classes, int(train.images.shape[1]), int(train.images.shape[-1]))
+        square = train.images.shape[-2] == train.images.shape[-1] and test.images.shape[1:] == train.images.shape[1:]
+        if found != known or not square:
+            raise CorruptDataError(
+                f"{source} does not hold {key}: {num_classes} classes of {tuple(train.images.shape[1:])} images "
+                f"(test: {tuple(test.images.shape[1:])}), where {key} has {known.num_classes} classes of "
+                f"{(known.in_channels, known.image_size, known.image_size)} images; replace the files with the real "
+                f"data set (or use data=imagefolder for other images)."
+            )
     if subset is not None:
         train = train.take(stratified_subset_indices(train.labels, subset, num_classes, seed))
     val = None

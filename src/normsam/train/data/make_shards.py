@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import shutil
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from normsam.train.data.splits import data_generator
 from normsam.train.data.streamed import MANIFEST
 
 __all__ = ["make_shards"]
+
+#: The folder inside OUT that the shards are written to before they are moved into OUT.
+STAGING = ".make-shards.partial"
 
 
 def _listing(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
@@ -45,13 +49,12 @@ def _listing(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
 
 def _check_image(path: str) -> str | None:
     """None when the file decodes, else the reason."""
-    from PIL import Image
+    from normsam.train.data.readers import UndecodableImageError, read_image_file
 
     try:
-        with Image.open(path) as image:
-            image.convert("RGB").load()
-    except Exception as exc:  # PIL raises many types
-        return f"{type(exc).__name__}: {exc}"
+        read_image_file(path)
+    except UndecodableImageError as exc:
+        return str(exc)
     return None
 
 
@@ -66,10 +69,11 @@ def make_shards(
     workers: int = 1,
 ) -> dict[str, Any]:
     """Write the shards and ``manifest.json``; returns the manifest. ``workers`` processes decode the images
-    to check them (in order, so the shards are the same for any number); the main process writes."""
-    import webdataset as wds
-    from tqdm.auto import tqdm
+    to check them (in order, so the shards are the same for any number); the main process writes.
 
+    All or nothing: the shards are written into ``OUT/.make-shards.partial`` and moved into ``OUT`` only once
+    every split is written; after an error (or Ctrl-C) ``OUT`` is left as it was, so the command that the error
+    suggests (e.g. with ``--skip-corrupt``) runs into the same ``OUT``."""
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"--shard-size must be an int >= 1 (samples per shard), got {shard_size!r}.")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -84,7 +88,39 @@ def make_shards(
     splits.append((eval_dir.name, eval_dir))
     if out.exists() and any(out.glob("*.tar")) or (out / MANIFEST).exists():
         raise ValueError(f"{out} already holds shards; choose an empty or new folder for OUT.")
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    staging = out / STAGING
+    if staging.exists():  # left by a make-shards that was killed: only ever written by make-shards
+        shutil.rmtree(staging)
+    staging.mkdir()
+    placed: list[Path] = []
+    try:
+        manifest = _write_splits(splits, root, staging, shard_size=shard_size, seed=seed, skip_corrupt=skip_corrupt,
+                                 progress=progress, workers=workers)
+        for entry in manifest["splits"].values():
+            for shard in entry["shards"]:
+                os.replace(staging / shard["name"], out / shard["name"])
+                placed.append(out / shard["name"])
+        tmp = staging / MANIFEST
+        tmp.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp, out / MANIFEST)  # last: a folder with a manifest is complete
+    except BaseException:  # an error, or Ctrl-C: leave OUT as it was, so that the same command can run again
+        for path in placed:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    shutil.rmtree(staging)
+    return manifest
+
+
+def _write_splits(splits: list[tuple[str, Path]], root: Path, staging: Path, *, shard_size: int, seed: int,
+                  skip_corrupt: bool, progress: bool, workers: int) -> dict[str, Any]:
+    """Write every split's shards into ``staging``; returns the manifest."""
+    import webdataset as wds
+    from tqdm.auto import tqdm
 
     classes: list[str] | None = None
     manifest: dict[str, Any] = {"format": "normsam-shards/1", "source": str(root), "shard_size": shard_size,
@@ -105,7 +141,7 @@ def make_shards(
         def finished(fname: str) -> None:
             shards.append({"name": os.path.basename(fname), "count": writer.count})
 
-        pattern = str(out / f"{split}-%06d.tar")
+        pattern = str(staging / f"{split}-%06d.tar")
         writer = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), post=finished, verbose=0)
         written = 0
         pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
@@ -140,7 +176,4 @@ def make_shards(
             "skipped": skipped,
         }
     manifest["classes"] = classes
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, out / MANIFEST)
     return manifest

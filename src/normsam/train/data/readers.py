@@ -7,8 +7,10 @@ here (tests monkeypatch ``normsam.train.data.readers.SYSTEM_SEARCH_DIRS``).
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -27,7 +29,8 @@ from normsam.train.data.splits import derive_data_seed
 
 __all__ = [
     "DATA_ENV_VAR", "DEBIAN_FASHION_MNIST_DIR", "SYSTEM_SEARCH_DIRS", "PUBLISHED_STATS", "IDX_DATASETS", "read_idx",
-    "load_idx_dataset", "load_cifar", "load_imagefolder", "make_synthetic", "channel_stats",
+    "load_idx_dataset", "load_cifar", "load_imagefolder", "make_synthetic", "channel_stats", "decode_image",
+    "read_image_file", "UndecodableImageError",
 ]
 
 #: Environment variable naming a data root, searched after ``data_dir``.
@@ -76,6 +79,43 @@ IDX_DATASETS: tuple[str, ...] = tuple(_IDX_INFO)
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+# --------------------------------------------------------------------------------------------------------
+# Image files: every reader of images (in-memory folders, streamed folders and shards, make-shards) decodes here
+# --------------------------------------------------------------------------------------------------------
+
+
+class UndecodableImageError(CorruptDataError):
+    """An image file does not decode (or cannot be read); the message is the reason only, and each reader says
+    which file and what to do."""
+
+
+def decode_image(data: bytes):
+    """``data`` (an image file's bytes) fully decoded and converted to an RGB ``PIL.Image``.
+
+    Raises :class:`UndecodableImageError` with the reason (PIL raises many types: UnidentifiedImageError,
+    OSError for a truncated file, SyntaxError, DecompressionBombError, ...)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB")
+            rgb.load()
+            return rgb
+    except Exception as exc:  # noqa: BLE001 - any failure to decode is the file's
+        detail = re.sub(r"\s*<_io\.\w+ [^>]*>", "", str(exc)).strip()  # PIL names the in-memory buffer
+        raise UndecodableImageError(f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__) from exc
+
+
+def read_image_file(path: PathLike):
+    """The image file at ``path`` as an RGB ``PIL.Image``; raises :class:`UndecodableImageError` (the reason) when
+    it cannot be read or does not decode."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise UndecodableImageError(f"cannot be read: {type(exc).__name__}: {exc.strerror or exc}") from exc
+    return decode_image(data)
+
 
 # --------------------------------------------------------------------------------------------------------
 # IDX files (MNIST, Fashion-MNIST)
@@ -324,6 +364,7 @@ def load_imagefolder(
     Raises:
         DatasetNotFoundError: no ``data_dir`` (nor ``$NORMSAM_DATA``), or not the expected folders.
         ValueError: the two splits have different class folders.
+        CorruptDataError: images that cannot be read or do not decode (all of a split's are named at once).
     """
     import torchvision.datasets as tvd
     from torchvision import transforms as T
@@ -348,7 +389,7 @@ def load_imagefolder(
     classes: list[str] = []
     for folder in (train_dir, eval_dir):
         try:
-            ds = tvd.ImageFolder(str(folder), transform=transform)
+            ds = tvd.ImageFolder(str(folder), loader=lambda p: p)  # list only; decoded below
         except FileNotFoundError as exc:
             raise DatasetNotFoundError(
                 f"imagefolder: {folder} has no usable class folders or images ({exc}). Each class needs its "
@@ -360,9 +401,21 @@ def load_imagefolder(
                 f"({classes}); both splits need the same class sub-folders so that labels agree."
             )
         classes = list(ds.classes)
-        images = torch.stack([ds[i][0] for i in range(len(ds))])
+        images, bad = [], []
+        for path, _ in ds.samples:
+            try:
+                images.append(transform(read_image_file(path)))
+            except UndecodableImageError as exc:
+                bad.append(f"{path} ({exc})")
+        if bad:
+            shown = "; ".join(bad[:3]) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise CorruptDataError(
+                f"imagefolder: {len(bad)} of {len(ds.samples)} images in {folder} do not decode: {shown}. Remove or "
+                f"replace them; or, to leave such files out, write shards with `normsam make-shards {root} OUT "
+                "--skip-corrupt` (it lists them in OUT/manifest.json) and train with data=webdataset data_dir=OUT."
+            )
         labels = torch.as_tensor(ds.targets, dtype=torch.long)
-        parts.append(ArrayDataset(images.contiguous(), labels))
+        parts.append(ArrayDataset(torch.stack(images).contiguous(), labels))
     return parts[0], parts[1], classes, str(root)
 
 

@@ -58,13 +58,15 @@ make a resumed run differ from an uninterrupted one. A shard pattern that matche
 not a tar file or is truncated (fewer samples than its manifest count), a sample without an image or a
 ``.cls`` label, a label outside ``0..num_classes-1`` and an image that does not decode each raise
 :class:`~normsam.train.data.CorruptDataError` naming the shard and the sample's key (or the file), with the
-fix. ``normsam make-shards`` decodes every image while writing, so shards it wrote do not hold undecodable
+fix. The error is the same whether the sample is read in the main process (``loader_workers=0``) or in a loader
+worker: a worker carries such an error to the main process as a value, which raises it as it is (torch would
+re-raise it with the worker's whole traceback as its message); errors that are bugs keep torch's traceback.
+``normsam make-shards`` decodes every image while writing, so shards it wrote do not hold undecodable
 images (``--skip-corrupt`` leaves bad files out and lists them in the manifest).
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -299,10 +301,30 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CorruptDataError(f"{path} cannot be read as JSON ({exc}); re-run `normsam make-shards`.") from exc
-    if manifest.get("format") != "normsam-shards/1":
-        raise CorruptDataError(f"{path} is not a normsam shard manifest (format {manifest.get('format')!r}); "
-                               "re-run `normsam make-shards`.")
+    if not isinstance(manifest, dict) or manifest.get("format") != "normsam-shards/1":
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise CorruptDataError(f"{path} is not a normsam shard manifest (format {found!r}); re-run `normsam "
+                               "make-shards`.")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CorruptDataError(f"{path} is damaged: {problem}; re-run `normsam make-shards`.")
     return manifest
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is missing or malformed in a manifest that claims the normsam-shards/1 format, or None."""
+    classes, splits = manifest.get("classes"), manifest.get("splits")
+    if not isinstance(classes, list) or not classes:
+        return f"'classes' should be the list of class names, got {classes!r}"
+    if not isinstance(splits, dict) or "train" not in splits:
+        return f"'splits' should map 'train' and 'val' (or 'test') to their shards, got {splits!r}"[:200]
+    for name, entry in splits.items():
+        shards = entry.get("shards") if isinstance(entry, dict) else None
+        if not isinstance(shards, list) or not all(
+                isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("count"), int)
+                and not isinstance(s.get("count"), bool) and s["count"] >= 0 for s in shards):
+            return f"split {name!r} should list its shards as {{'name': file, 'count': samples}}"
+    return None
 
 
 def _manifest_split(folder: Path, manifest: dict[str, Any], split: str) -> StreamedSplit:
@@ -345,6 +367,10 @@ def _load_webdataset(cfg: Any) -> tuple[StreamedSplit, StreamedSplit, list[str],
         val_split = "val" if "val" in manifest["splits"] else "test"
         return (_manifest_split(folder, manifest, "train"), _manifest_split(folder, manifest, val_split),
                 list(manifest["classes"]), str(folder))
+    if not folder.exists() and not any(c in str(cfg.data_dir) for c in "{*?[") and "::" not in str(cfg.data_dir):
+        raise DatasetNotFoundError(f"data_dir {folder} does not exist; point it at a folder written by `normsam "
+                                   "make-shards`, or at a train shard pattern (e.g. shards/train-{0000..0146}.tar) "
+                                   "with val_data_dir.")
     if cfg.val_data_dir is None:
         raise ValueError(f"data_dir={cfg.data_dir!r} is a shard pattern; give the validation shards too, as "
                          "val_data_dir=PATTERN (or use a folder written by `normsam make-shards`).")
@@ -447,15 +473,16 @@ def sample_transform(augment: str, image_size: int, *, train: bool):
     return v2.Compose([*ops, v2.PILToTensor()])
 
 
-def _decode_image(data: bytes, where: str):
-    from PIL import Image
+def _decode_image(data: bytes | Path, where: str):
+    """The image (a file's bytes, or its path) as RGB; a file that cannot be read or does not decode raises
+    :class:`CorruptDataError` that names ``where``."""
+    from normsam.train.data.readers import UndecodableImageError, decode_image, read_image_file
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-        raise CorruptDataError(f"{where}: the image does not decode ({type(exc).__name__}: {exc}); replace or "
-                               "remove it (normsam make-shards checks every image).") from exc
+        return decode_image(data) if isinstance(data, bytes) else read_image_file(data)
+    except UndecodableImageError as exc:
+        raise CorruptDataError(f"{where}: the image does not decode ({exc}); replace or remove it (normsam "
+                               "make-shards checks every image).") from exc
 
 
 def _transformed(transform, image, seed: int) -> torch.Tensor:
@@ -580,11 +607,7 @@ class FolderSamples(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path = self.files[index]
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise CorruptDataError(f"{path} cannot be read ({exc}).") from exc
-        image = _decode_image(data, path)
+        image = _decode_image(Path(path), path)
         label = int(self.labels[index])
         return _transformed(self.transform, image, derive_data_seed(self.seed, 7, self.epoch, index)), label
 
@@ -606,8 +629,74 @@ def folder_batches(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: b
     return [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
 
 
-def _collate(samples: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return _stack(samples)
+def _collate(samples: list) -> Any:
+    fault = next((s for s in samples if isinstance(s, _WorkerFault)), None)
+    return fault if fault is not None else _stack(samples)
+
+
+class _WorkerFault:
+    """An ordinary fault (bad data: an error that ``normsam``'s command line prints as one line) met in a loader
+    worker, carried to the main process as a value and raised there as itself.
+
+    torch re-raises a worker's exception as a new exception of the same type whose message is the worker's whole
+    traceback ("Caught CorruptDataError in DataLoader worker process 0. Original Traceback ..."), so the one line
+    would become forty. Bugs are not carried: they keep torch's traceback."""
+
+    def __init__(self, error: BaseException):
+        self.error = error
+
+    @staticmethod
+    def of(exc: BaseException) -> _WorkerFault | None:
+        """The fault to carry for ``exc`` raised in a worker, or None (raise it as it is)."""
+        import pickle
+
+        from normsam.errors import fault_message
+
+        if get_worker_info() is None or not isinstance(exc, Exception) or fault_message(exc) is None:
+            return None
+        try:
+            error = pickle.loads(pickle.dumps(exc))  # the message, type and fields, without the worker's traceback
+        except Exception:  # noqa: BLE001 - an exception that does not pickle: torch's wrapper it is
+            return None
+        return _WorkerFault(error)
+
+
+class _CarryFaults(Dataset):
+    """A loader's dataset as its workers see it: an ordinary fault becomes a :class:`_WorkerFault` value."""
+
+    def __init__(self, dataset: FolderSamples):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return self.dataset[index]
+        except Exception as exc:
+            fault = _WorkerFault.of(exc)
+            if fault is None:
+                raise
+            return fault
+
+
+class _CarryStreamFaults(IterableDataset):
+    """:class:`_CarryFaults` for a :class:`ShardStream`: the fault is the worker's last item."""
+
+    def __init__(self, dataset: ShardStream):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            yield from self.dataset
+        except Exception as exc:
+            fault = _WorkerFault.of(exc)
+            if fault is None:
+                raise
+            yield fault
 
 
 def _one_thread(_: int) -> None:
@@ -640,12 +729,16 @@ class StreamedLoader:
         common = dict(num_workers=self.workers, pin_memory=pin, worker_init_fn=_one_thread if self.workers else None,
                       persistent_workers=False)
         if self.batches is not None:
-            return DataLoader(self.dataset, batch_sampler=self.batches(self.epoch), collate_fn=_collate, **common)
-        return DataLoader(self.dataset, batch_size=None, **common)
+            return DataLoader(_CarryFaults(self.dataset), batch_sampler=self.batches(self.epoch), collate_fn=_collate,
+                              **common)
+        return DataLoader(_CarryStreamFaults(self.dataset), batch_size=None, **common)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         non_blocking = self.device.type == "cuda"
-        for x, y in self._loader():
+        for batch in self._loader():
+            if isinstance(batch, _WorkerFault):  # bad data met in a worker: the error it raised, as in the main process
+                raise batch.error
+            x, y = batch
             x = x.to(self.device, non_blocking=non_blocking)
             yield self.normalize(x), y.to(self.device, non_blocking=non_blocking)
 
