@@ -4,9 +4,10 @@ from normsam.optim.ascent import ASCENTS, register_momentum_state
 from normsam.optim.groups import param_groups
 from normsam.optim.options import SAMOptions
 from normsam.optim.perturbations import PERTURBATIONS, PerturbationModel, get_perturbation, perturbation
-from normsam.optim.rho_schedules import RhoLambda, RhoSchedule, RhoWarmup
+from normsam.optim.rho_schedules import RhoFollowsLR, RhoLambda, RhoSchedule, RhoWarmup
 from normsam.optim.running_stats import BN_POLICIES, frozen_running_stats, running_stat_modules
 from normsam.optim.sam import SAM
+from normsam.optim.variants import GCSAM, GSAM, WSAM, FriendlySAM, LookSAM
 from normsam.optim.scopes import (
     MASK_SCOPES,
     PARAMETER_SCOPES,
@@ -20,7 +21,13 @@ from normsam.optim.scopes import (
 __all__ = [
     "SAM",
     "SAMOptions",
+    "GSAM",
+    "WSAM",
+    "LookSAM",
+    "FriendlySAM",
+    "GCSAM",
     "RhoSchedule",
+    "RhoFollowsLR",
     "RhoWarmup",
     "RhoLambda",
     "ASCENTS",

@@ -48,6 +48,8 @@ def fresh_epsilon(
     norm_over: str,
     masks: Any = None,
     steps: tuple[int, int] = (0, 0),
+    rho_factor: float = 1.0,
+    packed: bool = True,
 ) -> tuple[list[Tensor | None], Tensor | None, bool]:
     """ε aligned with ``storage.params`` (None where a tensor has no direction), the step's finiteness flag
     (None when nothing had a direction) and whether the element mask was updated. Call it after
@@ -55,13 +57,16 @@ def fresh_epsilon(
 
     ``grads`` / ``extra_grads``: the direction on ``storage.params`` / ``storage.others`` (local tensors);
     ``masks``: the :class:`normsam.optim.masks.ElementMasks` of a mask scope; ``steps``: (SAM steps, fresh
-    ascents) counted so far, this one included, for SSAM-D's schedule."""
+    ascents) counted so far, this one included, for SSAM-D's schedule; ``rho_factor``: the share of each
+    group's ρ this ε takes (a multi-step ascent's sub-steps: 1/k); ``packed=False``: the per-tensor lists even
+    for the flat layout (its packed weights are the backup, so not after the weights have moved)."""
     model: PerturbationModel = storage.perturbation_model
     live = [i for i, g in enumerate(grads) if g is not None]
     extra_live = [j for j, g in enumerate(extra_grads) if g is not None]
-    packed = storage.packed(grads, extra_grads) if masks is None else None
+    packed = storage.packed(grads, extra_grads) if masks is None and packed else None
     if packed is not None:  # SAM-ON's flat vectors: every step of the math is one kernel
-        eps, norm = epsilon_vectorized(packed.grads, packed.weights, model=model, rhos=packed.rhos, eta=eta,
+        rhos = packed.rhos if rho_factor == 1.0 else [r * rho_factor for r in packed.rhos]
+        eps, norm = epsilon_vectorized(packed.grads, packed.weights, model=model, rhos=rhos, eta=eta,
                                        scaled=packed.scaled, groups=[[0]], norm_of=packed.norm_of)
         finite = torch.isfinite(norm if norm is not None else packed.norm_of(packed.grads))
         zero_unless(eps, finite, [[0]], foreach)
@@ -88,7 +93,8 @@ def fresh_epsilon(
     g_live = grads if same else [grads[i] for i in live]
     w_live = storage.data if same else [storage.data[i] for i in live]
     scaled = storage.scaled if same else [storage.scaled[i] for i in live]
-    rhos = [storage.groups_of[i]["rho"] for i in live]  # read every step: ρ may be scheduled
+    rhos = [storage.groups_of[i]["rho"] * rho_factor if rho_factor != 1.0 else storage.groups_of[i]["rho"]
+            for i in live]  # read every step: ρ may be scheduled
     extra_g, extra_w, extra_s = [g for _, _, g in extra], [w for w, _, _ in extra], [s for _, s, _ in extra]
     if foreach:
         live_eps, norm = epsilon_vectorized(

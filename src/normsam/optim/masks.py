@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from normsam.optim.running_stats import RunningStatsFreezer, running_stat_modules
 
 __all__ = ["keep_count", "random_masks", "topk_masks", "drop_and_regrow", "cosine_drop_rate", "fisher_scores",
-           "ElementMasks"]
+           "check_fisher_refresh", "ElementMasks"]
 
 
 def keep_count(total: int, sparsity: float) -> int:
@@ -83,6 +83,15 @@ def cosine_drop_rate(base_rate: float, step: int, total_steps: int) -> float:
     """``base_rate · (1 + cos(π · step / total_steps)) / 2``, clamped at 0 after ``total_steps``."""
     progress = min(step / total_steps, 1.0)
     return base_rate * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def check_fisher_refresh(mask_scope: str | None, scope: Any, model: nn.Module | None) -> None:
+    """``refresh_masks()`` is SSAM-F's, and needs the model."""
+    if mask_scope != "ssam-f":
+        raise ValueError(f"refresh_masks() is for scope='ssam-f'; scope={scope!r} " + (
+            "updates its mask itself every mask_interval steps." if mask_scope == "ssam-d" else "has no data-driven mask."))
+    if model is None:
+        raise ValueError("refresh_masks() needs the model: pass it to SAM as params or model=.")
 
 
 def fisher_scores(model: nn.Module, targets: Sequence[Tensor], batches: Iterable[tuple[Tensor, Tensor]],

@@ -28,10 +28,13 @@ from normsam.optim.rho_schedules import RhoSchedule, as_rho_schedule
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, ScopeSpec
 
-__all__ = ["SAMOptions", "NORM_OVER", "TYPICAL_RHO", "rho_required", "set_group_rho", "check_rho", "option_names", "unknown_option_error", "options_and_base_kwargs",
+__all__ = ["SAMOptions", "NORM_OVER", "VARIANTS", "TYPICAL_RHO", "rho_required", "set_group_rho", "check_rho", "option_names", "unknown_option_error", "options_and_base_kwargs",
            "build_base_optimizer", "signature_with_options"]
 
 NORM_OVER = ("perturbed", "all")
+
+#: SAM itself, and the variants whose descent rule or ascent direction differ (normsam.optim.descent, .transforms).
+VARIANTS = ("sam", "gsam", "wsam", "looksam", "friendly-sam")
 
 #: ρ ranges from the paper's figure (WRN-28-10, CIFAR-100), per perturbation model: (SAM-all, SAM-ON). The reason
 #: ρ has no default: a value that fits one column is far off in the other.
@@ -118,6 +121,22 @@ class SAMOptions:
         rho_schedule: ``None`` (a constant ρ), :class:`normsam.RhoWarmup` ``(steps)``, a callable
             ``step -> factor`` of each group's ρ, or any :class:`normsam.RhoSchedule`
             (:mod:`normsam.optim.rho_schedules`).
+        variant: ``"sam"``, or a variant's descent rule or direction: ``"gsam"`` (``alpha``), ``"wsam"``
+            (``gamma``, ``decouple``), ``"looksam"`` (``alpha``, ``reuse_norms``; its k is ``ascent_interval``),
+            ``"friendly-sam"`` (``sigma``, ``lmbda``). See :mod:`normsam.optim.descent` and
+            :mod:`normsam.optim.transforms`; ``normsam.GSAM`` & co. build them under their own names.
+        alpha: GSAM's weight of the orthogonal component (``None``: 0.4); LookSAM's weight of the reused one (0.7).
+        gamma: WSAM's weight of the sharpness term, in [0, 1) (``None``: 0.9).
+        decouple: WSAM's decoupled form (``None``: True, the paper's default).
+        reuse_norms: LookSAM's norms and cosines: ``"global"`` (``None``; the paper's Algorithm 1) or ``"tensor"``
+            (per tensor, as pytorch_optimizer).
+        sigma, lmbda: Friendly-SAM's σ (``None``: 1) and λ (``None``: 0.9).
+        centralize: GCSAM: centralize the ascent direction's tensors of dim > 1 before ε, with any variant.
+        ascent_steps: a multi-step ascent: k normalized steps of ρ/k each, the direction taken again at each
+            point (k + 1 passes; ``first_step(loss, ascent_loss=...)`` evaluates the loss at the later points).
+        descent_over: what a descent rule (gsam, wsam, looksam) acts on: ``"perturbed"`` (the perturbed tensors,
+            whose ascent gradient SAM-ON's cheap ascent computes anyway) or ``"all"`` (every trainable tensor: the
+            ascent pass then computes every gradient; the same as ``"perturbed"`` for scope="all").
     """
 
     rho: float | None = None
@@ -141,6 +160,16 @@ class SAMOptions:
     layerwise_scaling: str = "additive"
     scaled_tensors: str = "not-bias"
     rho_schedule: RhoSchedule | Callable[[int], float] | None = None
+    variant: str = "sam"
+    alpha: float | None = None
+    gamma: float | None = None
+    decouple: bool | None = None
+    reuse_norms: str | None = None
+    sigma: float | None = None
+    lmbda: float | None = None
+    centralize: bool = False
+    ascent_steps: int = 1
+    descent_over: str = "perturbed"
 
     def __post_init__(self) -> None:
         if self.rho is not None:
@@ -149,6 +178,7 @@ class SAMOptions:
         object.__setattr__(self, "rho_schedule", as_rho_schedule(self.rho_schedule))
         self._check_values()
         self._check_mask_options()
+        self._check_variant()
         if self.ascent == "momentum":
             check_momentum_options(perturbation=self.perturbation, scope=self.scope,
                                    ascent_interval=self.ascent_interval, sync_ascent=self.sync_ascent,
@@ -233,6 +263,62 @@ class SAMOptions:
                 )
             if self.drop_rate is not None and not (_is_number(self.drop_rate) and 0.0 <= self.drop_rate <= 1.0):
                 raise ValueError(f"Invalid drop_rate: {self.drop_rate!r}; it must be a number in [0, 1].")
+
+    def _check_variant(self) -> None:
+        """A variant's options only with it, in range, and only the combinations its definition allows."""
+        if self.variant not in VARIANTS:
+            raise ValueError(f"Invalid variant: {self.variant!r}; use one of {', '.join(map(repr, VARIANTS))}.")
+        users = {"alpha": ("gsam", "looksam"), "gamma": ("wsam",), "decouple": ("wsam",), "reuse_norms": ("looksam",),
+                 "sigma": ("friendly-sam",), "lmbda": ("friendly-sam",)}
+        for name, variants in users.items():
+            if getattr(self, name) is not None and self.variant not in variants:
+                raise ValueError(f"{name}={getattr(self, name)!r} is an option of variant="
+                                 f"{' or '.join(map(repr, variants))}, and variant={self.variant!r} would ignore it.")
+        ranges = [("alpha", 0.0, math.inf, True), ("gamma", 0.0, 1.0, False), ("sigma", 0.0, math.inf, True),
+                  ("lmbda", 0.0, 1.0, True)]
+        for name, low, high, closed in ranges:
+            value = getattr(self, name)
+            if value is not None and not (_is_number(value) and low <= value and (value <= high if closed else value < high)
+                                          and math.isfinite(value)):
+                raise ValueError(f"Invalid {name}: {value!r}; it must be a number in [{low:g}, {high:g}"
+                                 f"{']' if closed else ')'}.")
+        if self.decouple is not None and not isinstance(self.decouple, bool):
+            raise ValueError(f"Invalid decouple: {self.decouple!r}; it must be True or False.")
+        if self.reuse_norms is not None and self.reuse_norms not in ("global", "tensor"):
+            raise ValueError(f"Invalid reuse_norms: {self.reuse_norms!r}; use 'global' (the paper) or 'tensor'.")
+        if not isinstance(self.centralize, bool):
+            raise ValueError(f"Invalid centralize: {self.centralize!r}; it must be True or False.")
+        if not _is_int(self.ascent_steps) or self.ascent_steps < 1:
+            raise ValueError(f"Invalid ascent_steps: {self.ascent_steps!r}; it must be an int >= 1.")
+        if self.descent_over not in ("perturbed", "all"):
+            raise ValueError(f"Invalid descent_over: {self.descent_over!r}; use 'perturbed' or 'all'.")
+        conflicts = [
+            (self.descent_over == "all" and self.variant not in ("gsam", "wsam", "looksam"),
+             f"descent_over='all' chooses what a descent rule acts on, and variant={self.variant!r} has none: drop "
+             "it, or use variant='gsam', 'wsam' or 'looksam'"),
+            (self.variant == "looksam" and self.ascent_interval == 1,
+             "variant='looksam' takes a full SAM step every k-th step, k = ascent_interval, and reuses its "
+             "orthogonal gradient between: set ascent_interval=k > 1 (e.g. 5; normsam.LookSAM(k=...) does)"),
+            (self.variant in ("gsam", "wsam") and self.ascent_interval != 1,
+             f"variant={self.variant!r} combines the gradients at w and at w + ε of every step, and "
+             f"ascent_interval={self.ascent_interval} skips the pass at w: drop ascent_interval"),
+            (self.ascent == "momentum" and (self.variant != "sam" or self.centralize),
+             f"ascent='momentum' takes no pass at w, and {'centralize' if self.centralize else repr(self.variant)} "
+             "works on the gradient at w: use ascent='gradient'"),
+            (self.ascent_steps > 1 and self.ascent == "momentum",
+             "ascent_steps > 1 takes the ascent direction again at each point, and the momentum does not change "
+             "between them: use ascent='gradient'"),
+            (self.ascent_steps > 1 and self.ascent_interval > 1,
+             "ascent_steps > 1 with ascent_interval > 1 (or LookSAM) is not supported: use one of them"),
+            (self.ascent_steps > 1 and self.variant == "friendly-sam",
+             "ascent_steps > 1 would update Friendly-SAM's gradient average at every sub-step: use one of them"),
+            (self.ascent_steps > 1 and self.scope == "ssam-d",
+             "ascent_steps > 1 with scope='ssam-d' is not supported (its mask updates count ascents): use "
+             "scope='random' or 'ssam-f', or one ascent step"),
+        ]
+        for conflict, message in conflicts:
+            if conflict:
+                raise ValueError(message + ".")
 
     # --- what the defaults resolve to -------------------------------------------------------------------
 

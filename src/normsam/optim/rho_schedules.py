@@ -18,6 +18,8 @@ not SAM steps: a warm-up starts with the window.
   (SPEC §1b; ``t + 1`` as in the runner's LR warm-up, so no step is spent at ρ = 0).
 - :class:`RhoLambda`: ``ρ_t = ρ·f(t)`` for any callable ``f`` of the step (a plain callable given to
   ``SAM(rho_schedule=...)`` is taken as this).
+- :class:`RhoFollowsLR`: GSAM's schedule, ρ proportional to the learning rate between two points:
+  ``ρ_t = ρ_min + (ρ − ρ_min)·(lr_t − lr_min)/(lr_max − lr_min)``, ``lr_t`` the group's lr at that step.
 
 Why a warm-up: at the ρ a pilot picks for SAM-ON, some seeds never start to fit (the regime study's
 SAM-ON at ρ = 2.4: one bf16 seed sat at 11–13% training accuracy for 17 epochs); a small ρ while the
@@ -30,7 +32,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["RhoSchedule", "RhoWarmup", "RhoLambda", "as_rho_schedule", "scheduled_rho", "apply_rho_schedule",
+__all__ = ["RhoSchedule", "RhoWarmup", "RhoLambda", "RhoFollowsLR", "as_rho_schedule", "scheduled_rho", "apply_rho_schedule",
            "rho_in_effect"]
 
 
@@ -86,6 +88,31 @@ class RhoLambda:
 
     def __repr__(self) -> str:
         return f"RhoLambda({getattr(self.factor, '__name__', type(self.factor).__name__)})"
+
+
+class RhoFollowsLR:
+    """GSAM's ρ schedule (Zhuang et al. 2022): ρ moves with each group's learning rate, from the group's ρ at
+    ``lr_max`` to ``rho_min`` at ``lr_min``: ``ρ_t = ρ_min + (ρ − ρ_min)·(lr_t − lr_min)/(lr_max − lr_min)``.
+
+    ``lr_max=None``: the group's initial lr (``group["initial_lr"]``, which LR schedulers set; otherwise its lr
+    when the schedule first reads it). The lr is read when the step begins, after the LR scheduler's last step."""
+
+    def __init__(self, rho_min: float = 0.0, lr_min: float = 0.0, lr_max: float | None = None):
+        for name, value in (("rho_min", rho_min), ("lr_min", lr_min), ("lr_max", lr_max)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value < 0):
+                raise ValueError(f"Invalid RhoFollowsLR {name}: {value!r}; it must be a finite number >= 0.")
+        self.rho_min, self.lr_min, self.lr_max = float(rho_min), float(lr_min), lr_max
+
+    def rho(self, step: int, base_rho: float, group: Mapping[str, Any]) -> float:
+        lr_max = self.lr_max if self.lr_max is not None else group.setdefault("initial_lr", group["lr"])
+        if lr_max <= self.lr_min:
+            return base_rho
+        share = (float(group["lr"]) - self.lr_min) / (lr_max - self.lr_min)
+        return self.rho_min + (base_rho - self.rho_min) * share
+
+    def __repr__(self) -> str:
+        return f"RhoFollowsLR(rho_min={self.rho_min:g}, lr_min={self.lr_min:g})"
 
 
 def as_rho_schedule(schedule: RhoSchedule | Callable[[int], float] | None) -> RhoSchedule | None:

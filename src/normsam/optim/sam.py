@@ -33,13 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from normsam.optim.ascent import StoredEpsilon, make_ascent
 from normsam.optim.counters import StepCounters
-from normsam.optim.epsilon import fresh_epsilon
+from normsam.optim.ascent_step import build_ascent_step
 from normsam.optim.groups import ScopeSplit
 from normsam.optim.guards import (FRAMEWORK_CLOSURE, check_loadable, is_framework_closure, no_pass_wanted,
                                   returned_loss, warn_if_eval_mode)
-from normsam.optim.masks import ElementMasks, fisher_scores
+from normsam.optim.masks import ElementMasks, check_fisher_refresh, fisher_scores
 from normsam.optim.options import (SAMOptions, build_base_optimizer, check_rho, option_names, options_and_base_kwargs,
                                    set_group_rho, signature_with_options)
 from normsam.optim.perturbations import get_perturbation
@@ -105,12 +104,17 @@ class SAM(torch.optim.Optimizer):
         self.mask_scope = split.mask_scope  # random, ssam-f, ssam-d: element masks (None: whole tensors)
         self.options, self.model, self.grad_scaler = options, model, grad_scaler  # (options: read-only from here)
         self._split, self._sharding = split, sharding
-        self.ascent_source = make_ascent(options.ascent, base, foreach=options.resolved_foreach,
-                                         sync_ascent=options.sync_ascent)
-        self._stored = StoredEpsilon(options.ascent_interval)
         self._masks = None if split.mask_scope is None else ElementMasks(
             split.mask_scope, options.sparsity, interval=options.mask_interval, total_steps=options.mask_total_steps,
             drop_rate=options.resolved_drop_rate, seed=options.mask_seed)
+        self._ascent = build_ascent_step(options, base, self._masks)  # source, transforms, ε, descent rule
+        self.ascent_source, self._descent = self._ascent.source, self._ascent.descent
+        # a descent rule acts on .grad right before the base optimizer's step, whoever calls it (second_step, a
+        # GradScaler, a framework), and (WSAM decoupled) right after it
+        self._pending = self._fresh_step = False
+        if self._descent.name != "sam":
+            base.register_step_pre_hook(self._before_base_step)
+            base.register_step_post_hook(self._after_base_step)
         self._running_stats = RunningStatsSwap(running_stat_modules(model)) if bn_policy == "freeze" else None
         self.counters = StepCounters()
         self._storage: PerturbedTensors | None = None
@@ -187,10 +191,11 @@ class SAM(torch.optim.Optimizer):
         """Whether the next :meth:`first_step` needs an ascent pass at w: always, but on the steps that reuse ε
         (``ascent_interval > 1``) and with ``ascent="momentum"``. On those, call ``first_step()`` without a
         loss and skip the first forward-backward pass."""
-        return self.ascent_source.needs_pass and self._stored.is_fresh(self.counters["sam_steps"])
+        return self._ascent.needs_pass(self.counters["sam_steps"])
 
     @torch.no_grad()
-    def first_step(self, loss: Tensor | None = None, zero_grad: bool = False, *, grad_scaler: Any = None) -> None:
+    def first_step(self, loss: Tensor | None = None, zero_grad: bool = False, *, grad_scaler: Any = None,
+                   ascent_loss: Callable[[], Tensor | None] | None = None) -> None:
         """Perturb the scope: ``w_S ← w_S + ε``, with no host sync (but SSAM-D's mask updates): a non-finite
         ascent gradient gives ε = 0, decided on the device and counted in ``counters["nonfinite_ascent_steps"]``.
 
@@ -201,47 +206,49 @@ class SAM(torch.optim.Optimizer):
             zero_grad: zero every gradient afterwards, ready for the second backward pass.
             grad_scaler: a ``GradScaler`` (or a number) whose scale the ascent gradient carries, for frameworks
                 that own the scaler's step (otherwise give it to SAM once).
+            ascent_loss: ``ascent_steps > 1``: evaluates the ascent loss at the current (perturbed) weights, for
+                the later ascent steps (or runs its backward and returns ``None``: then ``.grad`` is read).
         """
         if not self._eval_mode_checked:  # once: the check costs a module walk
             self._eval_mode_checked = warn_if_eval_mode(self.model)
         if self._perturbed:
             raise ValueError("first_step() called twice: call second_step() (or restore()) to undo the "
                              "perturbation before the next first_step().")
-        fresh = self.needs_ascent or not self.ascent_source.needs_pass  # (the momentum: fresh, without a pass)
+        fresh = self._ascent.is_fresh(self.counters["sam_steps"])  # (the momentum: fresh, without a pass)
         if loss is not None and not self.needs_ascent:
             raise no_pass_wanted("ascent='momentum' perturbs along the momentum" if fresh else
                                  f"this step reuses the last ε (ascent_interval={self.options.ascent_interval})")
+        if fresh and self.options.ascent_steps > 1 and ascent_loss is None:
+            raise ValueError(f"ascent_steps={self.options.ascent_steps} takes the ascent direction again at each "
+                             "point: pass first_step(loss, ascent_loss=...) with a callable that evaluates the ascent "
+                             "loss at the current weights (or use step(closure)).")
         storage = self.storage
         if self._masks is not None:
             self._masks.check_ready(storage.params)
         storage.begin()
         self._apply_rho_schedule()
-        eps = self._fresh_epsilon(storage, loss, grad_scaler) if fresh else self._reused_epsilon(storage)
-        if self._running_stats is not None:
-            self._running_stats.save()
-        storage.perturb(eps)
-        self._perturbed = True
+        scaler = grad_scaler if grad_scaler is not None else self.grad_scaler
+        with self.restore_on_error():  # (an error in a multi-step ascent's later passes leaves w, not w + ε)
+            self._fresh_step = self._ascent.perturb(storage, loss, scaler, self.counters, ascent_loss,
+                                                    on_perturbed=self._perturbed_now)
+        self._pending = True
         if zero_grad:
             self.zero_grad()
 
-    def _fresh_epsilon(self, storage: PerturbedTensors, loss: Tensor | None, grad_scaler: Any) -> list[Tensor | None]:
-        scaler = grad_scaler if grad_scaler is not None else self.grad_scaler
-        grads, extra = self.ascent_source.direction(storage, loss, scaler)
-        counters = self.counters
-        counters["sam_steps"] += 1
-        counters["ascent_steps"] += 1
-        eps, finite, mask_updated = fresh_epsilon(
-            storage, grads, extra, eta=self.eta, foreach=self.options.resolved_foreach,
-            norm_over=self.options.norm_over, masks=self._masks, steps=(counters["sam_steps"], counters["ascent_steps"]))
-        counters["mask_updates"] += mask_updated
-        if finite is not None:
-            counters.count_nonfinite(finite)
-        self._stored.keep(eps, storage.params)
-        return eps
+    def _perturbed_now(self) -> None:
+        """The weights were just perturbed: the second pass's running statistics are to be discarded from here."""
+        if self._running_stats is not None:
+            self._running_stats.save()
+        self._perturbed = True
 
-    def _reused_epsilon(self, storage: PerturbedTensors) -> list[Tensor | None]:
-        self.counters["sam_steps"] += 1
-        return self._stored.epsilon_for(storage.params)
+    def _before_base_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._pending:
+            self._descent.before_base_step(self._storage, self._ascent.descent_set(self._storage), self._fresh_step)
+
+    def _after_base_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._pending:
+            self._descent.after_base_step(self._storage, self._ascent.descent_set(self._storage))
+            self._pending = False
 
     def _apply_rho_schedule(self) -> None:
         """Each group's ρ for the next SAM step (the schedule's, from ``counters["sam_steps"]``), checked."""
@@ -308,8 +315,8 @@ class SAM(torch.optim.Optimizer):
                     if loss is None:
                         return None
                     raise ValueError(FRAMEWORK_CLOSURE)
-                returned_loss(loss)
-                self.first_step(zero_grad=True)
+                returned_loss(loss)  # (ascent_steps > 1: each later ascent pass is a backward of the closure too)
+                self.first_step(zero_grad=True, ascent_loss=lambda: (self.zero_grad(), closure(), None)[2])
                 closure()
             self.second_step()
             return loss
@@ -351,19 +358,12 @@ class SAM(torch.optim.Optimizer):
 
     def refresh_masks(self, batches: Iterable[tuple[Tensor, Tensor]], *,
                       loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
-        """SSAM-F: set the mask to the top-k elements of the empirical Fisher ``Σ g²`` over ``batches``.
-
-        Each batch contributes the square of its mean-loss gradient; feed batches of size 1 for the per-sample
-        empirical Fisher. Running statistics are left as they were. Unlike a SAM step, this waits for the device
-        (the top-k runs on the host)."""
-        if self.mask_scope != "ssam-f":
-            raise ValueError(f"refresh_masks() is for scope='ssam-f'; scope={self.scope!r} " + (
-                "updates its mask itself every mask_interval steps." if self.mask_scope == "ssam-d"
-                else "has no data-driven mask."))
-        if self.model is None:
-            raise ValueError("refresh_masks() needs the model: pass it to SAM as params or model=.")
+        """SSAM-F: set the mask to the top-k elements of the empirical Fisher ``Σ g²`` over ``batches`` (each
+        batch's mean-loss gradient squared; batches of size 1 give the per-sample Fisher), running statistics
+        left as they were. Unlike a SAM step, this waits for the device (the top-k runs on the host)."""
         if self._perturbed:
             raise ValueError("refresh_masks() during a SAM step: call it before first_step() or after second_step().")
+        check_fisher_refresh(self.mask_scope, self.scope, self.model)
         targets = self.storage.params
         self._masks.set_topk(targets, fisher_scores(self.model, targets, batches, loss_fn or F.cross_entropy))
         self.counters["mask_updates"] += 1
@@ -378,8 +378,8 @@ class SAM(torch.optim.Optimizer):
         state = self.base_optimizer.state_dict()
         index = {id(p): i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
         masks = self._masks.state_dict(index) if self._masks is not None else {"masks": {}, "mask_generator": None}
-        state["sam"] = {**masks, "counters": dict(self.counters), "epsilon": self._stored.state_dict(index),
-                        "base": type(self.base_optimizer).__name__}
+        state["sam"] = {**masks, "counters": dict(self.counters), "epsilon": self._ascent.stored.state_dict(index),
+                        "base": type(self.base_optimizer).__name__, "ascent": self._ascent.state_dict(index)}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -393,7 +393,7 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups  # load_state_dict made new group dicts
         self._storage = None
-        self._stored.clear()
+        self._ascent.stored.clear()
         if sam_state is not None:
             counters = dict(sam_state["counters"])
             counters.setdefault("ascent_steps", counters["sam_steps"])  # checkpoints from before ascent_interval
@@ -401,7 +401,8 @@ class SAM(torch.optim.Optimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             if self._masks is not None and sam_state.get("mask_generator") is not None:
                 self._masks.load_state_dict(sam_state, params)
-            self._stored.load_state_dict(sam_state.get("epsilon"), params, self.storage.params)
+            self._ascent.stored.load_state_dict(sam_state.get("epsilon"), params, self.storage.params)
+            self._ascent.load_state_dict(sam_state.get("ascent"), params)
         self._apply_rho_schedule()  # at the restored step: a schedule goes on where it stopped
 
     def __repr__(self) -> str:
@@ -412,6 +413,7 @@ class SAM(torch.optim.Optimizer):
             f"scope={self.scope!r}, rho={rho_in_effect(self.param_groups)}, eta={self.eta}, "
             f"perturbed={sum(p.numel() for p, _, _ in entries):,}/{total:,}"
             + (f", rho_schedule={self.rho_schedule!r}" if self.rho_schedule is not None else "")
+            + (f", {self._ascent!r}" if repr(self._ascent) else "")
             + (f", ascent={self.options.ascent!r})" if self.options.ascent != "gradient" else ")")
             + self._no_model_note()
         )

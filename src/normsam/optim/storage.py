@@ -84,6 +84,7 @@ class PerturbedTensors:
         self.params = [p for p, _, _ in entries]
         self.groups_of = [g for _, g, _ in entries]  # for each tensor's ρ, read every step (schedulable)
         self.others = [p for p, _, _ in others]
+        self._group_of = {p: g for p, g, _ in [*entries, *others]}  # each tensor's param group (lr, ρ)
         self.scaled, self.others_scaled = scaled, others_scaled
         self.any_scaled = any(scaled) or any(others_scaled)
         self.foreach = foreach
@@ -132,6 +133,23 @@ class PerturbedTensors:
         """The ascent gradient in a layout of this storage's own, or None for the per-tensor lists."""
         return None
 
+    # --- what descent rules read (normsam.optim.descent) -----------------------------------------------
+
+    def current_grads(self, params: Sequence[Tensor]) -> list[Tensor | None]:
+        """The ``.grad`` of ``params`` as it is now (after the second pass), local tensors."""
+        return [p.grad for p in params]
+
+    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """Σ x·y over the pairs (local tensors aligned with ``params``), a 0-d float64 tensor."""
+        device = xs[0].device if xs else torch.device("cpu")
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for x, y in zip(xs, ys):
+            total = total + torch.sum(x.to(torch.float64) * y.to(torch.float64)).to(device)
+        return total
+
+    def learning_rates(self, params: Sequence[Tensor]) -> list[float]:
+        return [float(self._group_of[p]["lr"]) for p in params]
+
     # --- perturb and restore -------------------------------------------------------------------------
 
     def begin(self) -> None:
@@ -151,6 +169,13 @@ class PerturbedTensors:
             if idx:
                 self._save(idx)
                 add_([self.data[i] for i in idx], [eps[i] for i in idx], self.foreach)
+
+    def add(self, eps: list[Tensor | None]) -> None:
+        """Add a further ε to the tensors this step already perturbed (a multi-step ascent's later steps)."""
+        for idx in self._live_groups:
+            live = [i for i in idx if eps[i] is not None]
+            if live:
+                add_([self.data[i] for i in live], [eps[i] for i in live], self.foreach)
 
     def _save(self, idx: list[int], whole: bool = False) -> None:
         if whole:
@@ -223,7 +248,9 @@ def perturbed_tensors(param_groups: Sequence[dict[str, Any]], options: Any, pert
     rule: ``normalize_bias``, ``scaled_tensors``); ``masked``: an element-mask scope."""
     foreach = options.resolved_foreach
     entries = entries_of(param_groups, True)
-    others = entries_of(param_groups, False) if options.norm_over == "all" else []
+    # the others' gradients enter ε's norm (norm_over="all") or a descent rule (descent_over="all")
+    wants_others = options.norm_over == "all" or getattr(options, "descent_over", "perturbed") == "all"
+    others = entries_of(param_groups, False) if wants_others else []
     if not entries:
         raise ValueError(
             "SAM has no trainable tensor to perturb: every tensor of the perturbed groups has requires_grad=False "
