@@ -420,3 +420,109 @@ def test_gsams_rho_follows_the_learning_rate():
         sam.second_step(zero_grad=True)
         scheduler.step()
     assert seen == pytest.approx([0.2, 0.155, 0.11, 0.065])  # 0.02 + 0.18 * lr/0.1
+
+
+# --- BSAM: its own optimizer -------------------------------------------------------------------------------
+
+
+def bsam_reference(steps: int, *, num_data=100, lr=0.05, betas=(0.9, 0.999), decay=1e-3, rho=0.02, damping=0.1,
+                   seed=0):
+    """The authors' bSAM step (team-approx-bayes/bayesian-sam, build_bsam_optimizer), on SAM-all, written out."""
+    model = mlp()
+    params = list(model.parameters())
+    gen = torch.Generator().manual_seed(seed)
+    s = [torch.ones_like(p) for p in params]
+    m = [torch.zeros_like(p) for p in params]
+    for t in range(steps):
+        w = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, si in zip(params, s):
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype) / (num_data * si).sqrt())
+        g = _grads(model, mlp_batch(t))
+        with torch.no_grad():
+            for p, wi, gi, si in zip(params, w, g, s):
+                p.copy_(wi + rho * gi / si)
+        g_p = _grads(model, mlp_batch(t))
+        with torch.no_grad():
+            for i, (p, wi) in enumerate(zip(params, w)):
+                p.copy_(wi)
+                m[i] = betas[0] * m[i] + (1 - betas[0]) * (g_p[i] + decay * p)
+                p.sub_(lr * m[i] / s[i])
+                s[i] = betas[1] * s[i] + (1 - betas[1]) * (s[i].sqrt() * g[i].abs() + damping + decay)
+    return model
+
+
+def _bsam_steps(opt, model, steps):
+    for t in range(steps):
+        def closure(t=t):
+            loss = _loss(model, mlp_batch(t))
+            loss.backward()
+            return loss
+        opt.step(closure)
+        opt.zero_grad()
+
+
+def test_bsam_follows_the_authors_algorithm():
+    model = mlp()
+    opt = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, weight_decay=1e-3, rho=0.02)
+    _bsam_steps(opt, model, STEPS)
+    torch.testing.assert_close(flat(model), flat(bsam_reference(STEPS)), atol=1e-12, rtol=0)
+
+
+def test_bsam_resumes_exactly_and_refuses_bad_settings():
+    straight = mlp()
+    _bsam_steps(normsam.BSAM(straight.parameters(), num_data=100, lr=0.05, rho=0.02), straight, 4)
+    model = mlp()
+    first = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, rho=0.02)
+    _bsam_steps(first, model, 2)
+    state = copy.deepcopy(first.state_dict())
+    resumed = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, rho=0.02, seed=99)
+    resumed.load_state_dict(state)
+    for t in range(2, 4):
+        def closure(t=t):
+            loss = _loss(model, mlp_batch(t))
+            loss.backward()
+            return loss
+        resumed.step(closure)
+        resumed.zero_grad()
+    assert torch.equal(flat(model), flat(straight))
+    with pytest.raises(ValueError, match=r"Invalid num_data: 0; it is N, the number of training examples"):
+        normsam.BSAM(model.parameters(), num_data=0)
+    with pytest.raises(ValueError, match=r"needs a closure"):
+        normsam.BSAM(model.parameters(), num_data=10).step(None)
+
+
+def test_bsam_on_perturbs_the_norm_layers_only():
+    model = make_cnn()
+    opt = normsam.BSAM(model, num_data=50, lr=0.01, rho=0.05)
+    assert "perturbed=16/" in repr(opt)
+    moved = {}
+
+    def closure():
+        moved.setdefault("conv", model.conv1.weight.detach().clone())
+        moved.setdefault("bn", model.bn1.weight.detach().clone())
+        loss = _loss(model, make_batch())
+        loss.backward()
+        return loss
+
+    w_conv, w_bn = model.conv1.weight.detach().clone(), model.bn1.weight.detach().clone()
+    opt.step(closure)
+    assert torch.equal(moved["conv"], w_conv) and not torch.equal(moved["bn"], w_bn)  # noise on the scope only
+
+
+def test_bsam_differs_from_pytorch_optimizers_which_updates_at_the_perturbed_point():
+    """pytorch_optimizer's BSAM leaves noise and ε in the weights and squares the precision's update; with the
+    noise made negligible (a huge N) one step shows it."""
+    ours, theirs = mlp(), mlp()
+    _bsam_steps(normsam.BSAM(ours.parameters(), num_data=10**12, lr=0.05, rho=0.05, weight_decay=1e-4), ours, 1)
+    peer = po.BSAM(theirs.parameters(), num_data=10**12, lr=0.05, rho=0.05, weight_decay=1e-4, foreach=False)
+
+    def closure():
+        peer.zero_grad()
+        loss = _loss(theirs, mlp_batch(0))
+        loss.backward()
+        return loss
+
+    closure()  # the peer creates its state only for tensors that already have a gradient
+    peer.step(closure)
+    assert (flat(ours) - flat(theirs)).abs().max() > 1e-3

@@ -1,6 +1,7 @@
 """The optimizer side of normsam: the SAM wrapper, perturbation models, scopes, masks, running statistics."""
 
 from normsam.optim.ascent import ASCENTS, register_momentum_state
+from normsam.optim.bsam import BSAM
 from normsam.optim.groups import param_groups
 from normsam.optim.options import SAMOptions
 from normsam.optim.perturbations import PERTURBATIONS, PerturbationModel, get_perturbation, perturbation
@@ -26,6 +27,7 @@ __all__ = [
     "LookSAM",
     "FriendlySAM",
     "GCSAM",
+    "BSAM",
     "RhoSchedule",
     "RhoFollowsLR",
     "RhoWarmup",
