@@ -110,11 +110,12 @@ def sam_step(model, sam, x, y, ascent: str, plain_grads: bool = False) -> None:
         sam.second_step(zero_grad=True)
         return
     loss = F.cross_entropy(model(x), y)
-    if ascent == "cheap":
-        sam.first_step(loss, zero_grad=True)
+    if ascent == "cheap":  # (ascent_loss: a multi-step ascent's later passes, at the point reached)
+        sam.first_step(loss, zero_grad=True, ascent_loss=lambda: F.cross_entropy(model(x), y))
     else:
         loss.backward()
-        sam.first_step(zero_grad=True)
+        sam.first_step(zero_grad=True, ascent_loss=lambda: (sam.zero_grad(), F.cross_entropy(model(x), y).backward(),
+                                                            None)[2])
     F.cross_entropy(model(x), y).backward()
     if plain_grads:
         average_plain_grads(model)
@@ -422,6 +423,20 @@ def register_cases() -> None:
     CASES["eq-momentum-adamw"] = lambda mesh: equivalence(mesh, perturbation="asam", ascent="momentum", base="adamw")
     CASES["mixed-momentum"] = lambda mesh: equivalence(mesh, perturbation="sam", ascent="momentum", scope="all",
                                                        leave_norms_plain=True)
+    variants = {  # SAM's variants (issue 25): their descent rules' global dot products, their states' local shards
+        "gsam": dict(variant="gsam", alpha=0.4), "wsam": dict(variant="wsam", gamma=0.8),
+        "wsam-coupled": dict(variant="wsam", gamma=0.6, decouple=False),
+        "looksam": dict(variant="looksam", ascent_interval=2, alpha=0.7),
+        "friendly": dict(variant="friendly-sam", sigma=1.0, lmbda=0.9), "gc": dict(centralize=True),
+        "multistep": dict(ascent_steps=2),
+    }
+    for name, options in variants.items():
+        for ascent in ("cheap", "classic"):
+            for scope in ("norm", "all"):
+                CASES[f"var-{name}-{ascent}-{scope}"] = lambda mesh, o=options, a=ascent, s=scope: equivalence(
+                    mesh, perturbation="sam", ascent=a, scope=s, **o)
+    CASES["var-gsam-over-all"] = lambda mesh: equivalence(mesh, scope="norm", variant="gsam", descent_over="all")
+    CASES["var-gsam-mixed"] = lambda mesh: equivalence(mesh, scope="all", variant="gsam", leave_norms_plain=True)
     CASES["accumulation"] = accumulation
     CASES["mixed_precision"] = mixed_precision
     CASES["issue_report"] = issue_report

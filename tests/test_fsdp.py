@@ -69,6 +69,20 @@ def test_fsdp2_step_equals_the_one_process_step(results, name):
     assert record["base_state"] > 0  # the base optimizer's state (momentum, Adam moments) took part
 
 
+VARIANTS = [f"var-{name}-{ascent}-{scope}" for name in ("gsam", "wsam", "wsam-coupled", "looksam", "friendly", "gc",
+                                                          "multistep")
+            for ascent in ("cheap", "classic") for scope in ("norm", "all")] + ["var-gsam-over-all", "var-gsam-mixed"]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_each_variant_on_fsdp2_equals_the_one_process_step(results, name):
+    """GSAM, WSAM, LookSAM, Friendly-SAM, GCSAM and the multi-step ascent on FSDP2 shards (issue 25): the same
+    steps as in one process on the whole batch."""
+    record = _case(results, name)
+    assert record["diff"] < TOL, {k: v for k, v in record.items() if k != "params"}
+    assert record["sam_vs_sgd"] > 1e-2
+
+
 FSDP_RECORD = json.loads((ROOT / "tests" / "data" / "fsdp_regression.json").read_text())
 
 
