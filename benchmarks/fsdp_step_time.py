@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
 import normsam
+from normsam.train.setup import close_process_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from fsdp_sam_on import TinyLlama, batch, shard  # noqa: E402
@@ -190,8 +191,10 @@ def main() -> None:
             print(f"| {name} | {ms:.1f} | {ms / base_ms:.2f} | {extra() / 2**10:.2f} KiB |")
         for name, why in failed.items():
             print(f"| {name} | fails on FSDP2 shards: {why} | | |")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+    # not destroy_process_group() alone: the sharded models' meshes still hold the group, and a gloo worker
+    # that frees a collective's tensors once the interpreter is finalizing aborts the process
+    close_process_group()

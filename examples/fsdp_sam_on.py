@@ -127,8 +127,10 @@ def main() -> None:
     backup = sum(p.to_local().numel() * p.element_size() for p in sam.storage.params)
     if rank == 0:
         print(f"done: {args.steps} SAM-ON steps on {world} processes; SAM's backup on rank 0: {backup} bytes")
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
+    from normsam.train.setup import close_process_group
+
     main()
+    close_process_group()  # joins gloo's threads before the interpreter finalizes (a rank could abort at exit)

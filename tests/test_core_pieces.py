@@ -370,3 +370,15 @@ def test_rho_is_required_with_the_typical_ranges_of_the_perturbation_model():
     with pytest.raises(ValueError, match="rho is required"):
         sam.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "perturb": True,
                              "param_names": ["extra.weight"]})
+
+
+def test_ascent_inputs_name_every_tensor_whose_ascent_gradient_is_read():
+    """norm_over='all' (the norm) and descent_over='all' (a descent rule) read the other tensors' ascent gradients
+    too: a cheap ascent by hand (backward(inputs=sam.ascent_inputs())) must compute them (issue 26: the runner's
+    norm_over='all' silently took the norm over the norm layers only)."""
+    model = make_cnn()
+    norm = {id(p) for p in (model.bn1.weight, model.bn1.bias, model.gn.weight, model.gn.bias)}
+    assert {id(p) for p in normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1).ascent_inputs()} == norm
+    for options in (dict(norm_over="all"), dict(variant="gsam", descent_over="all")):
+        inputs = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, **options).ascent_inputs()
+        assert {id(p) for p in inputs} == {id(p) for p in model.parameters()}, options

@@ -180,3 +180,52 @@ def test_sam_without_the_mixin_or_with_it_in_the_wrong_place_is_refused(tmp_path
     with pytest.raises(ValueError, match=r"got Lightning's training closure.*class Model\(SAMModule, LightningModule\)"):
         trainer(tmp_path, max_steps=1).fit(module, data())
     assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), net().parameters()))
+
+
+class VariantNet(Net):
+    """``configure_optimizers`` returns one of SAM's variants, built on the module itself."""
+
+    def __init__(self, build):
+        super().__init__()
+        self.build = build
+
+    def configure_optimizers(self):
+        sam = self.build(self)
+        return {"optimizer": sam, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(
+            sam, lambda step: 1.0 / (1 + step)), "interval": "step"}}
+
+
+VARIANTS = {
+    "gsam": lambda m: normsam.GSAM(m, torch.optim.AdamW, rho=0.5, lr=1e-2, alpha=0.4, rho_min=0.1),
+    "looksam": lambda m: normsam.LookSAM(m, torch.optim.AdamW, rho=0.5, lr=1e-2, k=2),
+}
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_a_sam_variant_in_configure_optimizers_matches_a_plain_loop(tmp_path, name):
+    build = VARIANTS[name]
+    module = VariantNet(build)
+    trainer(tmp_path).fit(module, data())
+    sam = module.optimizers().optimizer
+    assert sam.options.variant == name and module.trainer.global_step == STEPS == sam.counters["sam_steps"]
+    assert module.passes == (["ascent", "second"] * STEPS if name == "gsam" else ["ascent", "second", "single"] * 3)
+
+    model = net()  # the same training in a plain loop, the variant built on the bare network
+    sam = build(model)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(sam, lambda step: 1.0 / (1 + step))
+    batches = list(data())
+    for step in range(STEPS):
+        x, y = batches[step % len(batches)]
+        sam.first_step(F.mse_loss(model(x), y)) if sam.needs_ascent else sam.first_step()
+        F.mse_loss(model(x), y).backward()
+        sam.second_step(zero_grad=True)
+        scheduler.step()
+    torch.testing.assert_close(flat(module.net), flat(model), rtol=0, atol=1e-6)
+
+
+def test_a_multi_step_ascent_is_refused_when_the_optimizer_is_first_checked(tmp_path):
+    module = VariantNet(lambda m: normsam.SAM(m, torch.optim.AdamW, rho=0.5, lr=1e-2, ascent_steps=2))
+    with pytest.raises(ValueError, match=r"SAMModule does not support ascent_steps=2: a multi-step ascent evaluates "
+                                         r"the loss again at each of its 2 points"):
+        trainer(tmp_path, max_steps=1).fit(module, data())
+    assert all(torch.equal(a, b) for a, b in zip(module.net.parameters(), net().parameters()))

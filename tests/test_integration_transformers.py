@@ -160,3 +160,63 @@ def test_a_ready_sam_can_be_passed_and_other_optimizers_are_refused(tmp_path):
 def test_sam_options_are_checked_when_the_trainer_is_built_not_when_it_trains(tmp_path, sam, message):
     with pytest.raises(ValueError, match=message):
         SAMTrainer(model=llama(), args=arguments(tmp_path), train_dataset=TokenData(), sam=sam)
+
+
+def test_a_sam_variant_trains_through_the_trainer(tmp_path, monkeypatch):
+    """sam=dict(variant="gsam", ...): GSAM's descent rule acts in the base optimizer's step, once per step."""
+    from normsam.optim.descent import GSAMDescent
+
+    applied = []
+    original = GSAMDescent.before_base_step
+    monkeypatch.setattr(GSAMDescent, "before_base_step",
+                        lambda self, *args: (applied.append(self.alpha), original(self, *args))[1])
+    common = dict(max_steps=2, save_strategy="no")
+    gsam, sam = llama(), llama()
+    trainer = SAMTrainer(model=gsam, args=arguments(tmp_path / "a", **common), train_dataset=TokenData(),
+                         sam=dict(variant="gsam", alpha=0.4, rho=0.05))
+    trainer.train()
+    assert trainer.sam.options.variant == "gsam" and "gsam(alpha=0.4)" in repr(trainer.sam)
+    assert trainer.sam.counters["sam_steps"] == 2 and applied == [0.4, 0.4] and not trainer.sam.is_perturbed
+    SAMTrainer(model=sam, args=arguments(tmp_path / "b", **common), train_dataset=TokenData(),
+               sam=dict(rho=0.05)).train()
+    assert torch.isfinite(flat(gsam)).all() and not torch.allclose(flat(gsam), flat(sam), rtol=0, atol=1e-6)
+
+
+def test_a_multi_step_ascent_is_refused_with_the_reason(tmp_path):
+    message = r"SAMTrainer does not support ascent_steps=2: a multi-step ascent evaluates the loss again"
+    with pytest.raises(ValueError, match=message):  # sam=dict(...): when the Trainer is built
+        SAMTrainer(model=llama(), args=arguments(tmp_path), train_dataset=TokenData(),
+                   sam=dict(rho=0.5, ascent_steps=2))
+    model = llama()
+    ready = normsam.SAM(model, torch.optim.AdamW, lr=1e-2, rho=0.5, ascent_steps=2)
+    with pytest.raises(ValueError, match=message):  # a ready SAM: when it is first checked
+        SAMTrainer(model=model, args=arguments(tmp_path), train_dataset=TokenData(), optimizers=(ready, None))
+
+
+def test_a_descent_rule_on_several_processes_needs_sync_ascent():
+    from normsam.integrations._checks import check_sam_options
+
+    gsam = normsam.SAMOptions(rho=0.05, variant="gsam")
+    with pytest.raises(ValueError, match=r"SAMTrainer: variant='gsam' on 2 processes needs sync_ascent=True"):
+        check_sam_options(gsam, "SAMTrainer", world_size=2)
+    check_sam_options(gsam.replace(sync_ascent=True), "SAMTrainer", world_size=2)
+    check_sam_options(gsam, "SAMTrainer", world_size=1)
+    check_sam_options(normsam.SAMOptions(rho=0.05, variant="friendly-sam"), "SAMTrainer", world_size=2)
+
+
+def test_descent_over_all_gets_every_ascent_gradient(tmp_path, monkeypatch):
+    from normsam.optim.descent import GSAMDescent
+
+    seen = []
+    original = GSAMDescent.remember
+    monkeypatch.setattr(GSAMDescent, "remember",
+                        lambda self, params, grads: (seen.append(sum(g is not None for g in grads)),
+                                                     original(self, params, grads))[1])
+    model = llama()
+    SAMTrainer(model=model, args=arguments(tmp_path, max_steps=1, save_strategy="no"), train_dataset=TokenData(),
+               sam=dict(variant="gsam", descent_over="all", rho=0.05)).train()
+    assert seen == [sum(p.requires_grad for p in model.parameters())]
+    from normsam.integrations._checks import check_sam_options  # sync_ascent averages the others' too: allowed
+
+    check_sam_options(normsam.SAMOptions(rho=0.05, variant="gsam", descent_over="all", sync_ascent=True),
+                      "SAMTrainer", world_size=2)

@@ -32,6 +32,14 @@ step that reuses ε (``ascent_interval``) there is no ascent pass: the mixin per
 runs the closure once at :math:`w + \varepsilon` (:attr:`SAMModule.sam_pass` is ``"single"``, its logs are
 kept), then restores and steps.
 
+SAM's variants run as SAM does, e.g. ``normsam.GSAM(self, torch.optim.AdamW, rho=0.05, lr=1e-3)`` (or
+``normsam.SAM(..., variant="gsam")``) in ``configure_optimizers``: a descent rule (GSAM, WSAM, LookSAM) rewrites
+the gradients inside the base optimizer's step, after Lightning's clipping of the second pass's gradient;
+LookSAM's steps between its full ones are single passes, as a reused ε. ``ascent_steps > 1`` is refused when
+the optimizer is first checked (a multi-step ascent evaluates the loss again at each point, and the mixin runs
+``training_step`` once for the ascent; manual optimization can pass ``first_step(loss, ascent_loss=...)``),
+and so is a descent rule on several processes without ``sync_ascent=True``.
+
 With ``accumulate_grad_batches > 1``, only ``ascent="momentum"`` is supported: the mixin perturbs in
 ``on_train_batch_start`` before a step's first micro-batch (an override of that hook must call ``super()``),
 so each micro-batch is one pass at :math:`w + \varepsilon`.

@@ -29,6 +29,14 @@ With ``sam=dict(ascent="momentum")`` (Momentum-SAM: ε from the optimizer's mome
 first micro-batch of the step perturbs :math:`w_S`, every micro-batch runs once at :math:`w + \varepsilon`
 (one forward-backward each, the logged loss is this one) and ``optimizer.step()`` restores and steps.
 
+SAM's variants run as SAM does: ``sam=dict(variant="gsam", alpha=0.4, rho=0.05)`` (or a ready
+``normsam.GSAM(model, torch.optim.AdamW, ...)`` in ``optimizers=``); a descent rule (GSAM, WSAM, LookSAM) rewrites
+the gradients inside the base optimizer's step, which ``optimizer.step()`` reaches, after the Trainer's clipping
+of the second pass's gradient. LookSAM's steps between its full ones take no ascent pass, as a reused ε.
+``ascent_steps > 1`` is refused (a multi-step ascent evaluates the loss again at each point, and the Trainer
+runs ``training_step`` once for the ascent), and so is a descent rule on several processes without
+``sync_ascent=True`` (each process's own ascent gradient would make the replicas drift apart).
+
 So the perturbation is the one a single large batch would give; the micro-batches' inputs are kept on the
 device until the step ends (token ids: small). Under DDP the ascent is each worker's own (SAM's default; pass
 ``sync_ascent=True`` in ``sam=`` to average it) and the second pass reduces the gradients once per step.
@@ -55,7 +63,7 @@ from torch import nn
 
 import difflib
 
-from normsam.integrations._checks import check_sam_trains
+from normsam.integrations._checks import check_sam_options, check_sam_trains
 from normsam.optim.options import SAMOptions, option_names, rho_required, unknown_option_error
 from normsam.optim.sam import SAM
 
@@ -73,7 +81,9 @@ def _sam_options(sam: dict[str, Any]) -> tuple[SAMOptions | None, dict[str, Any]
     for key in rest:
         if difflib.get_close_matches(key, option_names(), n=1, cutoff=0.8):
             raise unknown_option_error(key)
-    return SAMOptions(**options), rest
+    checked = SAMOptions(**options)
+    check_sam_options(checked, "SAMTrainer")
+    return checked, rest
 
 
 def _unwrap_sam(optimizer: Any) -> SAM | None:
@@ -196,8 +206,10 @@ class SAMTrainer(Trainer):
         if sam.is_perturbed or (not sam.needs_ascent and not self._sam_pending):
             return self._single_pass(model, sam, inputs, num_items_in_batch)
         loss = self._micro_batch_loss(model, inputs, num_items_in_batch)
-        # norm_over="all" needs the full gradient's norm, so then every gradient is computed
-        ascent_inputs = sam.ascent_inputs() if sam.options.norm_over == "perturbed" else None
+        # norm_over="all" needs the full gradient's norm, descent_over="all" every tensor's ascent gradient: then
+        # every gradient is computed
+        every = sam.options.norm_over == "all" or sam.options.descent_over == "all"
+        ascent_inputs = None if every else sam.ascent_inputs()
         with self.accelerator.no_sync(model):
             self.accelerator.backward(loss, inputs=ascent_inputs)
         self._sam_pending.append((inputs, num_items_in_batch))

@@ -96,8 +96,9 @@ class GradientAscent:
             )
         if grad_scaler is not None:
             grads, extra = unscale(grads, grad_scaler), unscale(extra, grad_scaler)
-        if self.sync_ascent and not storage.sharded:
-            grads = _all_reduce_mean(grads, storage.params)
+        if self.sync_ascent and not storage.sharded:  # one all-reduce for both (the others: norm or descent)
+            both = _all_reduce_mean(grads + extra, storage.params + storage.others)
+            grads, extra = both[: len(grads)], both[len(grads):]
         return grads, extra
 
 

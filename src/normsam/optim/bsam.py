@@ -48,9 +48,16 @@ class BSAM(torch.optim.Optimizer):
         params: a model (``scope`` picks where the noise and the ascent act: the norm layers by default), tensors
             or param groups.
         num_data: N, the number of training examples (the posterior's variance is 1/(N·s)).
-        lr: α. betas: (β1, β2) of the momentum and the precision. weight_decay: δ. rho: ρ. damping: γ.
-        s_init: the precision's initial value. seed: of the noise (its generator is in ``state_dict``).
-        scope, model: as :class:`normsam.SAM`'s.
+        lr: α, the step size.
+        betas: (β1, β2) of the momentum and the precision.
+        weight_decay: δ, the prior's precision over N.
+        rho: ρ of the ascent.
+        damping: γ, added to the precision's update.
+        s_init: the precision's initial value.
+        scope: as :class:`normsam.SAM`'s: where the noise and the ascent act (the norm layers by default with a
+            model).
+        model: as :class:`normsam.SAM`'s, when ``params`` are tensors or groups.
+        seed: of the noise (its generator is in ``state_dict``).
     """
 
     def __init__(self, params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]], *, num_data: int,

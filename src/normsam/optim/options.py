@@ -98,7 +98,8 @@ class SAMOptions:
         scope: with a model, ``"norm"`` (``None``: SAM-ON), ``"all"``, ``"no-norm"``, a predicate over
             :class:`normsam.ParamInfo`, glob patterns, or an element-mask scope ``"random"``, ``"ssam-f"``,
             ``"ssam-d"``. Without a model only ``"all"`` (``None``: every tensor passed) or a mask scope.
-        include, exclude: patterns or predicates that add to / remove from the scope (need the model).
+        include: patterns or predicates that add to the scope (needs the model).
+        exclude: patterns or predicates that remove from the scope (needs the model; it wins over ``include``).
         sparsity: mask scopes: the share of candidate elements *not* perturbed, in (0, 1).
         mask_interval: ``ssam-d``: SAM steps between mask updates.
         mask_total_steps: ``ssam-d``: length (in SAM steps) of the cosine drop-rate schedule.
@@ -130,7 +131,8 @@ class SAMOptions:
         decouple: WSAM's decoupled form (``None``: True, the paper's default).
         reuse_norms: LookSAM's norms and cosines: ``"global"`` (``None``; the paper's Algorithm 1) or ``"tensor"``
             (per tensor, as pytorch_optimizer).
-        sigma, lmbda: Friendly-SAM's σ (``None``: 1) and λ (``None``: 0.9).
+        sigma: Friendly-SAM's σ, the weight of the gradient average taken off the direction (``None``: 1).
+        lmbda: Friendly-SAM's λ, the decay of that average (``None``: 0.9).
         centralize: GCSAM: centralize the ascent direction's tensors of dim > 1 before ε, with any variant.
         ascent_steps: a multi-step ascent: k normalized steps of ρ/k each, the direction taken again at each
             point (k + 1 passes; ``first_step(loss, ascent_loss=...)`` evaluates the loss at the later points).

@@ -42,10 +42,11 @@ from normsam.optim.masks import ElementMasks, check_fisher_refresh, fisher_score
 from normsam.optim.options import (SAMOptions, build_base_optimizer, check_rho, option_names, options_and_base_kwargs,
                                    set_group_rho, signature_with_options)
 from normsam.optim.perturbations import get_perturbation
-from normsam.optim.rho_schedules import apply_rho_schedule, rho_in_effect
+from normsam.optim.describe import sam_description, sam_repr
+from normsam.optim.rho_schedules import apply_rho_schedule
 from normsam.optim.running_stats import RunningStatsSwap, running_stat_modules
 from normsam.optim.sharded import check_sharded_options, refuse_late_sharding, sharding_for
-from normsam.optim.storage import PerturbedTensors, entries_of, layout_key, perturbed_tensors
+from normsam.optim.storage import PerturbedTensors, layout_key, perturbed_tensors
 
 __all__ = ["SAM"]
 
@@ -146,10 +147,12 @@ class SAM(torch.optim.Optimizer):
 
     @property
     def eta(self) -> float:
+        """The η of the scaling T in effect (the option, or the perturbation model's default)."""
         return self.options.resolved_eta
 
     @property
     def bn_policy(self) -> str:
+        """The running-statistics policy in effect: ``"freeze"`` or ``"update"``."""
         return self.options.resolved_bn_policy(self.model is not None)
 
     # --- what is perturbed -----------------------------------------------------------------------------
@@ -268,6 +271,7 @@ class SAM(torch.optim.Optimizer):
 
     @property
     def is_perturbed(self) -> bool:
+        """Whether the weights are at w + ε now (between :meth:`first_step` and :meth:`second_step`)."""
         return self._perturbed
 
     def second_step(self, zero_grad: bool = False) -> None:
@@ -334,6 +338,7 @@ class SAM(torch.optim.Optimizer):
             raise
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradients of every parameter (SAM and its base optimizer share the groups)."""
         if set_to_none and type(self.base_optimizer).zero_grad is torch.optim.Optimizer.zero_grad:
             # what Optimizer.zero_grad does with set_to_none, minus its profiler range and dynamo guard:
             # a SAM step zeroes twice, and on a fast GPU that host time shows
@@ -344,6 +349,8 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; its tensors are perturbed by the SAM's scope, as the constructor would place them (a new
+        head is not perturbed under ``scope="norm"``), unless the group says ``perturb``."""
         if any(param_group is g for g in self.base_optimizer.param_groups):
             super().add_param_group(param_group)  # during __init__: the groups are already the base's
             return
@@ -406,38 +413,14 @@ class SAM(torch.optim.Optimizer):
         self._apply_rho_schedule()  # at the restored step: a schedule goes on where it stopped
 
     def __repr__(self) -> str:
-        entries = entries_of(self.param_groups, True)
-        total = sum(p.numel() for g in self.param_groups for p in g["params"])
-        return (
-            f"SAM(base={type(self.base_optimizer).__name__}, perturbation={self.perturbation_model.name!r}, "
-            f"scope={self.scope!r}, rho={rho_in_effect(self.param_groups)}, eta={self.eta}, "
-            f"perturbed={sum(p.numel() for p, _, _ in entries):,}/{total:,}"
-            + (f", rho_schedule={self.rho_schedule!r}" if self.rho_schedule is not None else "")
-            + (f", {self._ascent!r}" if repr(self._ascent) else "")
-            + (f", ascent={self.options.ascent!r})" if self.options.ascent != "gradient" else ")")
-            + self._no_model_note()
-        )
-
-    def _no_model_note(self) -> str:
-        if self.model is not None or self.scope != "all":
-            return ""
-        return " [no model given: SAM on every tensor passed, not SAM-ON; pass model= to perturb by scope]"
+        return sam_repr(self.param_groups, base=type(self.base_optimizer).__name__, scope=self.scope, eta=self.eta,
+                        perturbation=self.perturbation_model.name, model=self.model, options=self.options,
+                        variant=repr(self._ascent))
 
     def describe(self) -> str:
         """What this SAM perturbs: scope, counts, the ρ in effect and the names of the perturbed tensors."""
-        entries = entries_of(self.param_groups, True)
-        perturbed = sum(p.numel() for p, _, _ in entries)
-        total = sum(p.numel() for g in self.param_groups for p in g["params"] if p.requires_grad)
-        named = [name for _, _, name in entries if name is not None]
-        lines = [f"scope={self.scope!r}: {perturbed:,} of {total:,} trainable parameters perturbed "
-                 f"({100 * perturbed / max(total, 1):.4f}%) in {len(entries)} tensors{self._no_model_note()}",
-                 f"rho={rho_in_effect(self.param_groups)}" + (
-                     f" (set by {self.rho_schedule!r} for SAM step {self._rho_step}, counted from 0)"
-                     if self.rho_schedule is not None else "")]
-        lines += [f"  {name}" for name in named[:12]]
-        if len(named) > 12:
-            lines.append(f"  ... {len(named) - 12} more")
-        return "\n".join(lines)
+        return sam_description(self.param_groups, scope=self.scope, model=self.model,
+                               rho_schedule=self.rho_schedule, rho_step=self._rho_step)
 
 
 SAM.__init__.__signature__ = signature_with_options(SAM.__init__)  # type: ignore[attr-defined]

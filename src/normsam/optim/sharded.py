@@ -369,7 +369,7 @@ class ShardedPerturbedTensors(PerturbedTensors):
 
     def ascent_inputs(self) -> list[Tensor]:
         """The unsharded parameters autograd sees in the current pass (call it after the forward)."""
-        return self.sharding.ascent_inputs(self.params)
+        return self.sharding.ascent_inputs(self.params + self.others)
 
     def norm_of(self, tensors: Sequence[Tensor]) -> Callable[[Sequence[Tensor]], Tensor]:
         return self.sharding.norm_of(tensors)

@@ -122,8 +122,9 @@ class PerturbedTensors:
         return list(grads[: len(self.params)]), list(grads[len(self.params) :])
 
     def ascent_inputs(self) -> list[Tensor]:
-        """What ``loss.backward(inputs=...)`` needs for the ascent gradient: the perturbed tensors."""
-        return list(self.params)
+        """What ``loss.backward(inputs=...)`` needs for the ascent gradient: the perturbed tensors, and the others
+        whose gradient at w enters ε's norm (``norm_over="all"``) or a descent rule (``descent_over="all"``)."""
+        return self.params + self.others
 
     def norm_of(self, tensors: Sequence[Tensor]) -> NormFn | None:
         """The norm ε's math uses over (local tensors aligned with) ``tensors``; None: its own local norm."""

@@ -24,11 +24,13 @@ import yaml
 from normsam.files import read_yaml
 from normsam.optim.amp import AMP_MODES, autocast, check_bf16_kernels
 from normsam.optim.ascent import ASCENTS, check_momentum_options
-from normsam.optim.options import SAMOptions
+from normsam.optim.descent import DESCENTS, make_descent
+from normsam.optim.options import VARIANTS, SAMOptions
 from normsam.optim.perturbations import LAYERWISE_SCALINGS, PERTURBATIONS, SCALED_TENSORS
-from normsam.optim.rho_schedules import RhoWarmup
+from normsam.optim.rho_schedules import RhoFollowsLR, RhoWarmup
 from normsam.optim.running_stats import BN_POLICIES
 from normsam.optim.scopes import MASK_SCOPES, SCOPES
+from normsam.optim.transforms import make_transforms
 
 __all__ = [
     "TrainConfig",
@@ -104,6 +106,18 @@ class TrainConfig:
     ascent: str = "gradient"  # gradient | momentum (Momentum-SAM: ε from the base optimizer's momentum, no ascent pass)
     layerwise_scaling: str = "additive"  # layerwise T: additive ||p|| + eta | official ||p|| * (1 + eta)
     scaled_tensors: str = "not-bias"  # weight-dependent T on: not-bias | name-contains-weight (official)
+    # SAM's variants (normsam.optim.descent, .transforms); None: the variant's default
+    variant: str = "sam"  # sam | gsam | wsam | looksam (k = ascent_interval) | friendly-sam
+    alpha: Union[float, None] = None  # gsam: weight of the orthogonal component (0.4); looksam: of the reused one (0.7)
+    gamma: Union[float, None] = None  # wsam: weight of the sharpness term, in [0, 1) (0.9)
+    decouple: Union[bool, None] = None  # wsam: the decoupled update (true)
+    reuse_norms: Union[str, None] = None  # looksam: global (the paper) | tensor
+    sigma: Union[float, None] = None  # friendly-sam: sigma (1)
+    lmbda: Union[float, None] = None  # friendly-sam: lambda (0.9)
+    centralize: bool = False  # GCSAM: centralize the ascent direction (tensors of dim > 1), with any variant
+    ascent_steps: int = 1  # a multi-step ascent: k steps of rho/k (k + 1 passes)
+    descent_over: str = "perturbed"  # gsam, wsam, looksam: the descent rule acts on the perturbed | all tensors
+    rho_min: Union[float, None] = None  # GSAM's schedule: rho follows the lr from rho down to rho_min (null: constant)
     # scale
     amp: str = "off"  # off | bf16 | fp16
     bf16_kernels: str = "native"  # amp=bf16 on a CPU: native | upcast (matrix products on fp32 kernels, normsam.optim.amp)
@@ -132,13 +146,15 @@ class TrainConfig:
 
     @property
     def method(self) -> str:
-        """A short label: sgd, or <scope>-<perturbation>-rho<ρ> (e.g. norm-asam-rho5.0)."""
+        """A short label: sgd, or <scope>-<perturbation>-rho<ρ> (e.g. norm-asam-rho5.0), then the variant and its
+        options that differ from their defaults (norm-sam-rho0.5-gsam-alpha0.2-rhomin0.05, norm-sam-rho0.5-looksam-k5)
+        and the other non-default options (-ascent4, -frac0.5, -gc, -ascentsteps2, -descentall …)."""
         if self.scope == "none":
             return self.optimizer
         scope = self.scope if isinstance(self.scope, str) else "patterns"
-        label = f"{scope}-{self.perturbation}-rho{self.rho:g}"
+        label = f"{scope}-{self.perturbation}-rho{self.rho:g}" + self._variant_label()
         # non-default fast modes and fidelity options change the method, so runs and reports keep them apart
-        if self.ascent_interval != 1:
+        if self.ascent_interval != 1 and self.variant != "looksam":  # (LookSAM's k: in its own part)
             label += f"-ascent{self.ascent_interval}"
         if self.ascent_fraction != 1.0:
             label += f"-frac{self.ascent_fraction:g}"
@@ -150,6 +166,34 @@ class TrainConfig:
             label += f"-lw-{self.layerwise_scaling}"
         if self.scaled_tensors != "not-bias":
             label += f"-T-{self.scaled_tensors}"
+        if self.centralize:
+            label += "-gc"
+        if self.ascent_steps != 1:
+            label += f"-ascentsteps{self.ascent_steps}"
+        if self.descent_over != "perturbed":
+            label += f"-descent{self.descent_over}"
+        if self.rho_min is not None:
+            label += f"-rhomin{self.rho_min:g}"
+        return label
+
+    def _variant_label(self) -> str:
+        """The variant and its options that differ from the variant's defaults (``-gsam-alpha0.2``,
+        ``-looksam-k5``, ``-wsam-coupled``), or ``""`` for SAM; an option at its default leaves no trace, so
+        ``alpha=0.4`` and ``alpha=null`` (the same GSAM) carry the same label."""
+        if self.variant == "sam" or self.variant not in VARIANTS:
+            return ""
+        label = f"-{self.variant}" + (f"-k{self.ascent_interval}" if self.variant == "looksam" else "")
+        defaults = _variant_defaults(self.variant)
+        for key, value in defaults.items():
+            given = getattr(self, key)
+            if given is None or given == value:
+                continue
+            if key == "decouple":  # (False: the default is True)
+                label += "-coupled"
+            elif key == "reuse_norms":
+                label += f"-{given}norms"
+            else:
+                label += f"-{key}{given:g}" if isinstance(given, (int, float)) else f"-{key}{given}"
         return label
 
     def to_dict(self) -> dict[str, Any]:
@@ -160,16 +204,17 @@ class TrainConfig:
         place where the config's keys become SAM's. ``steps_per_epoch`` turns the epoch-counted keys into SAM
         steps: ``rho_warmup_epochs`` (a :class:`~normsam.optim.rho_schedules.RhoWarmup` of at least one step,
         counted in SAM steps, so a late SAM window warms up from its own start) and ssam-d's schedule length
-        (the SAM window's steps)."""
+        (the SAM window's steps). ``rho_min`` is GSAM's schedule, :class:`~normsam.optim.rho_schedules.RhoFollowsLR`
+        from ``rho`` at the peak lr to ``rho_min`` at lr 0 (where the runner's cosine ends); the variant's keys
+        (``variant``, ``alpha`` … ``descent_over``) are SAM's options of the same names, ``None`` meaning the
+        variant's default."""
         if self.scope == "none":
             return None
-        masks: dict[str, Any] = {}
-        if self.scope in MASK_SCOPES:
-            masks.update(sparsity=self.sparsity, mask_seed=self.seed)
-        if self.scope == "ssam-d":
-            sam_epochs = (self.sam_end or self.epochs) - self.sam_start
-            masks.update(mask_interval=self.mask_interval, mask_total_steps=max(1, sam_epochs * steps_per_epoch))
-        warmup = RhoWarmup(max(1, round(self.rho_warmup_epochs * steps_per_epoch))) if self.rho_warmup_epochs else None
+        schedule: RhoWarmup | RhoFollowsLR | None = None
+        if self.rho_warmup_epochs:
+            schedule = RhoWarmup(max(1, round(self.rho_warmup_epochs * steps_per_epoch)))
+        elif self.rho_min is not None:  # GSAM's: ρ ∝ lr, from rho at the peak lr to rho_min at 0 (the cosine's end)
+            schedule = RhoFollowsLR(rho_min=self.rho_min, lr_min=0.0)
         return SAMOptions(
             scope=self.scope,
             rho=self.rho,
@@ -185,9 +230,32 @@ class TrainConfig:
             ascent=self.ascent,
             layerwise_scaling=self.layerwise_scaling,
             scaled_tensors=self.scaled_tensors,
-            rho_schedule=warmup,
-            **masks,
+            rho_schedule=schedule,
+            **self._variant_options(),
+            **self._mask_options(steps_per_epoch),
         )
+
+    def _mask_options(self, steps_per_epoch: int) -> dict[str, Any]:
+        masks: dict[str, Any] = {}
+        if self.scope in MASK_SCOPES:
+            masks.update(sparsity=self.sparsity, mask_seed=self.seed)
+        if self.scope == "ssam-d":
+            sam_epochs = (self.sam_end or self.epochs) - self.sam_start
+            masks.update(mask_interval=self.mask_interval, mask_total_steps=max(1, sam_epochs * steps_per_epoch))
+        return masks
+
+    def _variant_options(self) -> dict[str, Any]:
+        """The variant's keys, which are SAM's options of the same names."""
+        return {key: getattr(self, key) for key in ("variant", "alpha", "gamma", "decouple", "reuse_norms", "sigma",
+                                                    "lmbda", "centralize", "ascent_steps", "descent_over")}
+
+    def _check_variant(self) -> None:
+        """The variant's keys, checked by :class:`~normsam.optim.options.SAMOptions` itself before any training (an
+        option of another variant refused by name, the combinations a variant cannot honour): with the keys
+        those checks read, so that the other SAM keys keep the checks they had (a config that loaded before
+        still loads)."""
+        SAMOptions(scope=self.scope, ascent_interval=self.ascent_interval, ascent=self.ascent,
+                   **self._variant_options(), **self._mask_options(steps_per_epoch=1))
 
     def validate(self) -> TrainConfig:
         """Check values (types are checked on load); raise ValueError naming the fix."""
@@ -223,7 +291,7 @@ class TrainConfig:
         elif not self.scope or not all(isinstance(p, str) for p in self.scope):
             raise ValueError(f"scope as a list must hold glob patterns over parameter names, got {self.scope!r}.")
         for key in ("epochs", "batch_size", "eval_batch_size", "eval_every", "accumulation", "fisher_samples",
-                    "mask_refresh_epochs", "sharpness_steps", "ascent_interval"):
+                    "mask_refresh_epochs", "sharpness_steps", "ascent_interval", "ascent_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}.")
         for key in ("lr", "weight_decay", "momentum", "warmup_epochs", "label_smoothing", "rho", "sharpness_rho",
@@ -284,7 +352,67 @@ class TrainConfig:
             )
         if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
             raise ValueError(f"clip_grad_norm must be > 0 (or null to disable), got {self.clip_grad_norm}.")
+        _one_of("variant", self.variant, VARIANTS)
+        _one_of("descent_over", self.descent_over, ("perturbed", "all"))
+        if self.rho_min is not None:
+            _check_rho_min(self)
+        if self.scope != "none":
+            self._check_variant()
         return self
+
+    def check_world_size(self, world_size: int) -> None:
+        """Refuse what cannot run on ``world_size`` processes; called by the runner before it loads anything.
+
+        A descent rule (``variant`` gsam, wsam, looksam) combines the ascent gradient with the second pass's in
+        the update itself; under DDP without ``sync_ascent`` each process would use its own ascent gradient, so
+        the processes' updates, and then their weights, would drift apart (DDP keeps only the gradients of the
+        second pass in step), and none would follow the algorithm on the global batch."""
+        if (world_size > 1 and self.scope != "none" and self.parallel == "ddp" and not self.sync_ascent
+                and self.variant in _DESCENT_VARIANTS):
+            raise ValueError(
+                f"variant={self.variant} under DDP needs sync_ascent=true: its update combines the ascent gradient "
+                f"with the second pass's, and without sync_ascent each of the {world_size} processes would use its "
+                "own ascent gradient, so their weights would drift apart and the run would not be "
+                f"{self.variant} on the global batch. Add sync_ascent=true (one all-reduce of the perturbed "
+                "tensors' ascent gradient per step)."
+            )
+
+
+#: The variants with a descent rule: the update combines the ascent gradient with the second pass's.
+_DESCENT_VARIANTS = tuple(d for d in DESCENTS if d != "sam")
+
+
+def _variant_defaults(variant: str) -> dict[str, Any]:
+    """A variant's options and their defaults, read off the pieces that apply them (the method label leaves out
+    an option at its default)."""
+    if variant in _DESCENT_VARIANTS:
+        rule = make_descent(variant)
+        keys = {"gsam": ("alpha",), "wsam": ("gamma", "decouple"), "looksam": ("alpha", "reuse_norms")}[variant]
+        return {key: getattr(rule, key) for key in keys}
+    if variant == "friendly-sam":
+        friendly = make_transforms(centralize=False, variant=variant, sigma=None, lmbda=None, foreach=True)[-1]
+        return {"sigma": friendly.sigma, "lmbda": friendly.lmbda}
+    return {}
+
+
+def _check_rho_min(cfg: TrainConfig) -> None:
+    """``rho_min``: GSAM's ρ schedule, ρ following the lr from ``rho`` down to ``rho_min``."""
+    if not 0 <= cfg.rho_min < math.inf:
+        raise ValueError(f"rho_min must be >= 0 and finite, got {cfg.rho_min}.")
+    conflicts = [
+        (cfg.scope == "none", f"rho_min={cfg.rho_min:g} makes SAM's rho follow the learning rate, and scope=none "
+                              "trains without SAM: drop rho_min or set a scope (scope=norm: SAM-ON)"),
+        (bool(cfg.rho_warmup_epochs),
+         f"rho_min={cfg.rho_min:g} (rho following the learning rate, GSAM's schedule) and rho_warmup_epochs="
+         f"{cfg.rho_warmup_epochs:g} (a linear warm-up of rho) are two rho schedules, and a run has one: drop one "
+         "of them (with warmup_epochs, rho_min's rho follows the learning rate's warm-up too)"),
+        (cfg.rho_min > cfg.rho,
+         f"rho_min={cfg.rho_min:g} is above rho={cfg.rho:g}: rho follows the learning rate from rho (at the peak lr) "
+         "down to rho_min (at lr 0), so rho_min must be <= rho"),
+    ]
+    for conflict, message in conflicts:
+        if conflict:
+            raise ValueError(message + ".")
 
 
 def _check_momentum_ascent(cfg: TrainConfig) -> None:

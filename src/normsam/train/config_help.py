@@ -15,7 +15,8 @@ __all__ = ["DESCRIPTIONS", "SAM_KEYS", "config_help", "check_overrides_take_effe
 SAM_KEYS = frozenset({
     "perturbation", "rho", "eta", "normalize_bias", "norm_over", "sparsity", "mask_interval", "fisher_samples",
     "mask_refresh_epochs", "sam_start", "sam_end", "bn_policy", "cheap_ascent", "sync_ascent", "ascent_interval",
-    "ascent_fraction", "ascent", "rho_warmup_epochs",
+    "ascent_fraction", "ascent", "rho_warmup_epochs", "variant", "alpha", "gamma",
+    "decouple", "reuse_norms", "sigma", "lmbda", "centralize", "ascent_steps", "descent_over", "rho_min",
 })
 
 #: key -> meaning. Sections follow the dataclass.
@@ -67,6 +68,20 @@ DESCRIPTIONS: dict[str, str] = {
     "ascent": "gradient | momentum (Momentum-SAM: epsilon from the base optimizer's momentum, no ascent pass)",
     "layerwise_scaling": "layerwise T: additive ||p|| + eta | official ||p|| * (1 + eta)",
     "scaled_tensors": "weight-dependent T on: not-bias | name-contains-weight (official)",
+    "variant": "sam | gsam | wsam | looksam (its k is ascent_interval) | friendly-sam; an option of another "
+               "variant is refused",
+    "alpha": "gsam: weight of the orthogonal component (null: 0.4); looksam: weight of the reused one (null: 0.7)",
+    "gamma": "wsam: weight of the sharpness term, in [0, 1) (null: 0.9)",
+    "decouple": "wsam: the decoupled update, as decoupled weight decay (null: true, the paper's default)",
+    "reuse_norms": "looksam: norms and cosines over all weights, global (null; the paper) | tensor (per tensor)",
+    "sigma": "friendly-sam: weight of the gradient average taken off the ascent direction (null: 1)",
+    "lmbda": "friendly-sam: decay of that gradient average (null: 0.9)",
+    "centralize": "GCSAM: centralize the ascent direction's tensors of dim > 1, with any variant",
+    "ascent_steps": "a multi-step ascent: k normalized steps of rho/k, the gradient taken again at each (k + 1 passes)",
+    "descent_over": "gsam, wsam, looksam: the descent rule acts on the perturbed tensors | all (every gradient in "
+                    "the ascent pass)",
+    "rho_min": "GSAM's schedule: rho follows the learning rate, from rho at the peak lr to rho_min at lr 0 "
+               "(null: a constant rho; not with rho_warmup_epochs)",
     # scale
     "amp": "off | bf16 | fp16 (with a GradScaler)",
     "bf16_kernels": "amp=bf16 on a CPU: native | upcast (bf16 convolutions and matrix products on the fp32 kernels: "

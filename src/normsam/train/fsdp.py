@@ -12,6 +12,10 @@ folder::
                             schedule, SAM's counters, world size: everything that is not a shard)
     checkpoint.prev.dcp/    the one before, kept so that a damaged newest costs one epoch
 
+Buffers are not sharded: each rank's BatchNorm running statistics follow its own batches, and rank 0's are the
+run's (those it evaluates with and records, as under DDP); every save first gives them to the other ranks, so
+the checkpoint holds them and a resume continues exactly.
+
 Atomic like ``checkpoint.pt``: every rank writes into ``.checkpoint.dcp.tmp/``, and only after all of them
 have finished does rank 0 add ``normsam.pt`` and rename the folder into place; a crash (``kill -9``) at any
 moment leaves the last complete checkpoint. A resume needs the same number of processes: the data order and
@@ -91,6 +95,29 @@ def is_complete(path: Path) -> bool:
     return (path / ".metadata").is_file() and (path / _META).is_file()
 
 
+def _share_rank0_buffers(model: nn.Module) -> None:
+    """Collective: every rank's persistent buffers (BatchNorm's running statistics and ``num_batches_tracked``)
+    become rank 0's, in place.
+
+    ``fully_shard`` shards the parameters only: each rank's running statistics follow its own batches, and rank
+    0's are the run's (its evaluation is the one recorded; DDP broadcasts rank 0's buffers at every forward).
+    DCP writes one copy of a tensor that every rank holds unsharded, from whichever rank balances the writes
+    (rank 1's running statistics, in a 2-process ResNet), and a resume loads that copy on every rank: rank 0
+    went on with rank 1's statistics, and the resumed run's test loss was not the uninterrupted run's. Shared
+    before every save, the checkpoint holds rank 0's, and every rank resumes with exactly the state it had.
+    Training mode does not read running statistics: the trained weights and the recorded metrics stay the
+    same."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():
+        for module in model.modules():
+            for name, buffer in module._buffers.items():
+                if (buffer is not None and name not in module._non_persistent_buffers_set
+                        and not isinstance(buffer, DTensor)):
+                    dist.broadcast(buffer, src=0)
+
+
 def _tensor_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
@@ -111,6 +138,34 @@ def _epsilon_template(sam: Any, indices: list[int]) -> dict[str, torch.Tensor]:
     return {str(i): torch.empty_like(params[i]) for i in indices}
 
 
+def _tensor_parts(sam_state: dict[str, Any]) -> dict[str, dict[Any, torch.Tensor]]:
+    """SAM's per-tensor state by a path: the stored ε (``ascent_interval``), the ascent's transforms (Friendly-SAM's
+    gradient average) and its descent rule (LookSAM's orthogonal gradient); each ``{param index: local shard}``."""
+    parts = {"epsilon": sam_state.get("epsilon")}
+    ascent = sam_state.get("ascent") or {}
+    parts.update({f"transforms.{k}": t for k, t in enumerate(ascent.get("transforms") or [])})
+    parts.update({f"descent.{name}": t for name, t in (ascent.get("descent") or {}).items()})
+    return {path: part for path, part in parts.items() if isinstance(part, dict) and part}
+
+
+def _put_part(sam_state: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """``sam_state`` with the part at ``path`` (see :func:`_tensor_parts`) replaced by ``value``."""
+    state = {**sam_state}
+    if path == "epsilon":
+        state["epsilon"] = value
+        return state
+    ascent = {**(state.get("ascent") or {})}
+    kind, _, key = path.partition(".")
+    if kind == "transforms":
+        transforms = list(ascent.get("transforms") or [])
+        transforms[int(key)] = value
+        ascent["transforms"] = transforms
+    else:
+        ascent["descent"] = {**(ascent.get("descent") or {}), key: value}
+    state["ascent"] = ascent
+    return state
+
+
 def save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
          sam: Any = None) -> None:
     """Collective: write the checkpoint of ``model`` and ``optimizer`` (the base optimizer) and ``meta``
@@ -127,12 +182,17 @@ def save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, meta
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash
         tmp.mkdir(parents=True)
     dist.barrier()
+    _share_rank0_buffers(model)  # the running statistics the run recorded, not the ones DCP would pick
     state = _tensor_state(model, optimizer)
-    epsilon = (meta.get("sam") or {}).get("epsilon")
-    if epsilon:
+    parts = _tensor_parts(meta.get("sam") or {})
+    if parts:  # each rank's local shards of SAM's per-tensor state go into the shards, as DTensors
         params = [p for group in sam.param_groups for p in group["params"]]
-        state["sam_epsilon"] = {str(i): _as_global(e, params[int(i)]) for i, e in epsilon.items()}
-        meta = {**meta, "sam": {**meta["sam"], "epsilon": None}, "epsilon_indices": sorted(map(int, epsilon))}
+        state["sam_tensors"] = {f"{path}/{i}": _as_global(t, params[int(i)])
+                                for path, part in parts.items() for i, t in part.items()}
+        sam_state = meta["sam"]
+        for path in parts:
+            sam_state = _put_part(sam_state, path, None)
+        meta = {**meta, "sam": sam_state, "sam_tensor_index": {path: sorted(map(int, part)) for path, part in parts.items()}}
     dcp.save(state, checkpoint_id=str(tmp))
     dist.barrier()  # every rank's shards are on disk
     if dist.get_rank() == 0:
@@ -200,18 +260,26 @@ def load(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sam:
         warnings.warn(f"{run_dir / CHECKPOINT_DIR} is missing or incomplete; using {PREVIOUS_DIR} (epoch "
                       f"{meta.get('epoch', '?')}) instead, so the last epoch is trained again.", RuntimeWarning,
                       stacklevel=2)
+    from torch.distributed.tensor import DTensor
+
     state = _tensor_state(model, optimizer)
-    indices = meta.get("epsilon_indices")
+    indices = meta.get("epsilon_indices")  # checkpoints written before the other per-tensor state was kept
     if indices:
         state["sam_epsilon"] = _epsilon_template(sam, indices)
+    index = meta.get("sam_tensor_index") or {}
+    if index:
+        params = [p for group in sam.param_groups for p in group["params"]]
+        state["sam_tensors"] = {f"{path}/{i}": torch.empty_like(params[i]) for path, ids in index.items() for i in ids}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
     if indices:
-        from torch.distributed.tensor import DTensor
-
         meta["sam"]["epsilon"] = {int(i): e.to_local() if isinstance(e, DTensor) else e
                                   for i, e in state["sam_epsilon"].items()}
+    for part, ids in index.items():
+        local = {i: state["sam_tensors"][f"{part}/{i}"] for i in ids}
+        meta["sam"] = _put_part(meta["sam"], part, {i: t.to_local() if isinstance(t, DTensor) else t
+                                                    for i, t in local.items()})
     return meta
 
 

@@ -68,7 +68,9 @@ def check_sam_window(cfg: Any) -> None:
 
 #: Keys added after fingerprints existed, with the default that reproduces the earlier behaviour: left out of
 #: the fingerprint at that default, so that runs trained before the key existed keep their fingerprint.
-ADDED_LATER = {"bf16_kernels": "native", "rho_warmup_epochs": 0.0}
+ADDED_LATER = {"bf16_kernels": "native", "rho_warmup_epochs": 0.0, "variant": "sam", "alpha": None, "gamma": None,
+               "decouple": None, "reuse_norms": None, "sigma": None, "lmbda": None, "centralize": False,
+               "ascent_steps": 1, "descent_over": "perturbed", "rho_min": None}
 
 
 def config_fingerprint(cfg: Any) -> str:

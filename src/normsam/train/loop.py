@@ -20,6 +20,12 @@ or weights stop the run with ``status: diverged`` and its last good checkpoint (
 With DDP the ascent runs under ``no_sync()`` (each worker its own perturbation, as in the original SAM)
 unless ``sync_ascent=true``; with fp16 the GradScaler's scale is divided out of the ascent gradient and the
 weights are restored before ``scaler.step`` whether or not it skips the step.
+
+SAM's variants (``variant``, ``centralize``, ``ascent_steps``, :meth:`TrainConfig.sam_options`) take the same
+route: a descent rule (GSAM, WSAM, LookSAM) rewrites the gradient inside the base optimizer's step (after the
+clipping, through ``scaler.step`` too); LookSAM's steps between its full ones take no ascent pass (one pass at
+w, like a reused ε); a multi-step ascent runs the ascent pass again at each point it reaches. Under DDP a
+descent rule needs ``sync_ascent=true`` (:meth:`TrainConfig.check_world_size`).
 """
 
 from __future__ import annotations
@@ -81,6 +87,7 @@ class Trainer:
         self.run_dir = Path(run_dir or cfg.out or f"runs/{cfg.data}-{cfg.model}-{cfg.method}-s{cfg.seed}")
         self.dist = Distributed()
         check_sam_window(cfg)
+        cfg.check_world_size(self.dist.world_size)
         self.store = open_run_store(self.run_dir, cfg, is_main=self.dist.is_main, world_size=self.dist.world_size)
         self.store.check(resume)
         self.store.check_writable()  # before the data loads: a read-only or full place fails now
@@ -127,14 +134,17 @@ class Trainer:
         scaled by the GradScaler under fp16); returns (loss, logits).
 
         Ascent (first pass): only the perturbed tensors' gradients with the cheap ascent, never synced by DDP
-        (``sync_ascent`` averages them inside SAM instead). Descent: every gradient, DDP syncs on the last
-        micro-batch.
+        (``sync_ascent`` averages them inside SAM instead). With ``descent_over=all`` the descent rule needs the
+        ascent gradient of every tensor: the ascent pass computes them all, and under DDP (where the rule needs
+        ``sync_ascent``) DDP averages them, as ``sync_ascent`` does the perturbed ones. Descent: every gradient,
+        DDP syncs on the last micro-batch.
         """
-        cheap = ascent and self.cfg.cheap_ascent
+        every = ascent and self.cfg.descent_over == "all"
+        cheap = ascent and self.cfg.cheap_ascent and not every
         xs, ys = x.chunk(self.cfg.accumulation), y.chunk(self.cfg.accumulation)
         total, logits_all = 0.0, []
         for i, (xi, yi) in enumerate(zip(xs, ys)):
-            no_sync = self.ddp is not None and (ascent or i < len(xs) - 1)
+            no_sync = self.ddp is not None and ((ascent and not every) or i < len(xs) - 1)
             with self.ddp.no_sync() if no_sync else contextlib.nullcontext():
                 loss, logits = self._loss(xi, yi)
                 # after the forward: under FSDP2 the inputs are the unsharded parameters of this pass
@@ -170,12 +180,20 @@ class Trainer:
         # Fast modes: with ascent_interval the steps between fresh ascents reuse the last ε (no first pass);
         # with ascent_fraction the ascent sees the first ⌈f·B⌉ examples. Without a whole-batch pass at w,
         # loss and accuracy are those of the pass at w + ε.
+        # LookSAM's steps between its full ones take no ascent pass either: one pass at w, its descent rule
+        # rewrites the gradient in the base optimizer's step. A multi-step ascent (ascent_steps > 1) runs the
+        # ascent pass again on the same examples at each point it reaches (ascent_loss).
         fresh = self.sam.needs_ascent
         m = math.ceil(round(self.cfg.ascent_fraction * x.shape[0], 9)) if fresh else 0
+        ascent_loss = None
         if fresh:
             loss, logits = self._accumulate(x[:m], y[:m], ascent=True)
+            if self.cfg.ascent_steps > 1:
+                def ascent_loss() -> None:  # the ascent gradient at the current (perturbed) weights, in .grad
+                    self.sam.zero_grad()
+                    self._accumulate(x[:m], y[:m], ascent=True)
         with self.sam.restore_on_error():  # an error in the second pass (out of memory, Ctrl-C) leaves w, not w + ε
-            self.sam.first_step(zero_grad=True, grad_scaler=self.scaler)
+            self.sam.first_step(zero_grad=True, grad_scaler=self.scaler, ascent_loss=ascent_loss)
             loss_perturbed, logits_perturbed = self._accumulate(x, y, ascent=False)
             self.sam.restore()
         self._base_step()

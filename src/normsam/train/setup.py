@@ -6,6 +6,7 @@ Everything :class:`normsam.train.loop.Trainer` builds before its first step, as 
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
@@ -25,6 +26,7 @@ from normsam.train.run_folder import resolve_device
 
 __all__ = [
     "Distributed",
+    "close_process_group",
     "derive_seed",
     "seed_everything",
     "warmup_cosine",
@@ -55,7 +57,12 @@ class Distributed:
         import torch.distributed as dist
 
         if (self.enabled or always) and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if backend == "gloo":  # gloo's worker threads joined before the interpreter finalizes
+                import torch.distributed.nn  # noqa: F401  (before the group exists: see close_process_group)
+
+                atexit.register(_close_at_exit)
+            dist.init_process_group(backend=backend)
 
     def barrier(self) -> None:
         if self.enabled:
@@ -71,6 +78,46 @@ class Distributed:
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t)
         return t.tolist()
+
+
+def close_process_group() -> None:
+    """Destroy the default process group and free it now, while the interpreter is whole: its destructor joins
+    gloo's worker threads.
+
+    A gloo worker drops a finished collective's tensors after the caller has moved on; if the caller has dropped
+    them already, that needs the GIL, and a thread that asks for the GIL once the interpreter is finalizing is
+    ended by a forced unwind that C++ answers with "terminate called without an active exception" (SIGABRT,
+    after all the work was done). ``destroy_process_group`` alone does not join them while anything still holds
+    the group: the finished run's sharded model (garbage by now), FSDP2's device meshes, which DTensor's sharding
+    caches keep alive (torch 2.14: ``DeviceMesh._pg_registry``; they let go of it here, unusable anyway once it
+    is destroyed), and the defaults ``group=group.WORLD`` of ``torch.distributed.nn``'s functions when that
+    module is first imported after the group exists (DCP imports it): :meth:`Distributed.init` imports it
+    before."""
+    import gc
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # what is left of the run (a sharded model) holds the group too
+    try:
+        from torch.distributed.device_mesh import DeviceMesh
+    except ImportError:
+        return
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh) and isinstance(getattr(obj, "_pg_registry", None), dict):
+            obj._pg_registry.clear()
+    gc.collect()
+
+
+def _close_at_exit() -> None:
+    """:func:`close_process_group` when the process exits normally. Not after an uncaught exception: a worker
+    may then be inside a collective that another rank never joins, and the join would wait for gloo's
+    timeout."""
+    import sys
+
+    if getattr(sys, "last_value", None) is None:
+        close_process_group()
 
 
 def derive_seed(*parts: int) -> int:
