@@ -160,15 +160,17 @@ def test_blocks_are_the_elements_of_containers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["ascent_interval=2", "subset=96"], ["norm=batch"]],
-                         ids=["plain", "ascent-interval", "batchnorm"])
+@pytest.mark.parametrize("extra", [[], ["ascent_interval=2", "subset=96"], ["norm=batch"],
+                                   ["variant=looksam", "ascent_interval=2", "subset=96"], ["variant=friendly-sam"]],
+                         ids=["plain", "ascent-interval", "batchnorm", "looksam", "friendly-sam"])
 def test_fsdp_run_equals_ddp_synced_run_and_resumes_exactly_after_kill_9(tmp_path, extra):
     """parallel=fsdp trains the same run as DDP with sync_ascent=true; killed (SIGKILL to every process)
     after its first checkpoint and resumed, it ends with the metrics and the weights (buffers included) of an
     uninterrupted run. With ascent_interval=2 and 3 steps per epoch, the first step after the resume reuses
     the stored ε, which the sharded checkpoint holds as DTensors. With BatchNorm, each rank's running
     statistics are its own (buffers are not sharded): the resumed rank 0 used to get rank 1's from the
-    checkpoint, and epoch 2's test loss was not the uninterrupted run's."""
+    checkpoint, and epoch 2's test loss was not the uninterrupted run's. LookSAM's orthogonal gradient and
+    Friendly-SAM's gradient average are local shards too, kept in the checkpoint's shards as DTensors."""
     args = _with(ARGS, **dict(a.split("=") for a in extra))
     straight = _train([*args, "epochs=3", f"out={tmp_path / 'a'}"], tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
