@@ -526,3 +526,78 @@ def test_bsam_differs_from_pytorch_optimizers_which_updates_at_the_perturbed_poi
     closure()  # the peer creates its state only for tensors that already have a gradient
     peer.step(closure)
     assert (flat(ours) - flat(theirs)).abs().max() > 1e-3
+
+
+_DDP_SCRIPT = r"""
+import sys
+import torch, torch.distributed as dist, torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+import normsam
+from tests.test_variants import mlp, mlp_batch, flat
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+results = {}
+builders = {
+    "wsam": lambda m: normsam.WSAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, sync_ascent=True),
+    "friendly-sam": lambda m: normsam.FriendlySAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, sync_ascent=True),
+    "gcsam": lambda m: normsam.GCSAM(m.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, sync_ascent=True),
+}
+for name, build in builders.items():
+    model = mlp()
+    ddp = DistributedDataParallel(model)
+    sam = build(model)
+    for t in range(4):
+        x, y = (part.chunk(world)[rank] for part in mlp_batch(t))
+        with ddp.no_sync():
+            sam.first_step(F.cross_entropy(ddp(x), y))
+        F.cross_entropy(ddp(x), y).backward()
+        sam.second_step(zero_grad=True)
+    results[name] = flat(model)
+model = mlp()
+ddp = DistributedDataParallel(model)
+opt = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, rho=0.02)
+for t in range(4):
+    x, y = (part.chunk(world)[rank] for part in mlp_batch(t))
+    def closure():
+        loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    opt.zero_grad()
+results["bsam"] = flat(model)
+if rank == 0:
+    torch.save(results, sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_with_two_processes_equals_one_process_on_the_global_batch(tmp_path):
+    """WSAM, Friendly-SAM, GCSAM (sync_ascent) and BSAM under DDP (2 gloo processes, each half the batch) take the
+    one-process steps on the whole batch. (GSAM and LookSAM: tests/test_variants_runner.py, through the runner.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    script = tmp_path / "ddp_variants.py"
+    script.write_text(_DDP_SCRIPT)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(root / "src"), str(root)])}
+    done = subprocess.run(["timeout", "240", torchrun, "--standalone", "--nproc_per_node=2", str(script),
+                           str(tmp_path / "out.pt")], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
+    one = {
+        "wsam": normsam.WSAM, "friendly-sam": normsam.FriendlySAM, "gcsam": normsam.GCSAM,
+    }
+    for name, factory in one.items():
+        model = mlp()
+        run(factory(model.parameters(), torch.optim.SGD, rho=0.1, lr=0.1), model, [mlp_batch(t) for t in range(4)])
+        torch.testing.assert_close(got[name], flat(model), atol=1e-9, rtol=0, msg=name)
+    model = mlp()
+    opt = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, rho=0.02)
+    _bsam_steps(opt, model, 4)
+    torch.testing.assert_close(got["bsam"], flat(model), atol=1e-9, rtol=0)

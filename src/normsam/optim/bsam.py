@@ -22,7 +22,10 @@ leaves the noise and ε in the weights (the update is taken at ``w + noise + ε`
 update term, and scales the momentum's gradient by the weight decay.
 
 With normsam's ``scope``, the noise and the ascent act on the scope's tensors only (BSAM-ON: the norm layers),
-while every tensor gets the Adam-like update and its precision from its gradient at the sample.
+while every tensor gets the Adam-like update and its precision from its gradient at the sample. Mixed precision:
+bf16 autocast inside the closure works as for any optimizer; fp16's ``GradScaler`` does not (the closure's two
+backward passes would carry its scale into g and g_p): use bf16. DDP averages both passes' gradients as usual
+(every rank draws the same noise from the same seed); FSDP2 is refused.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from torch import Tensor, nn
 from normsam.optim.groups import ScopeSplit
 from normsam.optim.options import check_rho
 from normsam.optim.scopes import ScopeSpec
+from normsam.optim.sharded import sharding_for
 
 __all__ = ["BSAM"]
 
@@ -75,6 +79,9 @@ class BSAM(torch.optim.Optimizer):
             raise ValueError(f"Invalid s_init: {s_init!r}; the initial precision must be > 0.")
         model = params if isinstance(params, nn.Module) else model
         groups = ScopeSplit(model, scope, None, None).initial_groups(params)
+        if sharding_for(model, [p for g in groups for p in g["params"]]) is not None:
+            raise ValueError("BSAM does not support FSDP2-sharded models yet (its noise and precision are per "
+                             "element of whole tensors): use DDP, or normsam.SAM's variants, which support FSDP2.")
         for group in groups:
             group.setdefault("perturb", True)
         defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, rho=check_rho(rho), damping=damping)
