@@ -1,4 +1,4 @@
-# Two commands on a fresh machine: `make demo` and `make test`.
+# Two commands on a fresh machine: `make demo` and `make test`. `make docs` builds the site into site/.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +9,7 @@ FMNIST_DEB := /usr/share/datasets/fashion-mnist
 # used it (and DATA_DIR was not set by hand).
 DEMO_DATA_DIR = $(if $(and $(filter file,$(origin DATA_DIR)),$(wildcard $(FMNIST_DEB)/train-images-idx3-ubyte.gz)),$(FMNIST_DEB),$(DATA_DIR))
 
-.PHONY: demo test test-slow test-all install data bench clean
+.PHONY: demo test test-slow test-all install data bench docs docs-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,7 +36,19 @@ data: install
 demo: data
 	$(BIN)/normsam compare --data-dir $(DEMO_DATA_DIR) --out runs/compare
 
+# The documentation site (mkdocs-material + mkdocstrings; sources in docs/, mkdocs.yml): references generated
+# from the code, every warning an error (broken links and anchors included).
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs: install
+	$(MKDOCS) build --strict --site-dir site
+
+docs-serve: install
+	$(MKDOCS) serve
+
+# The tests, and the site's strict build (its code blocks run in tests/test_docs.py).
 test: install
+	$(MKDOCS) build --strict --quiet --site-dir site
 	$(BIN)/python -m pytest -m "not slow" -q
 
 test-slow: install
@@ -49,4 +61,4 @@ bench: install
 	$(BIN)/python benchmarks/step_time.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build dist site src/*.egg-info .pytest_cache

@@ -1,10 +1,13 @@
-"""Step time and extra memory of SGD, the peer (pytorch_optimizer.SAM), SAM-all, SAM-ON and the hand-written floor.
+"""Step time and extra memory of SGD, the peer (pytorch_optimizer.SAM), SAM-all, SAM-ON, the floor (and SAM's variants).
 
 Usage:
     python benchmarks/step_time.py                        # --mode cpu: ResNet-20, batch 128, 2 threads
     python benchmarks/step_time.py --mode host-overhead   # ResNet-56 on 2 images of 8×8, 1 thread
     python benchmarks/step_time.py --mode gpu             # four models, bf16, batch 128, CUDA (gpu.sh)
     add --smoke to any mode for a run of seconds on tiny inputs (it checks the script, not the speed)
+    add --variants to any mode for SAM's variants too: GSAM, WSAM, LookSAM, FriendlySAM, GCSAM, each at
+    scope=all, as pytorch_optimizer's class of the same name and at scope=norm, and SAM-ON with ascent_steps=2
+    (--variants gsam looksam: only those; about 2.5x the wall time of the run with all of them)
 
 Modes and their targets (printed as PASS/FAIL; the exit status is 1 when one fails):
 - cpu: SAM-ON / hand-written SAM-ON <= 1.03; SAM-all / SGD <= 2.05; SAM-ON with ascent_interval=4 / SGD <= 1.30;
@@ -12,6 +15,9 @@ Modes and their targets (printed as PASS/FAIL; the exit status is 1 when one fai
 - host-overhead: the step is so small that Python and kernel-launch overhead dominate, as on a fast GPU;
   SAM-ON / hand-written SAM-ON <= 1.03 and SAM-all / pytorch_optimizer.SAM <= 1.02.
 - gpu: WRN-28-10 (32×32), ResNet-56 (32×32), ViT-S/32 and ResNet-50 (224×224), one table, no targets.
+- with --variants, in every mode: <variant> (all) / pytorch_optimizer.<variant> <= 1.00 and
+  <variant> (norm) / <variant> (all) < 1 (GCSAM's peer is pytorch_optimizer.SAM(use_gc=True)). LookSAM's rows
+  time whole cycles of k steps (1 full SAM step, k - 1 single-pass steps; --looksam-k, default 5).
 """
 
 from __future__ import annotations
@@ -19,13 +25,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
 from normsam.bench import (
-    FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SGD, BenchResult, StepContext, Target, default_variants,
-    format_bytes, interval_name, run_benchmark,
+    FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SAM_VARIANT_KEYS, SGD, BenchResult, StepContext, Target,
+    VariantSettings, default_variants, format_bytes, interval_name, run_benchmark,
 )
 from normsam.files import json_dumps
 from normsam.train.models import build_model
@@ -94,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also SAM-ON with the ascent on the first ⌈f·B⌉ examples (the runner's ascent_fraction)")
     parser.add_argument("--extra", action="store_true",
                         help="also SAM-ON with the classic first pass and the hand-written SAM-all")
+    parser.add_argument("--variants", nargs="*", choices=SAM_VARIANT_KEYS, metavar="VARIANT",
+                        help="also SAM's variants, each at scope=all, as pytorch_optimizer's class of the same name "
+                             "and at scope=norm (cheap ascent), with their targets: gsam, wsam, looksam, "
+                             "friendly-sam, gcsam (pytorch_optimizer.SAM(use_gc=True)), and multi-step (SAM-ON with "
+                             "ascent_steps=2); without a name: all of them")
+    parser.add_argument("--looksam-k", type=int, default=5,
+                        help="LookSAM's k with --variants (both sides; its rows time whole cycles of k steps)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args(argv)
@@ -119,8 +132,13 @@ def main(argv: list[str] | None = None) -> int:
                           device_type=device.type)
     if args.ascent_fraction is not None and not 0 < args.ascent_fraction <= 1:
         parser.error(f"--ascent-fraction must lie in (0, 1], got {args.ascent_fraction}")
+    chosen = () if args.variants is None else tuple(args.variants) or SAM_VARIANT_KEYS
+    try:
+        settings = VariantSettings(looksam_k=args.looksam_k)
+    except ValueError as err:
+        parser.error(f"--looksam-k: {err}")
     variants = default_variants(classic=args.extra, handwritten_all=args.extra, ascent_interval=args.ascent_interval,
-                                ascent_fraction=args.ascent_fraction)
+                                ascent_fraction=args.ascent_fraction, variants=chosen, settings=settings)
 
     results: dict[str, BenchResult] = {}
     for case in (SMOKE if args.smoke else MODES)[args.mode]:
@@ -140,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         results[case.label] = result
         s = result.settings
         result.settings["wall_s"] = time.perf_counter() - begin
+        if chosen:
+            result.settings["variant_settings"] = asdict(settings)
         print(f"\n{case.label}: batch {s['batch_size']} × {'×'.join(map(str, s['input_shape']))}, {s['device']}, "
               f"{s['threads']} threads, amp={s['amp']}, torch {s['torch']}, "
               f"pytorch_optimizer {s['pytorch_optimizer'] or '(not installed)'}, "
@@ -152,10 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "gpu":
         print()
         print(gpu_table(results, args.ascent_interval))
+        for label, r in results.items():
+            if r.variants_table():
+                print(f"\n{label}, SAM's variants:\n{r.variants_table()}")
     if args.json:
         with open(args.json, "w") as f:
-            f.write(json_dumps({label: r.to_dict() for label, r in results.items()}, indent=2))
-    verdicts = [r.check(t) for r in results.values() for t in targets(args.mode, args.ascent_interval)]
+            f.write(json_dumps({label: r.to_dict(targets(args.mode, args.ascent_interval))
+                                for label, r in results.items()}, indent=2))
+    verdicts = [r.check(t) for r in results.values()
+                for t in [*targets(args.mode, args.ascent_interval), *r.variant_targets()]]
     return 1 if False in verdicts and not args.smoke else 0
 
 

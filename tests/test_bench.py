@@ -311,3 +311,178 @@ def test_ascent_fraction_variant_takes_the_sub_batch_ascent():
         torch.testing.assert_close(p, q, rtol=1e-9, atol=1e-10)
     full = _train(SAM_ON, steps=2)
     assert any(not torch.allclose(p, q) for p, q in zip(model.parameters(), full))
+
+
+# --- SAM's variants beside pytorch_optimizer's classes (--variants) ------------------------------------------
+
+from normsam.bench import (  # noqa: E402
+    MULTI_STEP, SAM_VARIANT_KEYS, VARIANT_FAMILIES, VARIANT_TARGETS, VariantSettings, multi_step_name, peer_name,
+    sam_variants, variant_name,
+)
+
+FAMILY_ROWS = [(variant_name(f, "all"), peer_name(f), variant_name(f, "norm")) for f in VARIANT_FAMILIES.values()]
+
+
+def test_every_sam_variant_row_is_timed_and_has_its_ratios():
+    pytest.importorskip("pytorch_optimizer")
+    x, y = _data()
+    variants = default_variants(classic=False, ascent_interval=None, momentum=False, variants=SAM_VARIANT_KEYS,
+                                settings=VariantSettings(looksam_k=2))
+    result = run_benchmark(_tiny, x, y, variants=variants, rounds=2, steps_per_round=1, warmup=1,
+                           measure_memory=False, progress=False)
+    new = [name for rows in FAMILY_ROWS for name in rows] + [multi_step_name(2)]
+    assert [v.name for v in result.variants][-len(new):] == new
+    for name in new:
+        row = result[name]
+        assert row.unavailable is None and len(row.step_times) == 2 and len(row.ratios) == 2, (name, row.unavailable)
+    for all_, peer, norm in FAMILY_ROWS:
+        assert result.ratio(all_, peer) is not None and result.ratio(norm, all_) is not None
+        assert result[all_].cycle == result[peer].cycle == result[norm].cycle == (2 if "LookSAM" in all_ else 1)
+    assert result.ratio(multi_step_name(2), SAM_ON) is not None
+    table = result.table()
+    assert "| SAM variant | normsam, scope=all: ms (×SGD) | pytorch_optimizer: ms (×SGD) |" in table
+    for family in VARIANT_FAMILIES.values():
+        line = next(line for line in table.splitlines() if line.startswith(f"| {family} |"))
+        assert "| <= 1.00 |" in line and "| < 1.00 |" in line and line.count("PASS") + line.count("FAIL") == 2
+    assert "LookSAM (all), pytorch_optimizer.LookSAM, LookSAM (norm): each round times whole cycles of k=2" in table
+    assert f"| {multi_step_name(2)} / {SAM_ON} |" in table
+
+    data = json.loads(json.dumps(result.to_dict()))
+    rows = {v["name"]: v for v in data["variants"]}
+    assert set(rows[SGD]) >= {"name", "unavailable", "median_step_ms", "median_ratio_to_sgd", "extra_peak_bytes",
+                              "step_times_s", "cycle", "notes"}
+    assert rows["LookSAM (norm)"]["cycle"] == 2 and rows["LookSAM (norm)"]["notes"]
+    assert all(rows[name]["median_ratio_to_sgd"] is not None for name in new)
+    for all_, peer, norm in FAMILY_ROWS:
+        assert data["ratios"][f"{all_} / {peer}"] is not None and data["ratios"][f"{norm} / {all_}"] is not None
+    assert [t["ratio"] for t in data["targets"]] == [f"{t.numerator} / {t.denominator}" for t in VARIANT_TARGETS]
+    assert {t["verdict"] for t in data["targets"]} <= {"PASS", "FAIL"}
+    assert all(set(t) == {"ratio", "value", "limit", "strict", "met", "verdict"} for t in data["targets"])
+
+
+def _counted_forwards(variants, steps_per_round, rounds=2, warmup=1) -> list[int]:
+    """Forward passes each variant's model ran, in the order of ``variants`` (build, warm-up and rounds)."""
+    calls: list[int] = []
+
+    class Counted(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = _tiny()
+
+        def forward(self, x):
+            calls.append(id(self))
+            return self.net(x)
+
+    x, y = _data()
+    run_benchmark(Counted, x, y, variants=variants, rounds=rounds, steps_per_round=steps_per_round, warmup=warmup,
+                  measure_memory=False, progress=False)
+    return [calls.count(model) for model in dict.fromkeys(calls)]
+
+
+def test_looksam_rows_time_whole_cycles_with_the_same_mix_of_steps_on_both_sides():
+    # k = 3, 2 steps per round: each round times 3 steps, 1 full SAM step (2 passes) + 2 single-pass steps, for
+    # normsam and the peer alike (the peer without the pass at w its first_step() would discard)
+    pytest.importorskip("pytorch_optimizer")
+    variants = [v for v in default_variants(variants=("looksam",), settings=VariantSettings(looksam_k=3))
+                if v.name == SGD or "LookSAM" in v.name]
+    assert [v.name for v in variants] == [SGD, "LookSAM (all)", "pytorch_optimizer.LookSAM", "LookSAM (norm)"]
+    counts = _counted_forwards(variants, steps_per_round=2)
+    assert counts == [1 + 2 * 2] + [2 + 2 * (3 + 1)] * 3  # warm-up: one full step; rounds: 3 steps, 4 passes
+
+
+def test_the_multi_step_ascent_row_takes_k_plus_one_passes():
+    variants = [v for v in default_variants(variants=(MULTI_STEP,)) if v.name in (SGD, multi_step_name(2))]
+    assert _counted_forwards(variants, steps_per_round=2) == [1 + 2 * 2, 3 * (1 + 2 * 2)]
+
+
+def _train_row(name: str, settings: VariantSettings, steps: int) -> list[torch.Tensor]:
+    model = _tiny().double()
+    x, y = _data(8)
+    variant = next(v for v in sam_variants(settings=settings) if v.name == name)
+    step = variant.build(model, StepContext())
+    for _ in range(steps):
+        step(x.double(), y)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("family", ["GSAM", "WSAM", "LookSAM", "FriendlySAM"])
+def test_the_variant_rows_take_the_same_steps_as_pytorch_optimizer(family):
+    # same hyperparameters, same arithmetic: the ratio compares equal work (GCSAM's peer divides by the norm before
+    # centralization, normsam by the paper's, so there the steps differ a little by definition)
+    pytest.importorskip("pytorch_optimizer")
+    settings = VariantSettings(looksam_k=2)
+    ours = _train_row(variant_name(family, "all"), settings, steps=5)
+    theirs = _train_row(peer_name(family), settings, steps=5)
+    start = [p.detach().double() for p in _tiny().parameters()]
+    assert any(not torch.equal(p, q) for p, q in zip(ours, start))
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, rtol=1e-7, atol=1e-9)
+
+
+def test_variant_rows_without_the_peer_or_the_settings_say_why(monkeypatch):
+    with pytest.raises(ValueError, match="Unknown variant 'sam-x'; the benchmark has gsam, wsam"):
+        sam_variants(("sam-x",))
+    with pytest.raises(ValueError, match="LookSAM's k must be an int >= 2"):
+        VariantSettings(looksam_k=1)
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)
+    x, y = _data()
+    variants = default_variants(False, classic=False, ascent_interval=None, momentum=False, variants=("gsam",))
+    result = run_benchmark(_tiny, x, y, variants=variants, rounds=1, steps_per_round=1, warmup=1,
+                           measure_memory=False, progress=False)
+    assert result["pytorch_optimizer.GSAM"].unavailable.startswith("not installed: pip install 'normsam[bench]'")
+    assert result["GSAM (all)"].step_times and result["GSAM (norm)"].step_times
+    line = next(line for line in result.table().splitlines() if line.startswith("| GSAM |"))
+    assert "| n/a (pytorch_optimizer.GSAM did not run) | <= 1.00 | n/a |" in line and "| < 1.00 | " in line
+    assert result.to_dict()["targets"][0]["verdict"] == "n/a"
+    monkeypatch.undo()
+    pytest.importorskip("pytorch_optimizer")
+    fp16 = run_benchmark(_tiny, x, y, variants=variants, context=StepContext(amp="fp16"), rounds=1, steps_per_round=1,
+                         warmup=1, measure_memory=False, progress=False)
+    assert "no GradScaler path" in fp16["pytorch_optimizer.GSAM"].unavailable and fp16["GSAM (norm)"].step_times
+
+
+def test_variant_targets_pass_at_or_below_the_peer_and_strictly_below_scope_all():
+    def res(name, times):
+        return VariantResult(name, step_times=times, ratios=[1.0] * len(times))
+
+    result = BenchResult([res(SGD, [1.0]), res("GSAM (all)", [2.0]), res("pytorch_optimizer.GSAM", [2.0]),
+                          res("GSAM (norm)", [2.0])], settings={})
+    assert [result.verdict(t) for t in result.variant_targets()] == ["PASS", "FAIL"]  # 1.00 <= 1.00; 1.00 is not < 1
+    assert "| 1.000 | <= 1.00 | PASS | 1.000 | < 1.00 | FAIL |" in result.variants_table()
+    assert Target("a", "b", 1.0, strict=True).shown == "< 1.00" and Target("a", "b", 1.03).shown == "<= 1.03"
+
+
+def test_bench_cli_and_step_time_list_and_run_the_variants(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    cli_help = capsys.readouterr().out
+    step_time = _script("step_time")
+    with pytest.raises(SystemExit):
+        step_time.main(["--help"])
+    script_help = capsys.readouterr().out
+    for text in (cli_help, script_help):
+        assert "--variants" in text and "--looksam-k" in text
+        flat_text = " ".join(text.split())
+        for key in SAM_VARIANT_KEYS:
+            assert key in flat_text, key
+        assert "pytorch_optimizer.SAM(use_gc=True)" in flat_text
+
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--model", "resnet8", "--batch-size", "2", "--image-size", "8", "--rounds", "1",
+                     "--steps-per-round", "1", "--warmup", "1", "--threads", "1", "--no-memory", "--no-handwritten",
+                     "--variants", "wsam", "--json", str(out)]) == 0
+    assert "| WSAM | " in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [t["ratio"] for t in data["targets"]] == ["WSAM (all) / pytorch_optimizer.WSAM", "WSAM (norm) / WSAM (all)"]
+    assert data["settings"]["variant_settings"]["wsam_gamma"] == 0.9
+
+    out = tmp_path / "step_time.json"
+    assert step_time.main(["--mode", "host-overhead", "--smoke", "--no-memory", "--variants", "looksam", "multi-step",
+                           "--looksam-k", "2", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| LookSAM | " in text and "each round times whole cycles of k=2 steps" in text
+    assert f"| {multi_step_name(2)} |" in text
+    (case,) = json.loads(out.read_text()).values()
+    assert {t["ratio"] for t in case["targets"]} >= {"LookSAM (all) / pytorch_optimizer.LookSAM",
+                                                     "LookSAM (norm) / LookSAM (all)", f"{SAM_ALL} / {PEER}"}
+    assert case["settings"]["variant_settings"]["looksam_k"] == 2

@@ -77,9 +77,17 @@ def _inspect(args: argparse.Namespace) -> int:
         args.model, num_classes=args.num_classes, in_channels=args.in_channels, image_size=args.image_size, norm=args.norm
     )
     scope = args.scope if not args.pattern else args.pattern
+    if args.plot:  # before the table: a folder that cannot be written fails at once
+        from normsam.files import check_writable
+
+        check_writable(Path(args.plot).resolve().parent, what="--plot folder", hint="choose another --plot path")
     report = describe_scope(model, scope)
     print(f"{args.model}: {report.total_numel:,} trainable parameters")
     print(report.table(max_rows=None if args.all else 40))
+    if args.plot:
+        from normsam.analysis.figures import plot_scope
+
+        print(f"Figure: {plot_scope(model, args.plot, scope)}")
     return 0
 
 
@@ -94,7 +102,7 @@ def _download(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from normsam.bench import StepContext, default_variants, run_benchmark
+    from normsam.bench import SAM_VARIANT_KEYS, StepContext, VariantSettings, default_variants, run_benchmark
     from normsam.train.models import build_model
 
     if args.json:  # before minutes of measuring
@@ -115,14 +123,20 @@ def _bench(args: argparse.Namespace) -> int:
     context = StepContext(rho_all=args.rho_all, rho_on=args.rho_on, perturbation=args.perturbation, amp=args.amp,
                           device_type=device.type, bf16_kernels=args.bf16_kernels)
     handwritten = not args.no_handwritten and args.amp != "fp16"  # the yardstick has no GradScaler path
+    chosen = () if args.variants is None else tuple(args.variants) or SAM_VARIANT_KEYS
+    settings = VariantSettings(looksam_k=args.looksam_k)
     result = run_benchmark(
         lambda: build_model(args.model, num_classes=args.num_classes, in_channels=args.channels,
                             image_size=args.image_size),
-        x, y, variants=default_variants(handwritten), context=context, rounds=args.rounds,
-        steps_per_round=args.steps_per_round, warmup=args.warmup, measure_memory=not args.no_memory,
-        compile=args.compile, progress=True,
+        x, y, variants=default_variants(handwritten, variants=chosen, settings=settings), context=context,
+        rounds=args.rounds, steps_per_round=args.steps_per_round, warmup=args.warmup,
+        measure_memory=not args.no_memory, compile=args.compile, progress=True,
     )
     s = result.settings
+    if chosen:
+        from dataclasses import asdict
+
+        s["variant_settings"] = asdict(settings)
     header = (f"{args.model}, batch {s['batch_size']} × {'×'.join(map(str, s['input_shape']))}, {s['device']}, "
               f"{s['threads']} threads, amp={s['amp']}"
               f"{', bf16_kernels=' + s['bf16_kernels'] if s['bf16_kernels'] != 'native' else ''}, compile={s['compile']}, torch {s['torch']}, "
@@ -192,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--in-channels", type=int, default=3)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--all", action="store_true", help="print every row")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="also draw the network, one bar per layer, the perturbed layers highlighted")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("download", help="download a data set through torchvision")
@@ -199,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data")
     p.set_defaults(func=_download)
 
-    p = sub.add_parser("bench", help="step time and memory of SGD, SAM-all and SAM-ON, interleaved rounds")
+    p = sub.add_parser("bench", help="step time and memory of SGD, SAM-all and SAM-ON (--variants: and SAM's "
+                                     "variants beside pytorch_optimizer's), interleaved rounds")
     p.add_argument("--model", default="resnet20")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=32)
@@ -218,6 +235,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho-all", type=float, default=0.05)
     p.add_argument("--rho-on", type=float, default=0.5)
     p.add_argument("--no-handwritten", action="store_true", help="skip the hand-written yardsticks")
+    p.add_argument("--variants", nargs="*", metavar="VARIANT",
+                   help="also SAM's variants, each at scope=all, as pytorch_optimizer's class of the same name and at "
+                        "scope=norm (cheap ascent), with their targets: gsam, wsam, looksam, friendly-sam, gcsam "
+                        "(pytorch_optimizer.SAM(use_gc=True)), and multi-step (SAM-ON with ascent_steps=2); without "
+                        "a name: all of them")
+    p.add_argument("--looksam-k", type=int, default=5,
+                   help="LookSAM's k with --variants (both sides; its rows time whole cycles of k steps; default 5)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_bench)

@@ -1,4 +1,5 @@
-"""Step time and extra peak memory of SGD, SAM-all and SAM-ON, measured side by side with two yardsticks.
+"""Step time and extra peak memory of SGD, SAM-all and SAM-ON (and, when asked for, SAM's variants), measured
+side by side with two yardsticks.
 
 Every variant trains its own copy of the same model on the same batch. Rounds are interleaved
 (A B C D, A B C D, …) so that a slow spell of the machine hits every variant alike; the figures are the
@@ -21,7 +22,10 @@ The modules, by concern:
 - :mod:`~normsam.bench.names`: the variants' names, shared by tables, targets and tests;
 - :mod:`~normsam.bench.context`: what a variant is and the settings all variants share (:class:`StepContext`);
 - :mod:`~normsam.bench.variants`: normsam's own variants and :func:`default_variants`;
-- :mod:`~normsam.bench.yardsticks`: the peer and the hand-written floor;
+- :mod:`~normsam.bench.sam_variants`: GSAM, WSAM, LookSAM, Friendly-SAM, GCSAM (normsam at scope="all" and
+  "norm", pytorch_optimizer's class of the same name) and the multi-step ascent;
+- :mod:`~normsam.bench.yardsticks`: the peers (pytorch_optimizer's SAM and its variants' classes) and the
+  hand-written floor;
 - :mod:`~normsam.bench.timing`: :func:`run_benchmark`, the interleaved rounds;
 - :mod:`~normsam.bench.memory`: memory kept between steps and the peak during one;
 - :mod:`~normsam.bench.report`: the results, ratios, targets, tables and JSON.
@@ -29,16 +33,20 @@ The modules, by concern:
 
 from normsam.bench.context import StepContext, StepFn, Variant, VariantUnavailable
 from normsam.bench.names import (
-    FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SAM_ON_CLASSIC, SGD, fraction_name, interval_name,
-    is_interval_name,
+    FLOOR, FLOOR_ALL, MOMENTUM, MULTI_STEP, PEER, SAM_ALL, SAM_ON, SAM_ON_CLASSIC, SGD, VARIANT_FAMILIES,
+    fraction_name, interval_name, is_interval_name, is_multi_step_name, multi_step_name, peer_name, variant_name,
 )
-from normsam.bench.report import KEY_RATIOS, BenchResult, Target, VariantResult, format_bytes
+from normsam.bench.report import KEY_RATIOS, VARIANT_TARGETS, BenchResult, Target, VariantResult, format_bytes
+from normsam.bench.sam_variants import SAM_VARIANT_KEYS, sam_variants
+from normsam.bench.settings import VariantSettings
 from normsam.bench.timing import run_benchmark
 from normsam.bench.variants import default_variants
 
 __all__ = [
     "Variant", "VariantUnavailable", "StepContext", "StepFn", "BenchResult", "VariantResult", "Target",
-    "KEY_RATIOS", "default_variants", "run_benchmark", "format_bytes",
+    "KEY_RATIOS", "VARIANT_TARGETS", "default_variants", "run_benchmark", "format_bytes",
     "SGD", "PEER", "SAM_ALL", "SAM_ON", "SAM_ON_CLASSIC", "FLOOR", "FLOOR_ALL", "MOMENTUM",
     "interval_name", "is_interval_name", "fraction_name",
+    "VARIANT_FAMILIES", "MULTI_STEP", "SAM_VARIANT_KEYS", "VariantSettings", "sam_variants", "variant_name",
+    "peer_name", "multi_step_name", "is_multi_step_name",
 ]

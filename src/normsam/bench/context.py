@@ -20,7 +20,7 @@ from normsam.optim.amp import autocast, check_bf16_kernels, upcast_bf16_matmuls
 from normsam.optim.options import SAMOptions
 from normsam.optim.sam import SAM
 
-__all__ = ["StepFn", "Variant", "VariantUnavailable", "StepContext", "loss"]
+__all__ = ["StepFn", "Variant", "VariantUnavailable", "StepContext", "loss", "descend"]
 
 StepFn = Callable[[Tensor, Tensor], None]
 
@@ -35,10 +35,12 @@ class Variant:
 
     name: str
     build: Callable[[nn.Module, "StepContext"], StepFn]
-    #: steps in one period of the variant's schedule (k for ``ascent_interval=k``): a round times a whole
-    #: number of periods and the memory is measured over one period, so every round sees one fresh ascent
-    #: per k steps whatever ``steps_per_round`` is
+    #: steps in one period of the variant's schedule (k for ``ascent_interval=k`` and LookSAM): a round times a
+    #: whole number of periods and the memory is measured over one period, so every round sees one fresh
+    #: ascent per k steps whatever ``steps_per_round`` is
     cycle: int = 1
+    #: how the row is timed or driven, where a reader needs to know (shown under the table and in the JSON)
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -98,3 +100,17 @@ def loss(model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> Tensor:
     """The forward pass and loss every variant times, under the context's autocast."""
     with ctx.autocast():
         return F.cross_entropy(model(x), y)
+
+
+def descend(sam: SAM, batch_loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """The second half of a normsam SAM step: the backward pass of ``batch_loss`` (the loss at w + ε), restore,
+    the base step (through the GradScaler when there is one, as the training loop does), zero the gradients."""
+    if scaler is None:
+        batch_loss.backward()
+        sam.second_step(zero_grad=True)
+    else:
+        scaler.scale(batch_loss).backward()
+        sam.restore()
+        scaler.step(sam.base_optimizer)
+        scaler.update()
+        sam.zero_grad()

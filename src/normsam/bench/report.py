@@ -12,9 +12,12 @@ import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from normsam.bench.names import FLOOR, PEER, SAM_ALL, SAM_ON, SGD, is_interval_name
+from normsam.bench.names import (
+    FLOOR, PEER, SAM_ALL, SAM_ON, SGD, VARIANT_FAMILIES, is_interval_name, is_multi_step_name, peer_name,
+    variant_name,
+)
 
-__all__ = ["VariantResult", "Target", "KEY_RATIOS", "BenchResult", "format_bytes"]
+__all__ = ["VariantResult", "Target", "KEY_RATIOS", "VARIANT_TARGETS", "BenchResult", "format_bytes"]
 
 
 @dataclass
@@ -26,6 +29,8 @@ class VariantResult:
     peak_bytes: int | None = None  # allocated during one step, above the step's start
     extra_bytes: int | None = None  # held_bytes + peak_bytes minus SGD's
     unavailable: str | None = None  # why this variant did not run here
+    cycle: int = 1  # steps of the variant's schedule each round times a whole number of (step_times: per step)
+    notes: list[str] = field(default_factory=list)  # how the row is timed or driven, where it matters
 
     @property
     def median_ms(self) -> float:
@@ -38,11 +43,20 @@ class VariantResult:
 
 @dataclass(frozen=True)
 class Target:
-    """``numerator / denominator <= limit``, both variant names; the ratio is the median per-round ratio."""
+    """``numerator / denominator <= limit`` (``< limit`` when ``strict``), both variant names; the ratio is the
+    median per-round ratio."""
 
     numerator: str
     denominator: str
     limit: float
+    strict: bool = False
+
+    def met(self, value: float) -> bool:
+        return value < self.limit if self.strict else value <= self.limit
+
+    @property
+    def shown(self) -> str:
+        return f"{'<' if self.strict else '<='} {self.limit:.2f}"
 
 
 #: The ratios every table shows (when both variants ran): normsam against its yardsticks and against SGD.
@@ -51,6 +65,16 @@ KEY_RATIOS: tuple[tuple[str, str], ...] = (
     (SAM_ALL, PEER),
     (SAM_ALL, SGD),
     (SAM_ON, SGD),
+)
+
+#: The targets of SAM's variants, in every table where their rows ran: normsam's variant over every parameter
+#: costs no more than pytorch_optimizer's class of the same name, and less over the norm layers (the cheap
+#: ascent) than over every parameter.
+VARIANT_TARGETS: tuple[Target, ...] = tuple(
+    target
+    for family in VARIANT_FAMILIES.values()
+    for target in (Target(variant_name(family, "all"), peer_name(family), 1.00),
+                   Target(variant_name(family, "norm"), variant_name(family, "all"), 1.00, strict=True))
 )
 
 
@@ -80,10 +104,20 @@ class BenchResult:
     def check(self, target: Target) -> bool | None:
         """True/False for a met/missed target; None when a variant of it did not run."""
         value = self.ratio(target.numerator, target.denominator)
-        return None if value is None else value <= target.limit
+        return None if value is None else target.met(value)
+
+    def variant_targets(self) -> list[Target]:
+        """The :data:`VARIANT_TARGETS` of the variants in this benchmark (normsam's row in it)."""
+        return [t for t in VARIANT_TARGETS if t.numerator in self]
+
+    def verdict(self, target: Target) -> str:
+        """``PASS``, ``FAIL`` or ``n/a`` (a variant of it did not run)."""
+        met = self.check(target)
+        return "n/a" if met is None else "PASS" if met else "FAIL"
 
     def table(self, targets: Sequence[Target] = ()) -> str:
-        """The variants' table, then one table of the key ratios and the targets (with PASS/FAIL)."""
+        """The variants' table (with how cycled rows are timed), one table of the key ratios and the targets
+        (with PASS/FAIL), and, when SAM's variants ran, their table against pytorch_optimizer's classes."""
         lines = [
             "| variant | median step (ms) | ratio to SGD (median per round) | extra peak memory |",
             "|---|---:|---:|---:|",
@@ -94,24 +128,72 @@ class BenchResult:
                 continue
             mem = "n/a" if v.extra_bytes is None else format_bytes(v.extra_bytes)
             lines.append(f"| {v.name} | {v.median_ms:.1f} | {v.median_ratio:.3f} | {mem} |")
-        return "\n".join(lines) + "\n\n" + self.ratio_table(targets)
+        text = "\n".join(lines) + self._notes() + "\n\n" + self.ratio_table(targets)
+        variants = self.variants_table()
+        return text + ("\n\n" + variants if variants else "")
+
+    def _notes(self) -> str:
+        """One line per distinct note, naming its rows (e.g. how LookSAM's rows are timed)."""
+        notes: dict[str, list[str]] = {}
+        for v in self.variants:
+            for note in v.notes if not v.unavailable else ():
+                notes.setdefault(note, []).append(v.name)
+        return "".join(f"\n\n{', '.join(names)}: {note}." for note, names in notes.items())
 
     def ratio_table(self, targets: Sequence[Target] = ()) -> str:
-        limits = {(t.numerator, t.denominator): t.limit for t in targets}
+        given = {(t.numerator, t.denominator): t for t in targets}
         pairs = [p for p in KEY_RATIOS if p[0] in self and p[1] in self]
         pairs += [(v.name, SGD) for v in self.variants if is_interval_name(v.name)]
-        pairs += [p for p in limits if p not in pairs]
+        pairs += [(v.name, SAM_ON) for v in self.variants if is_multi_step_name(v.name) and SAM_ON in self]
+        pairs += [p for p in given if p not in pairs]
         lines = ["| ratio | value | target | verdict |", "|---|---:|---:|---|"]
         for num, den in pairs:
-            value = self.ratio(num, den)
-            limit = limits.get((num, den))
-            missing = next((n for n in (num, den) if n not in self or self[n].unavailable), None)
-            shown = f"{value:.3f}" if value is not None else f"n/a ({missing} did not run)"
-            verdict = "" if limit is None else "n/a" if value is None else "PASS" if value <= limit else "FAIL"
-            lines.append(f"| {num} / {den} | {shown} | {'' if limit is None else f'<= {limit:.2f}'} | {verdict} |")
+            target = given.get((num, den))
+            lines.append(f"| {num} / {den} | {self._shown_ratio(num, den)} | {'' if target is None else target.shown} "
+                         f"| {'' if target is None else self.verdict(target)} |")
         return "\n".join(lines)
 
-    def to_dict(self) -> dict:
+    def _shown_ratio(self, num: str, den: str) -> str:
+        value = self.ratio(num, den)
+        if value is not None:
+            return f"{value:.3f}"
+        missing = next((n for n in (num, den) if n not in self or self[n].unavailable), None)
+        return f"n/a ({missing} did not run)"
+
+    def variants_table(self) -> str:
+        """SAM's variants, one row each: the median step (and ratio to SGD) of normsam over every parameter,
+        of pytorch_optimizer's class of the same name and of normsam over the norm layers, with the targets
+        ``(all) / peer <= 1.00`` and ``(norm) / (all) < 1`` (empty when no variant ran)."""
+        families = [f for f in VARIANT_FAMILIES.values() if variant_name(f, "all") in self]
+        if not families:
+            return ""
+        lines = [
+            "| SAM variant | normsam, scope=all: ms (×SGD) | pytorch_optimizer: ms (×SGD) "
+            "| normsam, scope=norm: ms (×SGD) | (all) / peer | target | verdict | (norm) / (all) | target | verdict |",
+            "|---|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        ]
+        for family in families:
+            names = (variant_name(family, "all"), peer_name(family), variant_name(family, "norm"))
+            cells = [family] + [self._step_cell(n) for n in names]
+            for target in (t for t in VARIANT_TARGETS if t.numerator in names and t.denominator in names):
+                cells += [self._shown_ratio(target.numerator, target.denominator), target.shown, self.verdict(target)]
+            lines.append("| " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+
+    def _step_cell(self, name: str) -> str:
+        if name not in self:
+            return "not run"
+        v = self[name]
+        return "n/a" if v.unavailable else f"{v.median_ms:.1f} ({v.median_ratio:.2f}×)"
+
+    def to_dict(self, targets: Sequence[Target] = ()) -> dict:
+        """The figures as JSON: settings, every variant (``cycle``: the steps each round times a whole number of;
+        ``notes``: how it is timed or driven), the key ratios and the variants' ratios, and the targets (``targets`` and
+        those of SAM's variants that ran) with their verdicts."""
+        pairs = [p for p in KEY_RATIOS if p[0] in self and p[1] in self]
+        pairs += [(v.name, SAM_ON) for v in self.variants if is_multi_step_name(v.name) and SAM_ON in self]
+        all_targets = list(dict.fromkeys([*targets, *self.variant_targets()]))
+        pairs += [(t.numerator, t.denominator) for t in all_targets if (t.numerator, t.denominator) not in pairs]
         return {
             "settings": self.settings,
             "variants": [
@@ -122,10 +204,17 @@ class BenchResult:
                     "median_ratio_to_sgd": None if v.unavailable else v.median_ratio,
                     "extra_peak_bytes": v.extra_bytes,
                     "step_times_s": v.step_times,
+                    "cycle": v.cycle,
+                    "notes": v.notes,
                 }
                 for v in self.variants
             ],
-            "ratios": {f"{n} / {d}": self.ratio(n, d) for n, d in KEY_RATIOS if n in self and d in self},
+            "ratios": {f"{n} / {d}": self.ratio(n, d) for n, d in pairs},
+            "targets": [
+                {"ratio": f"{t.numerator} / {t.denominator}", "value": self.ratio(t.numerator, t.denominator),
+                 "limit": t.limit, "strict": t.strict, "met": self.check(t), "verdict": self.verdict(t)}
+                for t in all_targets
+            ],
         }
 
 

@@ -62,7 +62,7 @@ def run_benchmark(
     context = context or StepContext(device_type=x.device.type)
     device = x.device
     template = make_model().to(device)
-    results = [VariantResult(v.name) for v in variants]
+    results = [VariantResult(v.name, cycle=v.cycle, notes=list(v.notes)) for v in variants]
     steps: list[StepFn] = []
     for variant, res in zip(variants, results):
         # build and warm up (and compile) outside the timed rounds, noting the memory the variant keeps

@@ -1,5 +1,6 @@
 """normsam's own timed variants (SGD as the baseline, SAM-all, SAM-ON and its fast modes) and
-:func:`default_variants`, the list every benchmark runs.
+:func:`default_variants`, the list every benchmark runs (with SAM's variants, :mod:`normsam.bench.sam_variants`,
+when asked for).
 
 Each variant is written the way a user would train with it, through SAM's public API; the fp16 path goes
 through a GradScaler as the training loop does, so the benchmark times what training runs.
@@ -8,17 +9,17 @@ through a GradScaler as the training loop does, so the benchmark times what trai
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
-from normsam.bench.context import StepContext, StepFn, Variant, VariantUnavailable, loss
+from normsam.bench.context import StepContext, StepFn, Variant, VariantUnavailable, descend, loss
 from normsam.bench.names import (
     FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SAM_ON_CLASSIC, SGD, fraction_name, interval_name,
 )
+from normsam.bench.sam_variants import sam_variants
+from normsam.bench.settings import VariantSettings
 from normsam.bench.yardsticks import handwritten_variant, peer_variant
-from normsam.optim.sam import SAM
 
 __all__ = ["default_variants"]
 
@@ -40,19 +41,6 @@ def _sgd_variant(model: nn.Module, ctx: StepContext) -> StepFn:
     return step
 
 
-def _descent(sam: SAM, batch_loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:
-    """Second backward pass, restore, base step (through the GradScaler when there is one)."""
-    if scaler is None:
-        batch_loss.backward()
-        sam.second_step(zero_grad=True)
-    else:
-        scaler.scale(batch_loss).backward()
-        sam.restore()
-        scaler.step(sam.base_optimizer)
-        scaler.update()
-        sam.zero_grad()
-
-
 def _normsam_variant(scope: str, cheap: bool) -> Callable[[nn.Module, StepContext], StepFn]:
     """SAM over ``scope``; ``cheap``: the first pass's gradient taken for the scope only (``first_step(loss)``),
     otherwise a full ``backward`` first (the classic two-pass SAM)."""
@@ -68,7 +56,7 @@ def _normsam_variant(scope: str, cheap: bool) -> Callable[[nn.Module, StepContex
             else:
                 scaled.backward()
                 sam.first_step(zero_grad=True, grad_scaler=scaler)
-            _descent(sam, loss(model, x, y, ctx), scaler)
+            descend(sam, loss(model, x, y, ctx), scaler)
 
         return step
 
@@ -88,7 +76,7 @@ def _interval_variant(k: int) -> Callable[[nn.Module, StepContext], StepFn]:
                                grad_scaler=scaler)
             else:  # the last ε is applied again: no first forward-backward
                 sam.first_step(zero_grad=True, grad_scaler=scaler)
-            _descent(sam, loss(model, x, y, ctx), scaler)
+            descend(sam, loss(model, x, y, ctx), scaler)
 
         return step
 
@@ -104,7 +92,7 @@ def _momentum_variant(model: nn.Module, ctx: StepContext) -> StepFn:
 
     def step(x, y):
         sam.first_step(zero_grad=True)  # no pass at w: ε = -ρ·v/‖v‖ from the momentum buffers
-        _descent(sam, loss(model, x, y, ctx), scaler)
+        descend(sam, loss(model, x, y, ctx), scaler)
 
     return step
 
@@ -121,7 +109,7 @@ def _fraction_variant(f: float) -> Callable[[nn.Module, StepContext], StepFn]:
             batch_loss = loss(model, x[:n], y[:n], ctx)
             sam.first_step(batch_loss if scaler is None else scaler.scale(batch_loss), zero_grad=True,
                            grad_scaler=scaler)
-            _descent(sam, loss(model, x, y, ctx), scaler)
+            descend(sam, loss(model, x, y, ctx), scaler)
 
         return step
 
@@ -137,29 +125,34 @@ def default_variants(
     handwritten_all: bool = False,
     ascent_fraction: float | None = None,
     momentum: bool = True,
+    variants: Sequence[str] = (),
+    settings: VariantSettings | None = None,
 ) -> list[Variant]:
     """SGD first (the baseline of the ratios), then the peer, SAM-all, SAM-ON, the fast modes
-    (``ascent_interval``, ``ascent_fraction``, the momentum ascent) and the floor.
+    (``ascent_interval``, ``ascent_fraction``, the momentum ascent) and the floor; then SAM's ``variants``
+    (keys of :data:`~normsam.bench.sam_variants.SAM_VARIANT_KEYS`: each at scope="all", pytorch_optimizer's
+    class of the same name (with ``peer``), at scope="norm"; the multi-step ascent) with ``settings``.
 
     A variant that cannot run with the context (the peer not installed, a yardstick under fp16 or another
     perturbation model, the momentum ascent with fisher) is still listed: its row says why."""
-    variants = [Variant(SGD, _sgd_variant)]
+    rows = [Variant(SGD, _sgd_variant)]
     if peer:
-        variants.append(Variant(PEER, peer_variant))
-    variants.append(Variant(SAM_ALL, _normsam_variant("all", cheap=True)))
+        rows.append(Variant(PEER, peer_variant))
+    rows.append(Variant(SAM_ALL, _normsam_variant("all", cheap=True)))
     if classic:
-        variants.append(Variant(SAM_ON_CLASSIC, _normsam_variant("norm", cheap=False)))
-    variants.append(Variant(SAM_ON, _normsam_variant("norm", cheap=True)))
+        rows.append(Variant(SAM_ON_CLASSIC, _normsam_variant("norm", cheap=False)))
+    rows.append(Variant(SAM_ON, _normsam_variant("norm", cheap=True)))
     if ascent_interval is not None:
-        variants.append(
+        rows.append(
             Variant(interval_name(ascent_interval), _interval_variant(ascent_interval), cycle=ascent_interval)
         )
     if ascent_fraction is not None:
-        variants.append(Variant(fraction_name(ascent_fraction), _fraction_variant(ascent_fraction)))
+        rows.append(Variant(fraction_name(ascent_fraction), _fraction_variant(ascent_fraction)))
     if momentum:
-        variants.append(Variant(MOMENTUM, _momentum_variant))
+        rows.append(Variant(MOMENTUM, _momentum_variant))
     if handwritten:
-        variants.append(Variant(FLOOR, handwritten_variant("norm")))
+        rows.append(Variant(FLOOR, handwritten_variant("norm")))
     if handwritten_all:
-        variants.append(Variant(FLOOR_ALL, handwritten_variant("all")))
-    return variants
+        rows.append(Variant(FLOOR_ALL, handwritten_variant("all")))
+    rows += sam_variants(variants, settings, peer=peer)
+    return rows

@@ -51,6 +51,19 @@ def param_groups(
     parameters and biases get ``weight_decay=0.0``. Each of the two groups is then split in two (decay and
     no decay), and empty groups are left out. Without ``weight_decay`` the groups carry none, so the
     optimizer's own default applies to all of them.
+
+    Example:
+        ```python
+        import torch
+        import normsam
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        groups = normsam.param_groups(model, "norm", weight_decay=0.05, rho=0.5)
+        # perturbed (the LayerNorm, no decay); not perturbed: the weights (decay), the biases (none)
+        assert [(g["perturb"], g["weight_decay"], len(g["params"])) for g in groups] == [
+            (True, 0.0, 2), (False, 0.05, 2), (False, 0.0, 2)]
+        sam = normsam.SAM(groups, torch.optim.AdamW, model=model, lr=1e-3)
+        ```
     """
     selected, rest = select(model, scope, include=include, exclude=exclude)
     infos = selected + rest

@@ -139,6 +139,17 @@ class SAMOptions:
         descent_over: what a descent rule (gsam, wsam, looksam) acts on: ``"perturbed"`` (the perturbed tensors,
             whose ascent gradient SAM-ON's cheap ascent computes anyway) or ``"all"`` (every trainable tensor: the
             ascent pass then computes every gradient; the same as ``"perturbed"`` for scope="all").
+
+    Example:
+        ```python
+        import torch
+        import normsam
+
+        options = normsam.SAMOptions(rho=2.0, perturbation="asam", eta=0.0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 2))
+        sam = normsam.SAM(model, torch.optim.SGD, options, lr=0.1)   # the same as the options as keywords
+        assert sam.options.replace(rho=1.0).rho == 1.0 and sam.options.rho == 2.0  # a changed copy
+        ```
     """
 
     rho: float | None = None

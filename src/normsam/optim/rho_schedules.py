@@ -51,6 +51,14 @@ class RhoWarmup:
     Args:
         steps: the length of the warm-up in SAM steps (an int >= 1); the runner's ``rho_warmup_epochs=e``
             gives ``round(e · steps_per_epoch)``.
+
+    Example:
+        ```python
+        import normsam
+
+        warmup = normsam.RhoWarmup(4)
+        assert [warmup.rho(t, 2.0, {}) for t in range(5)] == [0.5, 1.0, 1.5, 2.0, 2.0]
+        ```
     """
 
     def __init__(self, steps: int):

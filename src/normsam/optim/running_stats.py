@@ -200,7 +200,19 @@ class RunningStatsSwap:
 
 @contextlib.contextmanager
 def frozen_running_stats(model: nn.Module) -> Iterator[None]:
-    """Context manager: forward passes inside it leave every running statistic of ``model`` as it was."""
+    """Context manager: forward passes inside it leave every running statistic of ``model`` as it was.
+
+    Example:
+        ```python
+        import torch
+        import normsam
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+        with normsam.frozen_running_stats(model):
+            model(torch.randn(16, 4) + 3.0)
+        assert torch.equal(model[1].running_mean, torch.zeros(8)) and model[1].num_batches_tracked == 0
+        ```
+    """
     freezer = RunningStatsFreezer(running_stat_modules(model))
     freezer.save()
     try:

@@ -75,6 +75,17 @@ class SAM(torch.optim.Optimizer):
     Use either ``step(closure)``, the classic two passes (``loss.backward(); first_step(zero_grad=True);
     loss2.backward(); second_step(zero_grad=True)``), or the cheap ascent ``first_step(loss)`` that computes
     the gradients of the perturbed tensors only.
+
+    Example:
+        ```python
+        import torch, normsam
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        sam = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)  # SAM-ON: the LayerNorm's γ and β
+        x, y, loss = torch.randn(16, 4), torch.randint(0, 2, (16,)), torch.nn.functional.cross_entropy
+        sam.first_step(loss(model(x), y), zero_grad=True)  # the cheap ascent: w_S ← w_S + ε
+        loss(model(x), y).backward()                       # the gradient at w + ε
+        sam.second_step(zero_grad=True)                    # restore w_S, then the SGD step
+        ```
     """
 
     def __init__(self, params: nn.Module | Iterable[Tensor] | Iterable[dict[str, Any]],

@@ -280,6 +280,19 @@ def describe_scope(
 
     For the element-mask scopes (``random``, ``ssam-f``, ``ssam-d``) the rows are the candidate tensors;
     the mask then keeps a ``1 - sparsity`` share of their elements.
+
+    Example:
+        ```python
+        import torch
+        import normsam
+
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                    torch.nn.Linear(8 * 6 * 6, 10))
+        report = normsam.describe_scope(model, "norm")
+        assert [(row.module, row.parameter) for row in report.rows] == [("1", "weight"), ("1", "bias")]
+        assert report.selected_numel == 16 and report.total_numel == 3_130
+        print(report.table())
+        ```
     """
     selected, rest = select(model, scope, include=include, exclude=exclude)
     total = sum(i.param.numel() for i in selected + rest)

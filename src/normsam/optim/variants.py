@@ -43,7 +43,27 @@ def GSAM(params: Params, base_optimizer: Base, *, alpha: float = 0.4, rho_min: f
     """GSAM (Zhuang et al., ICLR 2022): descend along ``g_p − α g_⊥`` (:mod:`normsam.optim.descent`).
 
     ``rho_min``: ρ follows the learning rate from ``rho`` (at the group's initial lr) down to ``rho_min`` (at
-    ``lr_min``), GSAM's schedule (:class:`normsam.RhoFollowsLR`); ``None``: a constant ρ."""
+    ``lr_min``), GSAM's schedule (:class:`normsam.RhoFollowsLR`); ``None``: a constant ρ.
+
+    Example:
+        ```python
+        import torch
+        import torch.nn.functional as F
+        import normsam
+
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 2))
+        gsam = normsam.GSAM(model, torch.optim.SGD, rho=0.5, alpha=0.4, lr=0.1)   # GSAM-ON: the norm layers
+        x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+
+        def closure():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        gsam.step(closure)
+        assert gsam.options.variant == "gsam" and gsam.counters["sam_steps"] == 1
+        ```
+    """
     kwargs = _aliases(kwargs, adaptive, use_gc)
     if rho_min is not None:
         if kwargs.get("rho_schedule") is not None:

@@ -586,6 +586,20 @@ def measure_sharpness(
         progress: show a tqdm progress bar over batches.
         return_perturbations: keep the best δ of every batch (``kind="worst"`` only) in
             ``result.perturbations``.
+
+    Example:
+        ```python
+        import torch
+        import normsam
+
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+        x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+        before = [p.clone() for p in model.parameters()]
+        result = normsam.measure_sharpness(model, [(x[:32], y[:32]), (x[32:], y[32:])], rho=0.01, steps=10)
+        assert result.sharpness >= 0 and result.max_rel_perturbation <= 1 + 1e-6   # m = 32, two batches
+        assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is left as it was
+        ```
     """
     rho_f = _check_settings(rho, kind, norm, steps, step_size_multiplier, convention)
     if return_perturbations and kind != "worst":
