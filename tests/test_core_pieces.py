@@ -382,3 +382,32 @@ def test_ascent_inputs_name_every_tensor_whose_ascent_gradient_is_read():
     for options in (dict(norm_over="all"), dict(variant="gsam", descent_over="all")):
         inputs = normsam.SAM(model, torch.optim.SGD, rho=0.5, lr=0.1, **options).ascent_inputs()
         assert {id(p) for p in inputs} == {id(p) for p in model.parameters()}, options
+
+
+# --- the dot products descent rules read --------------------------------------------------------------------
+
+
+def _reference_dot(xs, ys):
+    """The plain statement: Σ x·y with every product and the sum in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for x, y in zip(xs, ys):
+        total = total + torch.sum(x.double() * y.double())
+    return total
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_storage_dots_equal_the_float64_reference(dtype):
+    torch.manual_seed(0)
+    model = make_cnn().to(dtype)
+    _, storage = _storage(model, scope="all")
+    params = storage.params
+    xs = [torch.randn_like(p) for p in params]
+    ys = [torch.randn_like(p) for p in params]
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6}[dtype]
+    total, each = storage.dot(xs, ys, params), storage.dot_each(xs, ys, params)
+    assert total.dtype == torch.float64 and all(e.dtype == torch.float64 and e.dim() == 0 for e in each)
+    assert len(each) == len(params) > 4
+    torch.testing.assert_close(total, _reference_dot(xs, ys), rtol=tol, atol=tol)
+    for e, x, y in zip(each, xs, ys):
+        torch.testing.assert_close(e, _reference_dot([x], [y]), rtol=tol, atol=tol)
+    assert storage.dot([], [], []).item() == 0.0

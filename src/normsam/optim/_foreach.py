@@ -49,6 +49,20 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return total_norm([[tensors[i] for i in idx] for idx in grouped(tensors).values()], norm_device(tensors))
 
 
+_NARROW = (torch.float16, torch.bfloat16)
+
+
+def dot_terms(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
+    """``x·y`` of each pair as a 0-d float64 tensor: products in the tensors' precision (float32 at least),
+    summed in float64 — as :func:`total_norm` takes norms — two kernels a tensor and no full-size copy."""
+    out = []
+    for x, y in zip(xs, ys):
+        if x.dtype in _NARROW or y.dtype in _NARROW:
+            x, y = x.float(), y.float()
+        out.append(torch.sum(x * y, dtype=torch.float64))
+    return out
+
+
 def add_(params: list[Tensor], eps: list[Tensor], foreach: bool) -> None:
     """``params += eps`` for tensors of one (device, dtype) group."""
     if foreach:

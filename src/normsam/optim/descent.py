@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from normsam.optim._foreach import grouped
+
 __all__ = ["DESCENTS", "Descent", "GSAMDescent", "WSAMDescent", "LookSAMDescent", "make_descent"]
 
 DESCENTS = ("sam", "gsam", "wsam", "looksam")
@@ -77,6 +79,21 @@ def _load(state: dict[Any, Tensor] | None, all_params: Sequence[Tensor]) -> dict
     return {all_params[int(i)]: t.to(all_params[int(i)].device) for i, t in (state or {}).items()}
 
 
+def _finite(values: Tensor) -> Tensor:
+    """0 where a ratio of norms is undefined (a zero gradient)."""
+    return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _per_tensor(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """One 0-d value per tensor of ``like``, in its device and dtype (one cast per (device, dtype))."""
+    out: list[Tensor] = [values[0]] * len(like)
+    for (device, dtype), idx in grouped(list(like)).items():
+        cast = values[idx].to(device=device, dtype=dtype) if len(idx) < len(like) else values.to(device, dtype)
+        for j, i in enumerate(idx):
+            out[i] = cast[j]
+    return out
+
+
 class _RememberingDescent(Descent):
     """A rule that keeps ``g`` at w between the two passes (one copy of the descent set's gradients)."""
 
@@ -109,10 +126,12 @@ class GSAMDescent(_RememberingDescent):
         if not params:
             return
         inner = storage.dot(g, g_p, params)
-        coef = torch.nan_to_num(inner / storage.dot(g_p, g_p, params), nan=0.0, posinf=0.0, neginf=0.0)
+        coef = _finite(inner / storage.dot(g_p, g_p, params))
         # d = g_p − α (g − coef·g_p) = (1 + α·coef)·g_p − α·g, in place on .grad
-        for grad, saved in zip(g_p, g):
-            grad.mul_((1 + self.alpha * coef).to(grad.dtype)).add_(saved, alpha=-self.alpha)
+        for idx in grouped(g_p).values():
+            grads, saved = [g_p[i] for i in idx], [g[i] for i in idx]
+            torch._foreach_mul_(grads, (1 + self.alpha * coef).to(device=grads[0].device, dtype=grads[0].dtype))
+            torch._foreach_add_(grads, saved, alpha=-self.alpha)
         self.gradient = {}
 
     def __repr__(self) -> str:
@@ -166,20 +185,20 @@ class LookSAMDescent(_RememberingDescent):
         self.alpha, self.reuse_norms = alpha, reuse_norms
         self.orthogonal: dict[Tensor, Tensor] = {}  # g_v, kept until the next full step
 
-    def _sums(self, storage: Any, xs: list[Tensor], ys: list[Tensor], params: list[Tensor]) -> list[Tensor]:
-        """x·y per tensor (``reuse_norms="tensor"``) or over all of them, one value per tensor either way."""
+    def _sums(self, storage: Any, xs: list[Tensor], ys: list[Tensor], params: list[Tensor]) -> Tensor:
+        """x·y per tensor (``reuse_norms="tensor"``) or over all of them: one float64 value per tensor either way."""
         if self.reuse_norms == "tensor":
-            return [storage.dot([x], [y], [p]) for x, y, p in zip(xs, ys, params)]
-        return [storage.dot(xs, ys, params)] * len(xs)
+            return torch.stack(storage.dot_each(xs, ys, params))
+        return storage.dot(xs, ys, params).expand(len(xs))
 
     def before_base_step(self, storage: Any, params: Sequence[Tensor], fresh: bool) -> None:
         if fresh:
             params, g, g_p = self._pairs(storage, params)
-            inner, g2 = self._sums(storage, g, g_p, params), self._sums(storage, g, g, params)
             self.orthogonal = {}
-            for p, saved, grad, i, n in zip(params, g, g_p, inner, g2):
-                coef = torch.nan_to_num(i / n, nan=0.0, posinf=0.0, neginf=0.0).to(grad.dtype)
-                self.orthogonal[p] = grad - coef * saved  # g_v = g_p − (g·g_p/‖g‖²) g
+            if params:  # g_v = g_p − (g·g_p/‖g‖²) g
+                coefs = _finite(self._sums(storage, g, g_p, params) / self._sums(storage, g, g, params))
+                for p, saved, grad, coef in zip(params, g, g_p, _per_tensor(coefs, g_p)):
+                    self.orthogonal[p] = grad - coef * saved
             self.gradient = {}
             return
         grads = storage.current_grads(params)
@@ -189,9 +208,9 @@ class LookSAMDescent(_RememberingDescent):
         params, g, g_v = [params[i] for i in pick], [grads[i] for i in pick], [self.orthogonal[params[i]] for i in pick]
         norms_g, norms_v = self._sums(storage, g, g, params), self._sums(storage, g_v, g_v, params)
         guard = 1e-8 if self.reuse_norms == "tensor" else 0.0  # pytorch_optimizer's ‖g_v‖ + 1e-8, per tensor
-        for grad, v, ng, nv in zip(g, g_v, norms_g, norms_v):
-            scale = torch.nan_to_num(ng.sqrt() / (nv.sqrt() + guard), nan=0.0, posinf=0.0, neginf=0.0)
-            grad.add_(v * (self.alpha * scale).to(grad.dtype))
+        scales = self.alpha * _finite(norms_g.sqrt() / (norms_v.sqrt() + guard))
+        for grad, v, scale in zip(g, g_v, _per_tensor(scales, g)):
+            grad.add_(v * scale)
 
     def state_dict(self, index: dict[int, int]) -> dict[str, Any] | None:
         return {"orthogonal": _state_of(self.orthogonal, index)}

@@ -388,3 +388,17 @@ class ShardedPerturbedTensors(PerturbedTensors):
         dist.all_reduce(shards, op=dist.ReduceOp.SUM, group=self.sharding.group)
         return shards + super().dot([x for x, f in zip(xs, flags) if not f], [y for y, f in zip(ys, flags) if not f],
                                     []).to(device)
+
+    def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+        """x·y of each pair, a shard's summed over every rank (one all-reduce for all of them)."""
+        import torch.distributed as dist
+
+        terms = super().dot_each(xs, ys, params)
+        shards = [i for i, p in enumerate(params) if self.sharding.is_shard(p)]  # the same on every rank
+        if shards:
+            device = xs[0].device
+            summed = torch.stack([terms[i].to(device) for i in shards])
+            dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.sharding.group)
+            for j, i in enumerate(shards):
+                terms[i] = summed[j]
+        return terms

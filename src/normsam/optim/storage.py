@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normsam.optim._foreach import add_, copy_, grouped
+from normsam.optim._foreach import add_, copy_, dot_terms, grouped
 from normsam.optim.perturbations import NormFn, PerturbationModel, Scaled
 
 __all__ = ["PerturbedTensors", "FlatPerturbedTensors", "Packed", "layout_key", "perturbed_tensors", "entries_of",
@@ -35,6 +35,15 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 #: (parameter, its param group, its name or None)
 Entry = tuple[Tensor, dict[str, Any], "str | None"]
+
+
+def _sum_on(terms: list[Tensor], device: torch.device) -> Tensor:
+    """The sum of 0-d float64 tensors, on ``device`` (one stack and one sum when they share a device)."""
+    if not terms:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    if all(t.device == device for t in terms):
+        return torch.stack(terms).sum()
+    return torch.stack([t.to(device) for t in terms]).sum()
 
 
 def entries_of(param_groups: Sequence[dict[str, Any]], perturbed: bool) -> list[Entry]:
@@ -142,11 +151,11 @@ class PerturbedTensors:
 
     def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """Σ x·y over the pairs (local tensors aligned with ``params``), a 0-d float64 tensor."""
-        device = xs[0].device if xs else torch.device("cpu")
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for x, y in zip(xs, ys):
-            total = total + torch.sum(x.to(torch.float64) * y.to(torch.float64)).to(device)
-        return total
+        return _sum_on(dot_terms(xs, ys), xs[0].device if xs else torch.device("cpu"))
+
+    def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+        """x·y of each pair (local tensors aligned with ``params``), 0-d float64 tensors."""
+        return dot_terms(xs, ys)
 
     def learning_rates(self, params: Sequence[Tensor]) -> list[float]:
         return [float(self._group_of[p]["lr"]) for p in params]
