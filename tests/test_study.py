@@ -230,6 +230,12 @@ def test_a_warmup_arm_at_an_edge_extends_its_own_grid():
         {"scope": ["norm"], "rho": [0.5]},
         {"scope": ["norm"], "rho_warmup_epochs": [6], "rho": [4.0]},
     ]
+    # written as the grid writes it: the run folder is "rho_warmup_epochs=6,…", as the grid's own runs (not 6.0)
+    warmup = edge_extensions(choice, grid, grid, 3)[1]["rho_warmup_epochs"][0]
+    assert type(warmup) is int
+    half = [{"scope": ["all"], "rho_warmup_epochs": [0.5], "rho": [1.0, 2.0]}]
+    more = edge_extensions({"all+warmup0.5": {"rho": 2.0, "candidates": {"1.0": [1.0], "2.0": [2.0]}}}, half, half, 3)
+    assert more == [{"scope": ["all"], "rho_warmup_epochs": [0.5], "rho": [4.0]}]
 
 
 def test_the_study_file_checks_its_earlier_record(tmp_path):

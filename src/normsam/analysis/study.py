@@ -297,8 +297,8 @@ def edge_extensions(choice: Mapping[str, Any], grid: Any, original: Any, limit: 
         extra = {**template, "scope": [scope], "rho": [new]}
         if ascent != "gradient":
             extra["ascent"] = [ascent]
-        if warmup:
-            extra["rho_warmup_epochs"] = [warmup]
+        if warmup:  # as the grid writes it (6, not 6.0: the run folders' names are built from these values)
+            extra["rho_warmup_epochs"] = [int(warmup) if float(warmup).is_integer() else warmup]
         if extra not in entries:
             out.append(extra)
     return out
