@@ -9,7 +9,7 @@
 #
 # Then, on the GPU machine (it must carry .carry):
 #
-#   bash benchmarks/gpu.sh                     # budget: under 4 minutes on an H100 (checks + table)
+#   bash benchmarks/gpu.sh                     # budget: under 5 minutes on an H100 (checks, table, variants)
 #   NORMSAM_GPU_SMOKE=1 bash benchmarks/gpu.sh # the same steps on the CPU with tiny settings (seconds)
 #
 # Logs and JSON go to $OUT (default gpu-out/). Exit status 1 if a check or a step fails.
@@ -46,5 +46,10 @@ echo "checks done after $((SECONDS - begin)) s" | tee -a "$OUT/checks.txt"
 # 2. one table: WRN-28-10, ResNet-56, ViT-S/32, ResNet-50; bf16, batch 128; SGD, peer, SAM-all, SAM-ON,
 #    SAM-ON with ascent_interval=4, the hand-written floor; CUDA-event timings, ratios, extra peak memory
 $PY benchmarks/step_time.py --mode gpu "${smoke_flag[@]}" --json "$OUT/bench-gpu.json" 2>&1 | tee "$OUT/bench.md" || status=1
+# 3. SAM's variants beside pytorch_optimizer's classes (issue 25), on one model: ResNet-56, bf16, batch 128, where
+#    on an H100 the optimizer's own kernels are a visible share of the step (about a minute)
+variants_smoke=(--model resnet56 --batch-size 128 --image-size 32 --amp bf16 --rounds 5 --steps-per-round 8)
+[ "$SMOKE" = 1 ] && variants_smoke=(--model resnet20 --batch-size 2 --image-size 8 --rounds 1 --steps-per-round 1 --warmup 0 --no-memory)
+$PY -m normsam bench "${variants_smoke[@]}" --variants --json "$OUT/bench-variants.json" 2>&1 | tee "$OUT/bench-variants.md" || status=1
 echo "gpu.sh done after $((SECONDS - begin)) s (status $status)" | tee -a "$OUT/bench.md"
 exit $status

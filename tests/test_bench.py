@@ -275,7 +275,7 @@ def test_step_time_host_overhead_smoke(capsys):
 
 @pytest.mark.slow
 def test_gpu_sh_smoke_mode_runs_end_to_end(tmp_path):
-    """gpu.sh with NORMSAM_GPU_SMOKE=1: every check and the four-model table, on the CPU, tiny settings."""
+    """gpu.sh with NORMSAM_GPU_SMOKE=1: every check, the four-model table and the variants, on the CPU, tiny."""
     env = {**os.environ, "NORMSAM_GPU_SMOKE": "1", "OUT": str(tmp_path), "PYTHON": sys.executable,
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(["bash", "benchmarks/gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -288,6 +288,9 @@ def test_gpu_sh_smoke_mode_runs_end_to_end(tmp_path):
         assert f"| {label}" in table or f"| timm {label}" in table
     data = json.loads((tmp_path / "bench-gpu.json").read_text())
     assert len(data) == 4 and all(d["settings"]["amp"] == "bf16" for d in data.values())
+    variants = json.loads((tmp_path / "bench-variants.json").read_text())
+    names = {v["name"] for v in variants["variants"]}
+    assert {"GSAM (all)", "GSAM (norm)", "LookSAM (all)", "SAM-ON, ascent_steps=2"} <= names
 
 
 def test_ascent_fraction_variant_takes_the_sub_batch_ascent():
