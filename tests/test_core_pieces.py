@@ -404,10 +404,13 @@ def test_storage_dots_equal_the_float64_reference(dtype):
     xs = [torch.randn_like(p) for p in params]
     ys = [torch.randn_like(p) for p in params]
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-6}[dtype]
-    total, each = storage.dot(xs, ys, params), storage.dot_each(xs, ys, params)
-    assert total.dtype == torch.float64 and all(e.dtype == torch.float64 and e.dim() == 0 for e in each)
-    assert len(each) == len(params) > 4
+    total, each, squares = storage.dot(xs, ys, params), storage.dot_each(xs, ys, params), storage.squared_norm_each(xs, params)
+    assert total.dtype == each.dtype == squares.dtype == torch.float64
+    assert each.shape == squares.shape == (len(params),) and len(params) > 4
     torch.testing.assert_close(total, _reference_dot(xs, ys), rtol=tol, atol=tol)
-    for e, x, y in zip(each, xs, ys):
+    for e, sq, x, y in zip(each, squares, xs, ys):
         torch.testing.assert_close(e, _reference_dot([x], [y]), rtol=tol, atol=tol)
+        # the norm in the tensor's own dtype (as every norm of the ε math), squared in float64
+        sq_tol = 1e-2 if dtype == torch.bfloat16 else tol
+        torch.testing.assert_close(sq, _reference_dot([x], [x]), rtol=sq_tol, atol=sq_tol)
     assert storage.dot([], [], []).item() == 0.0

@@ -63,6 +63,20 @@ def dot_terms(xs: Sequence[Tensor], ys: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
+def squared_norms(xs: Sequence[Tensor]) -> Tensor:
+    """``‖x‖²`` of each tensor, a float64 vector on the first tensor's device: one ``_foreach_norm`` per
+    (device, dtype), in the tensors' own dtype as :func:`total_norm` takes them, squared in float64."""
+    xs = list(xs)
+    device = norm_device(xs)
+    groups = grouped(xs)
+    if len(groups) == 1:
+        return torch.stack(torch._foreach_norm(xs)).to(device=device, dtype=torch.float64).square()
+    out = torch.empty(len(xs), dtype=torch.float64, device=device)
+    for idx in groups.values():
+        out[idx] = torch.stack(torch._foreach_norm([xs[i] for i in idx])).to(device=device, dtype=torch.float64)
+    return out.square()
+
+
 def add_(params: list[Tensor], eps: list[Tensor], foreach: bool) -> None:
     """``params += eps`` for tensors of one (device, dtype) group."""
     if foreach:

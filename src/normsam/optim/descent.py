@@ -84,13 +84,13 @@ def _finite(values: Tensor) -> Tensor:
     return torch.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def _per_tensor(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """One 0-d value per tensor of ``like``, in its device and dtype (one cast per (device, dtype))."""
-    out: list[Tensor] = [values[0]] * len(like)
+def _by_group(values: Tensor, like: Sequence[Tensor]) -> list[tuple[list[int], list[Tensor]]]:
+    """For each (device, dtype) of ``like``: its indices and their ``values`` as 0-d tensors of that device and
+    dtype (one cast per group), the per-tensor scalars a foreach kernel takes."""
+    out = []
     for (device, dtype), idx in grouped(list(like)).items():
-        cast = values[idx].to(device=device, dtype=dtype) if len(idx) < len(like) else values.to(device, dtype)
-        for j, i in enumerate(idx):
-            out[i] = cast[j]
+        picked = values if len(idx) == len(like) else values[idx]
+        out.append((idx, list(picked.to(device=device, dtype=dtype).unbind())))
     return out
 
 
@@ -151,23 +151,28 @@ class WSAMDescent(_RememberingDescent):
 
     def before_base_step(self, storage: Any, params: Sequence[Tensor], fresh: bool) -> None:
         params, g, g_p = self._pairs(storage, params)
-        if self.decouple:
-            self.sharpness = {p: gp - saved for p, gp, saved in zip(params, g_p, g)}
-            for grad, saved in zip(g_p, g):
-                grad.copy_(saved)
-        else:
-            for grad, saved in zip(g_p, g):
-                grad.lerp_(saved, 1.0 - self.alpha)  # g_p + (1 − α)(g − g_p) = g + α (g_p − g)
+        self.sharpness = {}
+        for idx in grouped(g_p).values():
+            grads, saved = [g_p[i] for i in idx], [g[i] for i in idx]
+            if self.decouple:  # keep g_p − g for after the base step, which steps with g
+                self.sharpness.update(zip([params[i] for i in idx], torch._foreach_sub(grads, saved)))
+                torch._foreach_copy_(grads, saved)
+            else:
+                torch._foreach_lerp_(grads, saved, 1.0 - self.alpha)  # g_p + (1 − α)(g − g_p) = g + α (g_p − g)
         self.gradient = {}
 
     @torch.no_grad()
     def after_base_step(self, storage: Any, params: Sequence[Tensor]) -> None:
         if not self.decouple:
             return
-        lrs = storage.learning_rates(params)
-        for w, p, lr in zip(storage.local(params), params, lrs):
+        by_step: dict[tuple[Any, ...], tuple[list[Tensor], list[Tensor]]] = {}
+        for w, p, lr in zip(storage.local(params), params, storage.learning_rates(params)):
             if p in self.sharpness:
-                w.add_(self.sharpness[p], alpha=-lr * self.alpha)
+                weights, sharpness = by_step.setdefault((w.device, w.dtype, lr), ([], []))
+                weights.append(w)
+                sharpness.append(self.sharpness[p])
+        for (_, _, lr), (weights, sharpness) in by_step.items():
+            torch._foreach_add_(weights, sharpness, alpha=-lr * self.alpha)
         self.sharpness = {}
 
     def __repr__(self) -> str:
@@ -186,10 +191,9 @@ class LookSAMDescent(_RememberingDescent):
         self.orthogonal: dict[Tensor, Tensor] = {}  # g_v, kept until the next full step
 
     def _sums(self, storage: Any, xs: list[Tensor], ys: list[Tensor], params: list[Tensor]) -> Tensor:
-        """x·y per tensor (``reuse_norms="tensor"``) or over all of them: one float64 value per tensor either way."""
-        if self.reuse_norms == "tensor":
-            return torch.stack(storage.dot_each(xs, ys, params))
-        return storage.dot(xs, ys, params).expand(len(xs))
+        """x·y per tensor (``reuse_norms="tensor"``) or over all of them: a float64 value per tensor either way."""
+        each = storage.squared_norm_each(xs, params) if xs is ys else storage.dot_each(xs, ys, params)
+        return each if self.reuse_norms == "tensor" else each.sum().expand(len(xs))
 
     def before_base_step(self, storage: Any, params: Sequence[Tensor], fresh: bool) -> None:
         if fresh:
@@ -197,8 +201,10 @@ class LookSAMDescent(_RememberingDescent):
             self.orthogonal = {}
             if params:  # g_v = g_p − (g·g_p/‖g‖²) g
                 coefs = _finite(self._sums(storage, g, g_p, params) / self._sums(storage, g, g, params))
-                for p, saved, grad, coef in zip(params, g, g_p, _per_tensor(coefs, g_p)):
-                    self.orthogonal[p] = grad - coef * saved
+                for idx, c in _by_group(coefs, g_p):
+                    grads, saved = [g_p[i] for i in idx], [g[i] for i in idx]
+                    orthogonal = torch._foreach_sub(grads, torch._foreach_mul(saved, c))
+                    self.orthogonal.update(zip([params[i] for i in idx], orthogonal))
             self.gradient = {}
             return
         grads = storage.current_grads(params)
@@ -209,8 +215,8 @@ class LookSAMDescent(_RememberingDescent):
         norms_g, norms_v = self._sums(storage, g, g, params), self._sums(storage, g_v, g_v, params)
         guard = 1e-8 if self.reuse_norms == "tensor" else 0.0  # pytorch_optimizer's ‖g_v‖ + 1e-8, per tensor
         scales = self.alpha * _finite(norms_g.sqrt() / (norms_v.sqrt() + guard))
-        for grad, v, scale in zip(g, g_v, _per_tensor(scales, g)):
-            grad.add_(v * scale)
+        for idx, s in _by_group(scales, g):  # g += α (‖g‖/‖g_v‖) g_v
+            torch._foreach_add_([g[i] for i in idx], torch._foreach_mul([g_v[i] for i in idx], s))
 
     def state_dict(self, index: dict[int, int]) -> dict[str, Any] | None:
         return {"orthogonal": _state_of(self.orthogonal, index)}

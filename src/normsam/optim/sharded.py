@@ -389,16 +389,20 @@ class ShardedPerturbedTensors(PerturbedTensors):
         return shards + super().dot([x for x, f in zip(xs, flags) if not f], [y for y, f in zip(ys, flags) if not f],
                                     []).to(device)
 
-    def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
+    def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """x·y of each pair, a shard's summed over every rank (one all-reduce for all of them)."""
+        return self._summed_shards(super().dot_each(xs, ys, params), params)
+
+    def squared_norm_each(self, xs: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """‖x‖² of each tensor, a shard's summed over every rank (one all-reduce for all of them)."""
+        return self._summed_shards(super().squared_norm_each(xs, params), params)
+
+    def _summed_shards(self, values: Tensor, params: Sequence[Tensor]) -> Tensor:
         import torch.distributed as dist
 
-        terms = super().dot_each(xs, ys, params)
         shards = [i for i, p in enumerate(params) if self.sharding.is_shard(p)]  # the same on every rank
         if shards:
-            device = xs[0].device
-            summed = torch.stack([terms[i].to(device) for i in shards])
+            summed = values[shards]
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=self.sharding.group)
-            for j, i in enumerate(shards):
-                terms[i] = summed[j]
-        return terms
+            values[shards] = summed
+        return values

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from normsam.optim._foreach import add_, copy_, dot_terms, grouped
+from normsam.optim._foreach import add_, copy_, dot_terms, grouped, squared_norms
 from normsam.optim.perturbations import NormFn, PerturbationModel, Scaled
 
 __all__ = ["PerturbedTensors", "FlatPerturbedTensors", "Packed", "layout_key", "perturbed_tensors", "entries_of",
@@ -153,9 +153,13 @@ class PerturbedTensors:
         """Σ x·y over the pairs (local tensors aligned with ``params``), a 0-d float64 tensor."""
         return _sum_on(dot_terms(xs, ys), xs[0].device if xs else torch.device("cpu"))
 
-    def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> list[Tensor]:
-        """x·y of each pair (local tensors aligned with ``params``), 0-d float64 tensors."""
-        return dot_terms(xs, ys)
+    def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """x·y of each pair (local tensors aligned with ``params``), a float64 vector."""
+        return torch.stack(dot_terms(xs, ys))
+
+    def squared_norm_each(self, xs: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
+        """‖x‖² of each tensor (local tensors aligned with ``params``), a float64 vector."""
+        return squared_norms(xs)
 
     def learning_rates(self, params: Sequence[Tensor]) -> list[float]:
         return [float(self._group_of[p]["lr"]) for p in params]
