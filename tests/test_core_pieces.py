@@ -414,3 +414,4 @@ def test_storage_dots_equal_the_float64_reference(dtype):
         sq_tol = 1e-2 if dtype == torch.bfloat16 else tol
         torch.testing.assert_close(sq, _reference_dot([x], [x]), rtol=sq_tol, atol=sq_tol)
     assert storage.dot([], [], []).item() == 0.0
+    assert storage.dot_each([], [], []).shape == storage.squared_norm_each([], []).shape == (0,)

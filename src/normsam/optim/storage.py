@@ -155,7 +155,8 @@ class PerturbedTensors:
 
     def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """x·y of each pair (local tensors aligned with ``params``), a float64 vector."""
-        return torch.stack(dot_terms(xs, ys))
+        terms = dot_terms(xs, ys)
+        return torch.stack(terms) if terms else torch.zeros(0, dtype=torch.float64)
 
     def squared_norm_each(self, xs: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """‖x‖² of each tensor (local tensors aligned with ``params``), a float64 vector."""
