@@ -1,7 +1,8 @@
 """Figures for the documentation: what a scope perturbs on a model, and what a SAM step costs.
 
-- :func:`plot_scope` draws a network as one bar per layer, in the order of ``model.named_modules()`` (for most networks the forward order), the bar's
-  height its parameter count (log scale), the layers whose parameters the scope perturbs highlighted.
+- :func:`plot_scope` draws a network as one bar per layer, in the order of ``model.named_modules()`` (for most
+  networks the forward order), the bar's height its parameter count (log scale), the layers whose parameters the
+  scope perturbs highlighted.
   ``normsam inspect MODEL --plot FILE.png`` calls it.
 - :func:`plot_step_costs` draws the step time of each variant relative to SGD from the JSON that
   ``benchmarks/step_time.py --json`` or ``normsam bench --json`` writes: the median of the per-round ratios,
