@@ -141,6 +141,7 @@ def test_the_runner_trains_under_upcast_kernels_and_lands_near_native_bf16(tmp_p
         assert a["train_loss"] != b["train_loss"]  # the kernels really changed (bf16 rounding differs)
 
 
+@pytest.mark.slow  # 15 s of two gloo processes; the one-process upcast tests above stay in make test
 def test_ddp_trains_under_upcast_kernels_like_one_process(tmp_path):
     args = {**TINY, "model": "resnet20", "norm": "group", "scope": "norm", "perturbation": "asam", "rho": 2.0,
             "amp": "bf16", "bf16_kernels": "upcast", "sync_ascent": True, "epochs": 1}

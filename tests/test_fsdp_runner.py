@@ -104,6 +104,7 @@ def test_fsdp_run_writes_a_sharded_checkpoint_that_analysis_reads(tmp_path):
     assert "trained by 2 processes" in other.stderr and "--nproc_per_node=2" in other.stderr
 
 
+@pytest.mark.slow  # 15 s under torchrun; FSDP2's momentum ascent step is also checked in tests/test_fsdp.py
 def test_fsdp_run_with_the_momentum_ascent(tmp_path):
     """parallel=fsdp sets sync_ascent for the gradient ascent only: the momentum ascent, which refuses
     sync_ascent, trains (it used to stop with "drop sync_ascent", a key the user never set)."""
