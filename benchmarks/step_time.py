@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from normsam.bench import (
-    FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SAM_VARIANT_KEYS, SGD, BenchResult, StepContext, Target,
-    VariantSettings, default_variants, format_bytes, interval_name, run_benchmark,
+    FLOOR, FLOOR_ALL, MOMENTUM, PEER, SAM_ALL, SAM_ON, SGD, BenchResult, StepContext, Target, add_variant_arguments,
+    chosen_variants, default_variants, format_bytes, interval_name, run_benchmark,
 )
 from normsam.files import json_dumps
 from normsam.train.models import build_model
@@ -100,13 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also SAM-ON with the ascent on the first ⌈f·B⌉ examples (the runner's ascent_fraction)")
     parser.add_argument("--extra", action="store_true",
                         help="also SAM-ON with the classic first pass and the hand-written SAM-all")
-    parser.add_argument("--variants", nargs="*", choices=SAM_VARIANT_KEYS, metavar="VARIANT",
-                        help="also SAM's variants, each at scope=all, as pytorch_optimizer's class of the same name "
-                             "and at scope=norm (cheap ascent), with their targets: gsam, wsam, looksam, "
-                             "friendly-sam, gcsam (pytorch_optimizer.SAM(use_gc=True)), and multi-step (SAM-ON with "
-                             "ascent_steps=2); without a name: all of them")
-    parser.add_argument("--looksam-k", type=int, default=5,
-                        help="LookSAM's k with --variants (both sides; its rows time whole cycles of k steps)")
+    add_variant_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", help="also write the raw figures to this file")
     args = parser.parse_args(argv)
@@ -132,9 +126,8 @@ def main(argv: list[str] | None = None) -> int:
                           device_type=device.type)
     if args.ascent_fraction is not None and not 0 < args.ascent_fraction <= 1:
         parser.error(f"--ascent-fraction must lie in (0, 1], got {args.ascent_fraction}")
-    chosen = () if args.variants is None else tuple(args.variants) or SAM_VARIANT_KEYS
     try:
-        settings = VariantSettings(looksam_k=args.looksam_k)
+        chosen, settings = chosen_variants(args)
     except ValueError as err:
         parser.error(f"--looksam-k: {err}")
     variants = default_variants(classic=args.extra, handwritten_all=args.extra, ascent_interval=args.ascent_interval,

@@ -155,24 +155,10 @@ def test_the_ascent_interval_variant_skips_the_first_pass_on_reuse_steps():
 
 def test_a_round_times_whole_ascent_cycles():
     # with k = 4 and 3 steps per round, a round of 3 steps would hold 0 or 1 fresh ascents: biased medians
-    calls: list[int] = []
-
-    class Counted(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = _tiny()
-
-        def forward(self, x):
-            calls.append(id(self))
-            return self.net(x)
-
-    x, y = _data()
     variants = [v for v in default_variants(ascent_interval=4) if v.name in (SGD, interval_name(4))]
-    run_benchmark(Counted, x, y, variants=variants, rounds=2, steps_per_round=3, warmup=1, measure_memory=False,
-                  progress=False)
-    sgd_model, interval_model = dict.fromkeys(calls)  # first seen first: SGD builds and warms up first
-    assert calls.count(sgd_model) == 1 + 2 * 3
-    assert calls.count(interval_model) == 2 + 2 * (4 + 1)  # warm-up: one ascent step; rounds: 4 steps, 1 ascent
+    sgd, interval = _counted_forwards(variants, steps_per_round=3)  # first seen first: SGD builds and warms up first
+    assert sgd == 1 + 2 * 3
+    assert interval == 2 + 2 * (4 + 1)  # warm-up: one ascent step; rounds: 4 steps, 1 ascent
 
 
 def test_the_fast_mode_rows_run_and_are_timed():

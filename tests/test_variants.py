@@ -174,14 +174,19 @@ def test_step_closure_runs_each_variant_as_the_two_pass_api_does(name):
     a, b = mlp(), mlp()
     sam_a, sam_b = build(a, rho=0.1, lr=0.1, **options), build(b, rho=0.1, lr=0.1, **options)
     run(sam_a, a, [mlp_batch(t) for t in range(STEPS)])
-    for t in range(STEPS):
+    _closure_steps(sam_b, b, STEPS)
+    torch.testing.assert_close(flat(a), flat(b), atol=1e-12, rtol=0)
+
+
+def _closure_steps(opt, model, steps, start=0):
+    """``opt.step(closure)`` on the batches ``start, …, start + steps - 1``, the gradients zeroed after each."""
+    for t in range(start, start + steps):
         def closure(t=t):
-            loss = _loss(b, mlp_batch(t))
+            loss = _loss(model, mlp_batch(t))
             loss.backward()
             return loss
-        sam_b.step(closure)
-        sam_b.zero_grad()
-    torch.testing.assert_close(flat(a), flat(b), atol=1e-12, rtol=0)
+        opt.step(closure)
+        opt.zero_grad()
 
 
 # --- the variants on SAM-ON's scope -------------------------------------------------------------------------
@@ -452,39 +457,23 @@ def bsam_reference(steps: int, *, num_data=100, lr=0.05, betas=(0.9, 0.999), dec
     return model
 
 
-def _bsam_steps(opt, model, steps):
-    for t in range(steps):
-        def closure(t=t):
-            loss = _loss(model, mlp_batch(t))
-            loss.backward()
-            return loss
-        opt.step(closure)
-        opt.zero_grad()
-
-
 def test_bsam_follows_the_authors_algorithm():
     model = mlp()
     opt = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, weight_decay=1e-3, rho=0.02)
-    _bsam_steps(opt, model, STEPS)
+    _closure_steps(opt, model, STEPS)
     torch.testing.assert_close(flat(model), flat(bsam_reference(STEPS)), atol=1e-12, rtol=0)
 
 
 def test_bsam_resumes_exactly_and_refuses_bad_settings():
     straight = mlp()
-    _bsam_steps(normsam.BSAM(straight.parameters(), num_data=100, lr=0.05, rho=0.02), straight, 4)
+    _closure_steps(normsam.BSAM(straight.parameters(), num_data=100, lr=0.05, rho=0.02), straight, 4)
     model = mlp()
     first = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, rho=0.02)
-    _bsam_steps(first, model, 2)
+    _closure_steps(first, model, 2)
     state = copy.deepcopy(first.state_dict())
     resumed = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, rho=0.02, seed=99)
     resumed.load_state_dict(state)
-    for t in range(2, 4):
-        def closure(t=t):
-            loss = _loss(model, mlp_batch(t))
-            loss.backward()
-            return loss
-        resumed.step(closure)
-        resumed.zero_grad()
+    _closure_steps(resumed, model, 2, start=2)
     assert torch.equal(flat(model), flat(straight))
     with pytest.raises(ValueError, match=r"Invalid num_data: 0; it is N, the number of training examples"):
         normsam.BSAM(model.parameters(), num_data=0)
@@ -514,7 +503,7 @@ def test_bsam_differs_from_pytorch_optimizers_which_updates_at_the_perturbed_poi
     """pytorch_optimizer's BSAM leaves noise and ε in the weights and squares the precision's update; with the
     noise made negligible (a huge N) one step shows it."""
     ours, theirs = mlp(), mlp()
-    _bsam_steps(normsam.BSAM(ours.parameters(), num_data=10**12, lr=0.05, rho=0.05, weight_decay=1e-4), ours, 1)
+    _closure_steps(normsam.BSAM(ours.parameters(), num_data=10**12, lr=0.05, rho=0.05, weight_decay=1e-4), ours, 1)
     peer = po.BSAM(theirs.parameters(), num_data=10**12, lr=0.05, rho=0.05, weight_decay=1e-4, foreach=False)
 
     def closure():
@@ -599,5 +588,5 @@ def test_ddp_with_two_processes_equals_one_process_on_the_global_batch(tmp_path)
         torch.testing.assert_close(got[name], flat(model), atol=1e-9, rtol=0, msg=name)
     model = mlp()
     opt = normsam.BSAM(model.parameters(), num_data=100, lr=0.05, rho=0.02)
-    _bsam_steps(opt, model, 4)
+    _closure_steps(opt, model, 4)
     torch.testing.assert_close(got["bsam"], flat(model), atol=1e-9, rtol=0)

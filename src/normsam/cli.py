@@ -102,7 +102,7 @@ def _download(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
-    from normsam.bench import SAM_VARIANT_KEYS, StepContext, VariantSettings, default_variants, run_benchmark
+    from normsam.bench import StepContext, chosen_variants, default_variants, run_benchmark
     from normsam.train.models import build_model
 
     if args.json:  # before minutes of measuring
@@ -123,8 +123,7 @@ def _bench(args: argparse.Namespace) -> int:
     context = StepContext(rho_all=args.rho_all, rho_on=args.rho_on, perturbation=args.perturbation, amp=args.amp,
                           device_type=device.type, bf16_kernels=args.bf16_kernels)
     handwritten = not args.no_handwritten and args.amp != "fp16"  # the yardstick has no GradScaler path
-    chosen = () if args.variants is None else tuple(args.variants) or SAM_VARIANT_KEYS
-    settings = VariantSettings(looksam_k=args.looksam_k)
+    chosen, settings = chosen_variants(args)
     result = run_benchmark(
         lambda: build_model(args.model, num_classes=args.num_classes, in_channels=args.channels,
                             image_size=args.image_size),
@@ -235,13 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rho-all", type=float, default=0.05)
     p.add_argument("--rho-on", type=float, default=0.5)
     p.add_argument("--no-handwritten", action="store_true", help="skip the hand-written yardsticks")
-    p.add_argument("--variants", nargs="*", metavar="VARIANT",
-                   help="also SAM's variants, each at scope=all, as pytorch_optimizer's class of the same name and at "
-                        "scope=norm (cheap ascent), with their targets: gsam, wsam, looksam, friendly-sam, gcsam "
-                        "(pytorch_optimizer.SAM(use_gc=True)), and multi-step (SAM-ON with ascent_steps=2); without "
-                        "a name: all of them")
-    p.add_argument("--looksam-k", type=int, default=5,
-                   help="LookSAM's k with --variants (both sides; its rows time whole cycles of k steps; default 5)")
+    from normsam.bench.sam_variants import add_variant_arguments  # the same flags as benchmarks/step_time.py
+
+    add_variant_arguments(p)
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", help="also write the figures to this JSON file")
     p.set_defaults(func=_bench)

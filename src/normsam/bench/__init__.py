@@ -37,7 +37,7 @@ from normsam.bench.names import (
     fraction_name, interval_name, is_interval_name, is_multi_step_name, multi_step_name, peer_name, variant_name,
 )
 from normsam.bench.report import KEY_RATIOS, VARIANT_TARGETS, BenchResult, Target, VariantResult, format_bytes
-from normsam.bench.sam_variants import SAM_VARIANT_KEYS, sam_variants
+from normsam.bench.sam_variants import SAM_VARIANT_KEYS, add_variant_arguments, chosen_variants, sam_variants
 from normsam.bench.settings import VariantSettings
 from normsam.bench.timing import run_benchmark
 from normsam.bench.variants import default_variants
@@ -47,6 +47,6 @@ __all__ = [
     "KEY_RATIOS", "VARIANT_TARGETS", "default_variants", "run_benchmark", "format_bytes",
     "SGD", "PEER", "SAM_ALL", "SAM_ON", "SAM_ON_CLASSIC", "FLOOR", "FLOOR_ALL", "MOMENTUM",
     "interval_name", "is_interval_name", "fraction_name",
-    "VARIANT_FAMILIES", "MULTI_STEP", "SAM_VARIANT_KEYS", "VariantSettings", "sam_variants", "variant_name",
+    "VARIANT_FAMILIES", "MULTI_STEP", "SAM_VARIANT_KEYS", "VariantSettings", "sam_variants", "add_variant_arguments", "chosen_variants", "variant_name",
     "peer_name", "multi_step_name", "is_multi_step_name",
 ]

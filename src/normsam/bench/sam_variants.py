@@ -16,6 +16,7 @@ step time shown is the mean step over a cycle.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from normsam.bench.names import MULTI_STEP, VARIANT_FAMILIES, multi_step_name, p
 from normsam.bench.settings import VariantSettings
 from normsam.bench.yardsticks import peer_variant_of
 
-__all__ = ["sam_variants", "SAM_VARIANT_KEYS"]
+__all__ = ["sam_variants", "SAM_VARIANT_KEYS", "add_variant_arguments", "chosen_variants"]
 
 #: The keys ``--variants`` takes: the five variants and the multi-step ascent.
 SAM_VARIANT_KEYS: tuple[str, ...] = (*VARIANT_FAMILIES, MULTI_STEP)
@@ -94,3 +95,21 @@ def sam_variants(keys: Sequence[str] = SAM_VARIANT_KEYS, settings: VariantSettin
         rows.append(Variant(variant_name(family, "norm"), _sam_variant("norm", changes), cycle=cycle, notes=notes))
     return rows
 
+
+def add_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--variants`` and ``--looksam-k``, as ``benchmarks/step_time.py`` and ``normsam bench`` take them."""
+    parser.add_argument("--variants", nargs="*", choices=SAM_VARIANT_KEYS, metavar="VARIANT",
+                        help="also SAM's variants, each at scope=all, as pytorch_optimizer's class of the same name "
+                             "and at scope=norm (cheap ascent), with their targets: gsam, wsam, looksam, "
+                             "friendly-sam, gcsam (pytorch_optimizer.SAM(use_gc=True)), and multi-step (SAM-ON with "
+                             "ascent_steps=2); without a name: all of them")
+    parser.add_argument("--looksam-k", type=int, default=5,
+                        help="LookSAM's k with --variants (both sides; its rows time whole cycles of k steps; "
+                             "default 5)")
+
+
+def chosen_variants(args: argparse.Namespace) -> tuple[tuple[str, ...], VariantSettings]:
+    """The variants the arguments of :func:`add_variant_arguments` name (``--variants`` alone: all of them; not
+    given: none) and their settings; a bad ``--looksam-k`` raises ``ValueError``."""
+    keys = () if args.variants is None else tuple(args.variants) or SAM_VARIANT_KEYS
+    return keys, VariantSettings(looksam_k=args.looksam_k)
