@@ -102,18 +102,10 @@ def _type_name(hint: object) -> str:
     return getattr(hint, "__name__", str(hint))
 
 
-def _yaml_value(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def config_reference() -> str:
     """Markdown: one table per section of ``TrainConfig`` (key, type, default, meaning)."""
     from normsam.train.config import PRESETS, TrainConfig
-    from normsam.train.config_help import DESCRIPTIONS, SAM_KEYS
+    from normsam.train.config_help import DESCRIPTIONS, SAM_KEYS, default_text
 
     hints = typing.get_type_hints(TrainConfig)
     sections = _sections(TrainConfig)
@@ -130,10 +122,8 @@ def config_reference() -> str:
             current = section
             out += ["", f"## {section[0].upper()}{section[1:]}", "", "| key | type | default | meaning |",
                     "|---|---|---|---|"]
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         mark = " †" if f.name in SAM_KEYS else ""
-        out.append(f"| `{f.name}`{mark} | {_cell(_type_name(hints[f.name]))} | `{_yaml_value(default)}` | "
+        out.append(f"| `{f.name}`{mark} | {_cell(_type_name(hints[f.name]))} | `{default_text(f)}` | "
                    f"{_cell(DESCRIPTIONS.get(f.name, ''))} |")
     return "\n".join(out) + "\n"
 

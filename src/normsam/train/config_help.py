@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["DESCRIPTIONS", "SAM_KEYS", "config_help", "check_overrides_take_effect"]
+__all__ = ["DESCRIPTIONS", "SAM_KEYS", "config_help", "check_overrides_take_effect", "default_text"]
 
 #: The settings that only SAM uses: with ``scope: none`` (the plain base optimizer) they change nothing.
 SAM_KEYS = frozenset({
@@ -125,8 +125,11 @@ def check_overrides_take_effect(overrides: dict) -> None:
         )
 
 
-def _default(f: dataclasses.Field) -> str:
-    value = f.default if f.default is not dataclasses.MISSING else None
+def default_text(f: dataclasses.Field) -> str:
+    """A config field's default as YAML writes it (``null``, ``true``/``false``, the value), for ``--help`` and
+    the docs' config reference."""
+    value = f.default if f.default is not dataclasses.MISSING else (
+        f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -139,9 +142,9 @@ def config_help() -> str:
     from normsam.train.config import TrainConfig
 
     fields = dataclasses.fields(TrainConfig)
-    width = max(len(f"{f.name}={_default(f)}") for f in fields)
+    width = max(len(f"{f.name}={default_text(f)}") for f in fields)
     lines = ["config keys (key=default: meaning; set them in a YAML file or as key=value):"]
     for f in fields:
-        key = f"{f.name}={_default(f)}"
+        key = f"{f.name}={default_text(f)}"
         lines.append(f"  {key:<{width}}  {DESCRIPTIONS.get(f.name, '')}".rstrip())
     return "\n".join(lines)
