@@ -377,18 +377,6 @@ class ShardedPerturbedTensors(PerturbedTensors):
     def current_grads(self, params: Sequence[Tensor]) -> list[Tensor | None]:
         return [None if p.grad is None else self.local([p.grad])[0] for p in params]
 
-    def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-        """Σ x·y summed over every rank's shards (one all-reduce), the replicas' counted once."""
-        import torch.distributed as dist
-
-        flags = [self.sharding.is_shard(p) for p in params]
-        shards = super().dot([x for x, f in zip(xs, flags) if f], [y for y, f in zip(ys, flags) if f], [])
-        device = xs[0].device if xs else shards.device
-        shards = shards.to(device)
-        dist.all_reduce(shards, op=dist.ReduceOp.SUM, group=self.sharding.group)
-        return shards + super().dot([x for x, f in zip(xs, flags) if not f], [y for y, f in zip(ys, flags) if not f],
-                                    []).to(device)
-
     def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """x·y of each pair, a shard's summed over every rank (one all-reduce for all of them)."""
         return self._summed_shards(super().dot_each(xs, ys, params), params)

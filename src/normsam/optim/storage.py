@@ -37,15 +37,6 @@ _REQUIRES_GRAD = operator.attrgetter("requires_grad")
 Entry = tuple[Tensor, dict[str, Any], "str | None"]
 
 
-def _sum_on(terms: list[Tensor], device: torch.device) -> Tensor:
-    """The sum of 0-d float64 tensors, on ``device`` (one stack and one sum when they share a device)."""
-    if not terms:
-        return torch.zeros((), dtype=torch.float64, device=device)
-    if all(t.device == device for t in terms):
-        return torch.stack(terms).sum()
-    return torch.stack([t.to(device) for t in terms]).sum()
-
-
 def entries_of(param_groups: Sequence[dict[str, Any]], perturbed: bool) -> list[Entry]:
     """(param, group, name) of the trainable tensors with ``group["perturb"] == perturbed``."""
     out = []
@@ -151,12 +142,15 @@ class PerturbedTensors:
 
     def dot(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """Σ x·y over the pairs (local tensors aligned with ``params``), a 0-d float64 tensor."""
-        return _sum_on(dot_terms(xs, ys), xs[0].device if xs else torch.device("cpu"))
+        return self.dot_each(xs, ys, params).sum()
 
     def dot_each(self, xs: Sequence[Tensor], ys: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
-        """x·y of each pair (local tensors aligned with ``params``), a float64 vector."""
+        """x·y of each pair (local tensors aligned with ``params``), a float64 vector on the first one's device."""
         terms = dot_terms(xs, ys)
-        return torch.stack(terms) if terms else torch.zeros(0, dtype=torch.float64)
+        if not terms:
+            return torch.zeros(0, dtype=torch.float64)
+        device = terms[0].device
+        return torch.stack([t if t.device == device else t.to(device) for t in terms])
 
     def squared_norm_each(self, xs: Sequence[Tensor], params: Sequence[Tensor]) -> Tensor:
         """‖x‖² of each tensor (local tensors aligned with ``params``), a float64 vector."""
