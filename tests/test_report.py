@@ -9,6 +9,7 @@ import math
 import re
 import shutil
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ import yaml
 from PIL import Image
 
 from normsam.analysis import plots, stats
-from normsam.analysis.claims import analyse, claim_rows, load_claims_selection
+from normsam.analysis.claims import analyse, claim_rows, load_claims_selection, paired_rows, statistics_markdown
 from normsam.analysis.grouping import arm_label, group_runs, grouping_keys
 from normsam.analysis.report import make_report
 from normsam.analysis.runs import find_runs
@@ -363,6 +364,52 @@ def test_claims_with_named_arms_and_margin(fake_report):
     assert ctx.roles["sam-on"].group.label == "SAM-ON (ρ=0.5, late from epoch 3)"
 
 
+def test_claims_again_with_other_arms_under_also(fake_report):
+    """also: evaluates the claims a role is in again with the named arm, beside the main rows."""
+    _, _, _, (groups, keys) = fake_report
+    selection = load_claims_selection({"also": {"ρ one": {"sam-on": "scope=norm,rho=1.0"}}})
+    (ctx,) = analyse(groups, keys, selection)
+    assert ctx.roles["sam-on"].group.label == "SAM-ON (ρ=0.5)"  # the main evaluation is unchanged
+    assert ctx.also["ρ one"]["sam-on"].group.label == "SAM-ON (ρ=1)"
+    rows = claim_rows([ctx])
+    verdicts = {r["claim"]: r["claim_verdict"] for r in rows}
+    # C3 and C4 have no SAM-ON part, so they are not repeated; no arm is SSAM-F, so C5 (not tested) is not either
+    assert list(verdicts) == ["C1", "C2", "C3", "C4", "C5", "C1 (ρ one)", "C2 (ρ one)"]
+    parts = {(r["claim"], r["test"]): r for r in rows}
+    c1 = parts[("C1 (ρ one)", "test acc.: SAM-ON ≥ SAM-all")]  # 84−82, 85−83, 86−85
+    assert (c1["arm_a"], c1["arm_b"], float(c1["diff_mean"])) == ("SAM-ON (ρ=1)", "SAM-all (ρ=0.1)",
+                                                                   pytest.approx(5 / 3))
+    assert parts[("C1 (ρ one)", "test acc.: SAM-all > SGD")]["verdict"] == "supported"  # the main SAM-all
+    assert parts[("C2 (ρ one)", "sharpness: SAM-ON > SAM-all")]["note"].startswith("no sharpness for SAM-ON (ρ=1)")
+    assert parts[("C2", "sharpness: SAM-ON > SAM-all")]["verdict"] == "contradicted"  # the main row as before
+
+    paired = {(r["arm"], r["reference_role"], r["metric"]): r for r in paired_rows([ctx])}
+    row = paired[("SAM-ON (ρ=1)", "sam-on", "final_test_acc")]  # against SAM-ON ρ=0.5: 1.6, 1.4, 0.5
+    assert float(row["diff_mean"]) == pytest.approx(3.5 / 3)
+    text = statistics_markdown([ctx], selection.margin, [], None)
+    assert "| SAM-ON (ρ one) | SAM-ON (ρ=1) | named under also: ρ one in the claims selection |" in text
+    assert "− SAM-ON (ρ=0.5): mean [95% CI]" in text and "| **C1 (ρ one)** |" in text
+
+
+@pytest.mark.parametrize(
+    "selection, message",
+    [
+        ({"also": {"x": {"sam-one": "scope=norm,rho=0.5"}}}, "Unknown role 'sam-one' in also: x in the claims"),
+        ({"also": {"x": {"sam-on": "scope=norm,rho=7"}}}, "no arm 'scope=norm,rho=7' for sam-on"),
+        ({"also": {"x": {"sam-on": "scope=all,rho=0.1"}}}, "cannot be sam-on, whose scope is norm"),
+        ({"also": {"x": {}}}, "also: x in the claims selection names no arm"),
+        ({"also": ["scope=norm,rho=1.0"]}, "also in the claims selection must map labels to roles and arms"),
+        ({"also": {"x": "scope=norm,rho=1.0"}}, "also: x in the claims selection must map roles to arms"),
+        ({"also": {"x": {"sam-on": ["scope=norm,rho=0.5", "scope=norm,rho=1.0"]}}},
+         "names several sam-on arms of one context under also: x"),
+    ],
+)
+def test_claims_also_errors(fake_report, selection, message):
+    _, _, _, (groups, keys) = fake_report
+    with pytest.raises(ValueError, match=message):
+        analyse(groups, keys, load_claims_selection(selection))
+
+
 @pytest.mark.parametrize(
     "selection, message",
     [
@@ -371,7 +418,7 @@ def test_claims_with_named_arms_and_margin(fake_report):
         ({"arms": {"sam-on": "scope=all,rho=0.1"}}, "cannot be sam-on, whose scope is norm"),
         ({"arms": {"sam-on": ["scope=norm,rho=0.5", "scope=norm,rho=1.0"]}}, "names several sam-on arms"),
         ({"margin": -1}, "margin in the claims selection must be a number >= 0"),
-        ({"arm": {}}, "Unknown key 'arm'.*valid keys are arms and margin"),
+        ({"arm": {}}, "Unknown key 'arm'.*valid keys are arms, margin and also"),
     ],
 )
 def test_claims_selection_errors(fake_report, selection, message):
@@ -415,6 +462,14 @@ def test_claims_per_context(tmp_path):
 
 def test_arm_labels():
     assert arm_label({"scope": "none", "optimizer": "sgd"}) == "SGD"
+    # a ρ warm-up sets an arm apart from its constant-ρ twin at the same ρ, and "0" (none) is not shown
+    keys = ["rho_warmup_epochs", "amp"]
+    assert arm_label({"scope": "all", "perturbation": "asam", "rho": 0.4, "rho_warmup_epochs": 6.0,
+                      "amp": "bf16"}, keys) == "SAM-all (asam, ρ=0.4, ρ warm-up 6 ep., amp=bf16)"
+    assert arm_label({"scope": "all", "perturbation": "asam", "rho": 0.4, "rho_warmup_epochs": 0.0}, keys) == (
+        "SAM-all (asam, ρ=0.4)")
+    assert plots.method_label("all-asam-rho0.4-rhowarmup0.5 (amp=bf16)") == (
+        "SAM-all (asam, ρ=0.4, ρ warm-up 0.5 ep., amp=bf16)")
     assert arm_label({"scope": "none", "optimizer": "adamw", "rho": 0.5}) == "AdamW"
     assert arm_label({"scope": "norm", "optimizer": "lion", "perturbation": "asam", "rho": 2.0}) == (
         "Lion SAM-ON (asam, ρ=2)")
@@ -446,3 +501,16 @@ def test_statistics_figures_with_and_without_intervals(figures, tmp_path):
     (band,) = bands.collections  # the band covers the epoch with an interval only
     assert band.get_paths()[0].vertices[:, 0].min() == 1.0 and band.get_paths()[0].vertices[:, 0].max() == 1.0
     assert all((tmp_path / name).is_file() for name in ("e.png", "s.png", "b.png"))
+
+
+def test_the_guides_claims_example_loads():
+    """docs/guide/reports.md's claims.yaml example is a valid selection with the meaning the guide gives it."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "guide" / "reports.md").read_text()
+    section = page[page.index("## Which arm plays each role"):]
+    block = section[section.index("```yaml\n") + len("```yaml\n"):section.index("```\n", section.index("```yaml"))]
+    selection = load_claims_selection(yaml.safe_load(block))
+    assert selection.arms == {"sam-on": ["scope=norm,rho=2.4,sharpness_at_end=true"],
+                              "sam-all": ["scope=all,rho=0.4,sharpness_at_end=true"]}
+    assert selection.also["with the ρ warm-up"]["sam-on"] == [
+        "scope=norm,rho_warmup_epochs=6,rho=0.6,sharpness_at_end=true"]
+    assert selection.margin == 0.2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +57,8 @@ class ClaimsSelection:
     arms: dict[str, list[str]] = field(default_factory=dict)
     margin: float = DEFAULT_MARGIN
     source: str | None = None
+    #: further evaluations of the claims: label → {role → arms}; those roles are played by the named arms
+    also: dict[str, dict[str, list[str]]] = field(default_factory=dict)
 
 
 def load_claims_selection(source: str | Path | Mapping[str, Any] | None) -> ClaimsSelection:
@@ -64,10 +66,18 @@ def load_claims_selection(source: str | Path | Mapping[str, Any] | None) -> Clai
 
         arms:                          # role -> the arm that plays it (default: chosen as make_report says)
           sam-on: scope=norm,rho=0.5   # a sweep point (the folder above seed=…) or an arm label from arms.csv
-          sam-all: [scope=all,rho=0.1, scope=all,rho=0.1,data=cifar10]   # a list: one per context
+          sam-all:                     # a list: one per context (a block list: the names hold commas)
+            - scope=all,rho=0.1
+            - scope=all,rho=0.1,data=cifar10
         margin: 0.2                    # δ in test-accuracy points
+        also:                          # the claims again, with other arms in some roles (each under a label)
+          with the warm-up:
+            sam-on: scope=norm,rho_warmup_epochs=6,rho=0.6
+            sam-all: scope=all,rho_warmup_epochs=6,rho=0.4
 
-    Roles: sgd, sam-all, sam-on, no-norm, random, ssam-f.
+    Roles: sgd, sam-all, sam-on, no-norm, random, ssam-f. Under ``also:`` each label's claims are those with a
+    part played by one of its roles and every role played by some arm (``C1 (with the warm-up)``); its other
+    roles are the main evaluation's.
     """
     if source is None:
         return ClaimsSelection()
@@ -81,22 +91,37 @@ def load_claims_selection(source: str | Path | Mapping[str, Any] | None) -> Clai
     where = described or "the claims selection"
     if not isinstance(source, Mapping):
         raise ValueError(f"{where} must be a mapping with the keys arms and margin, got {type(source).__name__}.")
-    unknown = [key for key in source if key not in ("arms", "margin")]
+    unknown = [key for key in source if key not in ("arms", "margin", "also")]
     if unknown:
-        raise ValueError(f"Unknown key {unknown[0]!r} in {where}; valid keys are arms and margin.")
-    arms = source.get("arms") or {}
-    if not isinstance(arms, Mapping):
-        raise ValueError(f"arms in {where} must map roles to arms, e.g. arms: {{sam-on: scope=norm,rho=0.5}}.")
+        raise ValueError(f"Unknown key {unknown[0]!r} in {where}; valid keys are arms, margin and also.")
     selection = ClaimsSelection(margin=source.get("margin", DEFAULT_MARGIN), source=described)
-    for role, names in arms.items():
-        if role not in ROLE_SCOPES:
-            raise ValueError(f"Unknown role {role!r} in {where}; valid roles are {', '.join(ROLE_SCOPES)}.")
-        selection.arms[role] = [str(n) for n in (names if isinstance(names, list) else [names])]
+    selection.arms = _role_arms(source.get("arms") or {}, f"arms in {where}")
+    also = source.get("also") or {}
+    if not isinstance(also, Mapping):
+        raise ValueError(f"also in {where} must map labels to roles and arms, e.g. also: {{with the warm-up: "
+                         "{sam-on: scope=norm,rho_warmup_epochs=6,rho=0.6}}.")
+    for label, arms in also.items():
+        selection.also[str(label)] = _role_arms(arms, f"also: {label} in {where}")
+        if not selection.also[str(label)]:
+            raise ValueError(f"also: {label} in {where} names no arm; name the arms of its roles, e.g. "
+                             "sam-on: scope=norm,rho=0.5.")
     margin = selection.margin
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin < 0:
         raise ValueError(f"margin in {where} must be a number >= 0 (test-accuracy points), got {margin!r}.")
     selection.margin = float(margin)
     return selection
+
+
+def _role_arms(arms: Any, where: str) -> dict[str, list[str]]:
+    """role → the arm names given for it (one per context), from ``{role: name or [names]}``."""
+    if not isinstance(arms, Mapping):
+        raise ValueError(f"{where} must map roles to arms, e.g. {{sam-on: scope=norm,rho=0.5}}.")
+    out = {}
+    for role, names in arms.items():
+        if role not in ROLE_SCOPES:
+            raise ValueError(f"Unknown role {role!r} in {where}; valid roles are {', '.join(ROLE_SCOPES)}.")
+        out[role] = [str(n) for n in (names if isinstance(names, list) else [names])]
+    return out
 
 
 def find_claims_file(paths: Sequence[str | Path]) -> Path | None:
@@ -124,6 +149,8 @@ class Context:
     groups: list[Group]
     roles: dict[str, RoleChoice] = field(default_factory=dict)
     claims: list[tuple[stats.Claim, str, list[stats.PartResult]]] = field(default_factory=list)
+    #: the roles of each further evaluation (``also:`` in the selection) that has an arm in this context
+    also: dict[str, dict[str, RoleChoice]] = field(default_factory=dict)
 
     def roles_of(self, group: Group) -> list[str]:
         return [role for role, choice in self.roles.items() if choice.group is group]
@@ -216,7 +243,7 @@ def analyse(groups: Sequence[Group], keys: Sequence[str], selection: ClaimsSelec
         ValueError: the selection names an arm that is not among the groups, or one of another scope.
     """
     source = selection.source or "the claims selection"
-    for role, names in selection.arms.items():
+    for role, names in [item for arms in (selection.arms, *selection.also.values()) for item in arms.items()]:
         for name in names:
             matches = [g for g in groups if name in (g.point, g.label)]
             if not matches:
@@ -230,11 +257,37 @@ def analyse(groups: Sequence[Group], keys: Sequence[str], selection: ClaimsSelec
     contexts = _contexts(groups, keys)
     for ctx in contexts:
         ctx.roles = {role: _choose(role, ctx.groups, selection.arms.get(role, []), source) for role in ROLE_SCOPES}
-        chosen = {role: choice.group for role, choice in ctx.roles.items()}
-        mismatch = _sharpness_mismatch(chosen["sam-on"], chosen["sam-all"])
-        arms = {role: _claim_arm(g, mismatch) for role, g in chosen.items()}
-        ctx.claims = stats.evaluate_claims(arms, selection.margin)
+        ctx.claims = _evaluate(ctx.roles, selection.margin)
+        for label, named in selection.also.items():
+            roles = {role: _named_here(role, ctx.groups, names, source, label) for role, names in named.items()}
+            if not any(choice.group for choice in roles.values()):
+                continue  # none of its arms is in this context
+            ctx.also[label] = roles
+            merged = {**ctx.roles, **roles}
+            for claim, outcome, parts in _evaluate(merged, selection.margin):
+                claim_roles = {p.a for p in claim.parts} | {p.b for p in claim.parts}
+                # a claim none of whose roles changed would repeat a main row; one with a role no arm plays here
+                # is "not tested" in the main rows already
+                if claim_roles & set(roles) and all(merged[role].group for role in claim_roles):
+                    ctx.claims.append((replace(claim, name=f"{claim.name} ({label})"), outcome, parts))
     return contexts
+
+
+def _evaluate(roles: Mapping[str, RoleChoice], margin: float) -> list[tuple[stats.Claim, str, list[stats.PartResult]]]:
+    chosen = {role: choice.group for role, choice in roles.items()}
+    mismatch = _sharpness_mismatch(chosen["sam-on"], chosen["sam-all"])
+    return stats.evaluate_claims({role: _claim_arm(g, mismatch) for role, g in chosen.items()}, margin)
+
+
+def _named_here(role: str, groups: Sequence[Group], named: Sequence[str], source: str, label: str) -> RoleChoice:
+    """The arm named for ``role`` under ``also: label`` among one context's groups (never an automatic pick)."""
+    chosen = [g for g in groups if g.point in named or g.label in named]
+    if len(chosen) > 1:
+        raise ValueError(f"{source} names several {role} arms of one context under also: {label} "
+                         f"({', '.join(g.label for g in chosen)}); name one per context.")
+    if chosen:
+        return RoleChoice(role, chosen[0], f"named under also: {label} in {source}")
+    return RoleChoice(role, None, f"none of the arms named under also: {label} is in this context")
 
 
 def _interval_row(prefix: str, interval: stats.Interval) -> dict[str, Any]:
@@ -257,10 +310,14 @@ def arm_rows(contexts: Sequence[Context], keys: Sequence[str]) -> list[dict[str,
     return rows
 
 
+#: The roles every arm is paired with, by seed, in paired.csv and the report.
+_REFERENCES = ("sgd", "sam-all", "sam-on")
+
+
 def _paired_with(ctx: Context) -> list[tuple[Group, str, Group, str, stats.Paired]]:
-    """(arm, reference role, reference arm, metric, paired differences) against the SGD and SAM-all arms."""
+    """(arm, reference role, reference arm, metric, paired differences) against the SGD, SAM-all and SAM-ON arms."""
     out = []
-    for ref_role in ("sgd", "sam-all"):
+    for ref_role in _REFERENCES:
         ref = ctx.roles[ref_role].group
         if ref is None:
             continue
@@ -329,7 +386,7 @@ def statistics_markdown(contexts: Sequence[Context], margin: float,
                                   "val. acc. mean [95% CI]", "sharpness mean [95% CI]",
                                   *(["memorization of the flipped labels (%) mean [95% CI]"] if memorized else [])],
                                  rows, numeric_from=2), ""]
-        refs = [(role, ctx.roles[role].group) for role in ("sgd", "sam-all") if ctx.roles[role].group]
+        refs = [(role, ctx.roles[role].group) for role in _REFERENCES if ctx.roles[role].group]
         if refs:
             diffs = {(id(g), role): pairs for g, role, _, metric, pairs in _paired_with(ctx) if metric == ACCURACY}
             header = ["arm"] + [f"− {md(ref.label)}: mean [95% CI]" for _, ref in refs]
@@ -354,8 +411,9 @@ def statistics_markdown(contexts: Sequence[Context], margin: float,
     for ctx in contexts:
         if len(contexts) > 1:
             lines += [f"### {md(ctx.heading())}", ""]
-        rows = [[stats.ROLE_NAMES[role], md(c.group.label) if c.group else "–", md(c.how)]
-                for role, c in ctx.roles.items()]
+        rows = [[stats.ROLE_NAMES[role] + (f" ({md(label)})" if label else ""), md(c.group.label) if c.group else "–",
+                 md(c.how)]
+                for label, roles in [("", ctx.roles), *ctx.also.items()] for role, c in roles.items()]
         lines += ["Arms of the roles:", "", markdown_table(["role", "arm", "chosen by"], rows, numeric_from=3), ""]
         rows = []
         for claim, outcome, parts in ctx.claims:

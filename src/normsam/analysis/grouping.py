@@ -130,14 +130,15 @@ def without_context(label: str, context: str) -> str:
 
 def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: bool = True) -> str:
     """The name of an arm in every table and figure of the report: ``SGD``, ``SAM-ON (ρ=0.5)``,
-    ``SAM-all (asam, ρ=1)``, ``random mask (ρ=0.5, sparsity 0.9995)``, ``SAM-ON (ρ=0.5, late from epoch 6)``.
+    ``SAM-all (asam, ρ=1)``, ``random mask (ρ=0.5, sparsity 0.9995)``, ``SAM-ON (ρ=0.5, late from epoch 6)``,
+    ``SAM-ON (asam, ρ=0.6, ρ warm-up 6 ep.)``.
 
     The scope's name (:data:`SCOPE_NAMES`; the base optimizer's name for runs without SAM), preceded by the base
     optimizer when it is not SGD; then, in parentheses (the style of :func:`plots.method_label`, so that a figure
     names a method alike whichever label it gets): the perturbation model when it is not ``sam``, ρ (unless
     ``rho=False``), what sets the arm apart (the sparsity of a mask scope, a SAM window that starts late or ends
-    early, in epochs counted from 1 as in metrics.jsonl and the training log, an ascent every k steps), and
-    ``key=value`` for the other ``keys`` (the settings that differ between the runs) that are set.
+    early, in epochs counted from 1 as in metrics.jsonl and the training log, an ascent every k steps, a ρ
+    warm-up), and ``key=value`` for the other ``keys`` (the settings that differ between the runs) that are set.
     """
     scope = settings.get("scope")
     optimizer = settings.get("optimizer") or "sgd"
@@ -154,7 +155,9 @@ def arm_label(settings: Mapping[str, Any], keys: Sequence[str] = (), *, rho: boo
             details.append(settings["perturbation"])
         if rho and settings.get("rho") is not None:
             details.append(f"ρ={value_text(settings['rho'])}")
-        shown |= {"sparsity", "sam_start", "sam_end", "ascent_interval", "ascent"}
+        shown |= {"sparsity", "sam_start", "sam_end", "ascent_interval", "ascent", "rho_warmup_epochs"}
+        if settings.get("rho_warmup_epochs"):
+            details.append(f"ρ warm-up {value_text(settings['rho_warmup_epochs'])} ep.")
         if scope in MASK_SCOPES and settings.get("sparsity") is not None:
             details.append(f"sparsity {value_text(settings['sparsity'])}")
         start, end = settings.get("sam_start") or 0, settings.get("sam_end")

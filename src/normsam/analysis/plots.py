@@ -45,17 +45,20 @@ OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW", "lion": "Lion"}
 SCOPE_NAMES = {"all": "SAM-all", "norm": "SAM-ON", "no-norm": "no-norm", "random": "random mask",
                "ssam-f": "SSAM-F", "ssam-d": "SSAM-D"}
 _METHOD = re.compile(r"^(?P<scope>no-norm|norm|all|random|ssam-f|ssam-d|patterns|\[.*?\])-(?P<perturbation>[a-z0-9_]+)"
-                     r"-rho(?P<rho>[0-9.eE+-]+?)(?P<rest>( \(.*\))?)$")
+                     r"-rho(?P<rho>[0-9.eE+-]+?)(?:-rhowarmup(?P<warmup>[0-9.]+))?(?P<rest>( \(.*\))?)$")
 
 
 def method_label(label: str) -> str:
     """The name a figure shows for a method label (``TrainConfig.method``, optionally followed by
     `` (settings)``), so that every figure names a method alike: ``norm-asam-rho1`` → ``SAM-ON (asam, ρ=1)``,
-    ``sgd`` → ``SGD``. Other labels are returned unchanged."""
+    ``all-sam-rho0.4-rhowarmup6`` → ``SAM-all (sam, ρ=0.4, ρ warm-up 6 ep.)``, ``sgd`` → ``SGD``. Other labels
+    are returned unchanged."""
     match = _METHOD.match(label)
     if match:
         scope = SCOPE_NAMES.get(match["scope"], match["scope"])
         details = [match["perturbation"], f"ρ={match['rho']}"]
+        if match["warmup"]:
+            details.append(f"ρ warm-up {match['warmup']} ep.")
         if match["rest"]:
             details.append(match["rest"].strip()[1:-1])
         return f"{scope} ({', '.join(details)})"

@@ -10,7 +10,7 @@ Such a group is an *arm*, named by :func:`~normsam.analysis.grouping.arm_label` 
 Unfinished runs are listed but not counted.
 
 Statistics and claims (:mod:`normsam.analysis.stats`): per arm the mean, standard deviation and 95% t-interval
-over seeds; differences paired by seed against the SGD and SAM-all arms; and the paper's claims C1–C5, each
+over seeds; differences paired by seed against the SGD, SAM-all and SAM-ON arms; and the paper's claims C1–C5, each
 *supported*, *contradicted*, *inconclusive* or *not tested*. Arms are compared only with arms of the same
 context (the settings other than SAM's that differ between runs: data, model, base optimizer, …). Each role
 of the claims (sgd, sam-all, sam-on, no-norm, random, ssam-f) is played by one arm per context: the one named
@@ -33,8 +33,8 @@ Written into ``--out``:
   5–95% bands; quantiles averaged over seeds), a line per method;
 * ``training_curves.png``: train loss and test accuracy per epoch, mean ± std over seeds, a line per method;
 * ``arms.csv`` (per arm: mean, std, 95% CI of test and validation accuracy and sharpness; the roles it plays),
-  ``paired.csv`` (arm − SGD and arm − SAM-all, paired by seed), ``claims.csv`` (each part of each claim: the
-  arms, the paired difference with its interval, the rule and the verdict);
+  ``paired.csv`` (arm − SGD, arm − SAM-all and arm − SAM-ON, paired by seed), ``claims.csv`` (each part of
+  each claim: the arms, the paired difference with its interval, the rule and the verdict);
 * ``arm_accuracy.png`` (final test accuracy per arm with its 95% CI), ``arm_sharpness_vs_accuracy.png``
   (mean sharpness vs mean accuracy per arm, both with 95% CIs), ``arm_test_curves.png`` (test accuracy per
   epoch, mean and 95% CI band per arm).
@@ -200,7 +200,7 @@ def make_report(
     """Write report.md, the CSV tables and the figures for the runs in ``paths``; returns the paths.
 
     Besides the per-method table, report.md has a *Statistics* section (per arm: mean, std and 95% t-interval
-    over seeds; paired differences against the SGD and SAM-all arms) and a *Claims* section (C1–C5 of
+    over seeds; paired differences against the SGD, SAM-all and SAM-ON arms) and a *Claims* section (C1–C5 of
     :data:`stats.CLAIMS`, each supported, contradicted, inconclusive or not tested, with the numbers that decide
     it); they are also written as arms.csv, paired.csv and claims.csv, with three figures (arm_accuracy.png,
     arm_sharpness_vs_accuracy.png, arm_test_curves.png; error bars and bands = 95% CI).
