@@ -93,6 +93,7 @@ def test_without_a_benchmark_the_cost_column_is_left_out_and_a_missing_report_is
     ("scope=norm,rho=2.4", "SAM-ON (cheap ascent)"),
     ("scope=norm,rho=2.4,ascent_interval=4", "SAM-ON, ascent_interval=4"),
     ("scope=norm,rho=0.3,ascent=momentum,bn_policy=update", "SAM-ON, ascent=momentum"),
+    ("scope=norm,rho_warmup_epochs=6,rho=0.6,amp=bf16,bf16_kernels=upcast", "SAM-ON (cheap ascent)"),
     ("scope=norm,rho=2.4,sam_start=30", None),
     ("scope=ssam-f,rho=2.4,sparsity=0.99", None),
 ])

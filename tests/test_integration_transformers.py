@@ -104,6 +104,23 @@ def test_resume_from_checkpoint_gives_the_uninterrupted_run(tmp_path):
     torch.testing.assert_close(flat(resumed), flat(full), rtol=0, atol=1e-6)
 
 
+def test_a_rho_warmup_runs_through_the_trainer_and_resumes_mid_warmup(tmp_path):
+    """sam=dict(rho_schedule=...) warms ρ up over the Trainer's steps; a checkpoint in the warm-up keeps its place."""
+    def run(out, resume=None, **sam):
+        trainer = SAMTrainer(model=llama(), args=arguments(out), train_dataset=TokenData(), sam=dict(rho=0.5, **sam))
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    warm = run(tmp_path / "a", rho_schedule=normsam.RhoWarmup(8))  # 4 steps: ρ/8 … 4ρ/8
+    assert warm.sam.param_groups[0]["rho"] == pytest.approx(0.5 * 4 / 8)
+    resumed = run(tmp_path / "b", str(tmp_path / "a" / "checkpoint-2"), rho_schedule=normsam.RhoWarmup(8))
+    assert resumed.sam.param_groups[0]["rho"] == pytest.approx(0.5 * 4 / 8)  # not restarted at step 0
+    torch.testing.assert_close(flat(resumed.model), flat(warm.model), rtol=0, atol=1e-6)
+    constant = run(tmp_path / "c")
+    assert constant.sam.param_groups[0]["rho"] == 0.5
+    assert not torch.allclose(flat(constant.model), flat(warm.model), rtol=0, atol=1e-6)
+
+
 def test_accumulation_uses_the_whole_steps_ascent_gradient(tmp_path):
     """2 micro-batches of 2 = 1 batch of 4: a per-micro-batch ascent would differ."""
     accumulated, single = llama(), llama()

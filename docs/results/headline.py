@@ -45,7 +45,8 @@ def bench_variant(point: str) -> str | None:
     """The benchmark variant whose step an arm's step is (None: the benchmark has no such variant)."""
     settings = _point(point)
     scope = settings.pop("scope", None)
-    for key in ("rho", "sharpness_at_end", "amp", "bf16_kernels", "bn_policy"):  # do not change the step's passes
+    # settings that do not change the step's passes (a ρ warm-up only scales ε)
+    for key in ("rho", "sharpness_at_end", "amp", "bf16_kernels", "bn_policy", "rho_warmup_epochs"):
         settings.pop(key, None)
     if scope == "none" and not settings:
         return SGD
