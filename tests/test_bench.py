@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,29 @@ def _script(name: str):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def test_rounds_alternate_their_order_so_no_variant_always_runs_first_or_after_the_same_one():
+    """Rounds run the variants forward, then reversed, …; each variant's time is still its own."""
+    from normsam.bench.context import Variant
+    from normsam.bench.timing import round_order
+
+    assert [round_order(r, 3) for r in range(3)] == [[0, 1, 2], [2, 1, 0], [0, 1, 2]]
+    calls: list[str] = []
+
+    def variant(name: str, seconds: float) -> Variant:
+        def build(model, ctx):
+            def step(x, y):
+                calls.append(name)
+                time.sleep(seconds)
+            return step
+        return Variant(name, build)
+
+    x, y = _data()
+    result = run_benchmark(_tiny, x, y, variants=[variant("a", 0.0), variant("b", 0.02), variant("c", 0.0)],
+                           rounds=2, steps_per_round=1, warmup=0, measure_memory=False, progress=False)
+    assert calls == ["a", "b", "c", "c", "b", "a"]
+    assert all(t >= 0.02 for t in result["b"].step_times) and all(t < 0.02 for t in result["c"].step_times)
 
 
 def test_run_benchmark_measures_every_variant_and_memory():

@@ -1,7 +1,10 @@
 """:func:`run_benchmark`: build every variant, measure its memory, then time all of them in interleaved rounds.
 
-Rounds are interleaved (A B C D, A B C D, …) rather than run variant after variant, so that a slow spell of the
-machine hits every variant alike and the per-round ratios stay fair on a noisy or shared machine.
+Rounds are interleaved rather than run variant after variant, so that a slow spell of the machine hits every
+variant alike and the per-round ratios stay fair on a noisy or shared machine. Every other round runs the
+variants in reverse order (A B C D, D C B A, …), so that no variant always runs right after the same neighbour
+or always first: a bias from the position in the round (caches, the allocator, the previous variant's memory)
+cancels over pairs of rounds instead of favouring one side of a comparison.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from normsam.bench.report import BenchResult, VariantResult
 from normsam.bench.variants import default_variants
 from normsam.optim.scopes import select
 
-__all__ = ["run_benchmark"]
+__all__ = ["run_benchmark", "round_order"]
 
 
 def _time_steps(step: StepFn, x: Tensor, y: Tensor, n: int, device: torch.device) -> float:
@@ -100,9 +103,12 @@ def run_benchmark(
         from tqdm.auto import tqdm
 
         iterator = tqdm(iterator, desc="bench rounds", leave=False)
-    for _ in iterator:
-        # each variant times whole cycles (steps_per_round rounded up to a multiple of its cycle)
-        times = [_time_steps(step, x, y, -(-steps_per_round // c) * c, device) for step, c in zip(steps, cycles)]
+    for r in iterator:
+        # each variant times whole cycles (steps_per_round rounded up to a multiple of its cycle), in the order
+        # of round_order(r)
+        times = [0.0] * len(steps)
+        for i in round_order(r, len(steps)):
+            times[i] = _time_steps(steps[i], x, y, -(-steps_per_round // cycles[i]) * cycles[i], device)
         for res, t in zip(measured, times):
             res.step_times.append(t)
             res.ratios.append(t / times[0])
@@ -124,6 +130,12 @@ def run_benchmark(
         "norm_parameters": sum(i.param.numel() for i in _norm_infos(template)),
     }
     return BenchResult(results, settings)
+
+
+def round_order(round_index: int, n: int) -> list[int]:
+    """The order in which round ``round_index`` (from 0) runs ``n`` variants: forward, then reversed, alternately."""
+    order = list(range(n))
+    return order if round_index % 2 == 0 else order[::-1]
 
 
 def _version(package: str) -> str | None:
