@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 from scipy import stats
 
@@ -24,38 +25,38 @@ HERE = Path(__file__).resolve().parent
 REGIME = HERE.parent / "study-regime" / "runs"
 LEFT_START = 20.0  # % training accuracy: twice chance on 10 classes
 
-WARM = HERE / "runs"
-WARMUP = "rho_warmup_epochs=6,"
-FP32, BF16 = "sharpness_at_end=true", "amp=bf16,bf16_kernels=upcast"
+
+def arms(regime_phase: str, warmup_phase: str, settings: str) -> list[tuple[str, Path]]:
+    """(arm, its sweep point folder) of one precision: the regime study's SGD, SAM-all and SAM-ON runs in
+    ``regime_phase``, this study's warm-up arms in ``warmup_phase``; ``settings`` end each point's name."""
+    regime, warm = REGIME / regime_phase, HERE / "runs" / warmup_phase
+    return [
+        ("SGD", regime / f"scope=none,{settings}"),
+        ("SAM-all ρ=0.4", regime / f"scope=all,rho=0.4,{settings}"),
+        ("SAM-all ρ=0.4 + warm-up", warm / f"scope=all,rho_warmup_epochs=6,rho=0.4,{settings}"),
+        ("SAM-ON ρ=2.4", regime / f"scope=norm,rho=2.4,{settings}"),
+        ("SAM-ON ρ=0.6 + warm-up", warm / f"scope=norm,rho_warmup_epochs=6,rho=0.6,{settings}"),
+    ]
+
 
 #: precision → [(arm, its sweep point folder)]
 ARMS = {
-    "fp32": [
-        ("SGD", REGIME / "main" / f"scope=none,{FP32}"),
-        ("SAM-all ρ=0.4", REGIME / "main" / f"scope=all,rho=0.4,{FP32}"),
-        ("SAM-all ρ=0.4 + warm-up", WARM / "main-warmup" / f"scope=all,{WARMUP}rho=0.4,{FP32}"),
-        ("SAM-ON ρ=2.4", REGIME / "main" / f"scope=norm,rho=2.4,{FP32}"),
-        ("SAM-ON ρ=0.6 + warm-up", WARM / "main-warmup" / f"scope=norm,{WARMUP}rho=0.6,{FP32}"),
-    ],
-    "bf16": [
-        ("SGD", REGIME / "bf16" / f"scope=none,{BF16}"),
-        ("SAM-all ρ=0.4", REGIME / "bf16" / f"scope=all,rho=0.4,{BF16}"),
-        ("SAM-all ρ=0.4 + warm-up", WARM / "bf16-warmup" / f"scope=all,{WARMUP}rho=0.4,{BF16}"),
-        ("SAM-ON ρ=2.4", REGIME / "bf16" / f"scope=norm,rho=2.4,{BF16}"),
-        ("SAM-ON ρ=0.6 + warm-up", WARM / "bf16-warmup" / f"scope=norm,{WARMUP}rho=0.6,{BF16}"),
-    ],
+    "fp32": arms("main", "main-warmup", "sharpness_at_end=true"),
+    "bf16": arms("bf16", "bf16-warmup", "amp=bf16,bf16_kernels=upcast"),
 }
 
 
-def seeds(point: Path) -> dict[int, dict[str, float]]:
-    """seed → final test accuracy, flipped labels fitted (%), first epoch past LEFT_START training accuracy."""
+def seeds(point: Path) -> dict[int, dict[str, Any]]:
+    """seed → final test accuracy, flipped labels fitted (%), first epoch past LEFT_START training accuracy, and
+    the training accuracy of every epoch (``curve``: (epoch, accuracy) pairs)."""
     out = {}
     for run in sorted(point.glob("seed=*")):
         summary = json.loads((run / "summary.json").read_text())
         epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        left = next((e["epoch"] for e in epochs if e.get("train_acc", 0) > LEFT_START), None)
+        curve = [(e["epoch"], e.get("train_acc", 0)) for e in epochs]
+        left = next((epoch for epoch, acc in curve if acc > LEFT_START), None)
         out[int(run.name.split("=")[1])] = {"test": summary["final_test_acc"],
-                                            "flipped": summary["final_flipped_acc"], "left": left}
+                                            "flipped": summary["final_flipped_acc"], "left": left, "curve": curve}
     return out
 
 
@@ -73,7 +74,8 @@ def spread_tests(a: list[float], b: list[float]) -> str:
             f"Brown–Forsythe {p(p_bf)}")
 
 
-def plot(path: Path) -> None:
+def plot(path: Path, found: dict[str, list[tuple[str, dict[int, dict[str, Any]]]]]) -> None:
+    """The per-seed figure from ``found`` (precision → [(arm, seeds(...))], the arms whose runs exist)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -82,22 +84,19 @@ def plot(path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 5), dpi=110)
     names = [name for name, _ in ARMS["fp32"]]
     for offset, (precision, marker) in zip((-0.15, 0.15), (("fp32", "o"), ("bf16", "s"))):
-        for i, (name, point) in enumerate(ARMS[precision]):
-            if point.is_dir():
-                values = [r["test"] for r in seeds(point).values()]
-                left.scatter([i + offset] * len(values), values, marker=marker, alpha=0.7,
-                             color="C0" if precision == "fp32" else "C3", label=precision if i == 0 else None)
+        for i, (name, runs) in enumerate(found.get(precision, [])):
+            values = [r["test"] for r in runs.values()]
+            left.scatter([names.index(name) + offset] * len(values), values, marker=marker, alpha=0.7,
+                         color="C0" if precision == "fp32" else "C3", label=precision if i == 0 else None)
     left.set_xticks(range(len(names)), names, rotation=20, ha="right")
     left.set_ylabel("final test accuracy (%)")
     left.set_title("each seed's final test accuracy")
     left.grid(axis="y", alpha=0.3)
     left.legend()
     for name, color in (("SAM-ON ρ=2.4", "C1"), ("SAM-ON ρ=0.6 + warm-up", "C2")):
-        point = dict(ARMS["fp32"])[name]
-        for i, run in enumerate(sorted(point.glob("seed=*"))):
-            epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-            right.plot([e["epoch"] for e in epochs], [e["train_acc"] for e in epochs], color=color, alpha=0.7,
-                       label=name if i == 0 else None)
+        for i, run in enumerate(dict(found.get("fp32", [])).get(name, {}).values()):
+            epochs, accuracies = zip(*run["curve"])
+            right.plot(epochs, accuracies, color=color, alpha=0.7, label=name if i == 0 else None)
     right.axhline(LEFT_START, color="grey", linestyle=":", linewidth=1)
     right.set_xlabel("epoch")
     right.set_ylabel("training accuracy (%), noisy labels")
@@ -113,8 +112,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--plot", type=Path, help="also draw the per-seed figure to this PNG")
     args = parser.parse_args()
-    for precision, arms in ARMS.items():
-        found = [(name, seeds(point)) for name, point in arms if point.is_dir()]
+    found_by_precision = {precision: [(name, seeds(point)) for name, point in points if point.is_dir()]
+                          for precision, points in ARMS.items()}
+    for precision, found in found_by_precision.items():
         if not found:
             continue
         all_seeds = sorted({s for _, runs in found for s in runs})
@@ -137,7 +137,7 @@ def main() -> None:
                 b = [r["test"] for r in by_name[warm].values()]
                 print(f"- spread, {constant} against {warm}: {spread_tests(a, b)}")
     if args.plot:
-        plot(args.plot)
+        plot(args.plot, found_by_precision)
 
 
 if __name__ == "__main__":

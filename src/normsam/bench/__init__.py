@@ -47,6 +47,6 @@ __all__ = [
     "KEY_RATIOS", "VARIANT_TARGETS", "default_variants", "run_benchmark", "format_bytes",
     "SGD", "PEER", "SAM_ALL", "SAM_ON", "SAM_ON_CLASSIC", "FLOOR", "FLOOR_ALL", "MOMENTUM",
     "interval_name", "is_interval_name", "fraction_name",
-    "VARIANT_FAMILIES", "MULTI_STEP", "SAM_VARIANT_KEYS", "VariantSettings", "sam_variants", "add_variant_arguments", "chosen_variants", "variant_name",
-    "peer_name", "multi_step_name", "is_multi_step_name",
+    "VARIANT_FAMILIES", "MULTI_STEP", "SAM_VARIANT_KEYS", "VariantSettings", "sam_variants", "add_variant_arguments",
+    "chosen_variants", "variant_name", "peer_name", "multi_step_name", "is_multi_step_name",
 ]
