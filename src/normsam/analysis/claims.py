@@ -183,12 +183,9 @@ def _plain(g: Group) -> bool:
 def _choose(role: str, groups: Sequence[Group], named: Sequence[str], source: str) -> RoleChoice:
     """The arm of ``role`` among ``groups`` (one context): the one named, else the documented automatic pick."""
     scope = ROLE_SCOPES[role]
-    chosen = [g for g in groups if g.point in named or g.label in named]
-    if len(chosen) > 1:
-        raise ValueError(f"{source} names several {role} arms of one context ({', '.join(g.label for g in chosen)}); "
-                         "name one per context.")
-    if chosen:
-        return RoleChoice(role, chosen[0], f"named in {source}")
+    named_arm = _named_arm(role, groups, named, source)
+    if named_arm:
+        return RoleChoice(role, named_arm, f"named in {source}")
     of_scope = [g for g in groups if g.columns.get("scope") == scope]
     candidates = [g for g in of_scope if _plain(g)]
     if not candidates:
@@ -281,13 +278,19 @@ def _evaluate(roles: Mapping[str, RoleChoice], margin: float) -> list[tuple[stat
 
 def _named_here(role: str, groups: Sequence[Group], named: Sequence[str], source: str, label: str) -> RoleChoice:
     """The arm named for ``role`` under ``also: label`` among one context's groups (never an automatic pick)."""
+    named_arm = _named_arm(role, groups, named, source, f" under also: {label}")
+    if named_arm:
+        return RoleChoice(role, named_arm, f"named under also: {label} in {source}")
+    return RoleChoice(role, None, f"none of the arms named under also: {label} is in this context")
+
+
+def _named_arm(role: str, groups: Sequence[Group], named: Sequence[str], source: str, where: str = "") -> Group | None:
+    """The one group of a context whose point or label is among ``named`` (None: none is); several are refused."""
     chosen = [g for g in groups if g.point in named or g.label in named]
     if len(chosen) > 1:
-        raise ValueError(f"{source} names several {role} arms of one context under also: {label} "
+        raise ValueError(f"{source} names several {role} arms of one context{where} "
                          f"({', '.join(g.label for g in chosen)}); name one per context.")
-    if chosen:
-        return RoleChoice(role, chosen[0], f"named under also: {label} in {source}")
-    return RoleChoice(role, None, f"none of the arms named under also: {label} is in this context")
+    return chosen[0] if chosen else None
 
 
 def _interval_row(prefix: str, interval: stats.Interval) -> dict[str, Any]:
