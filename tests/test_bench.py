@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -280,6 +281,7 @@ def test_step_time_host_overhead_smoke(capsys):
     assert step_time.main(["--mode", "host-overhead", "--smoke", "--no-memory"]) == 0
     out = capsys.readouterr().out
     assert "ResNet-56, host overhead (smoke): batch 2 × 3×8×8" in out and "1 threads" in out
+    assert "ResNet-20, host overhead (smoke): batch 2 × 3×8×8" in out  # the cpu mode's weights
     assert f"| {SAM_ON} / {FLOOR} |" in out and "<= 1.03 |" in out and "<= 1.02 |" in out
 
 
@@ -495,7 +497,113 @@ def test_bench_cli_and_step_time_list_and_run_the_variants(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| LookSAM | " in text and "each round times whole cycles of k=2 steps" in text
     assert f"| {multi_step_name(2)} |" in text
-    (case,) = json.loads(out.read_text()).values()
+    assert "(all) / peer, outside the passes [95% CI] |" in text  # the CPU splits every step
+    case, _resnet20 = json.loads(out.read_text()).values()
+    assert case["peer_intervals"]["LookSAM (all) / pytorch_optimizer.LookSAM"]["outside_passes"] is not None
     assert {t["ratio"] for t in case["targets"]} >= {"LookSAM (all) / pytorch_optimizer.LookSAM",
                                                      "LookSAM (norm) / LookSAM (all)", f"{SAM_ALL} / {PEER}"}
     assert case["settings"]["variant_settings"]["looksam_k"] == 2
+
+
+class _SlowBackward(torch.autograd.Function):
+    """Identity whose backward sleeps: a backward pass of known length."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(0.03)
+        return grad
+
+
+class _SlowModel(nn.Module):
+    """A forward of at least 20 ms and a backward of at least 30 ms."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3 * 6 * 6, 10)
+
+    def forward(self, x):
+        time.sleep(0.02)
+        return _SlowBackward.apply(self.linear(x.flatten(1)))
+
+
+@pytest.mark.parametrize("how", ["backward", "autograd.grad"])
+def test_the_pass_clock_times_forward_and_backward_and_leaves_the_optimizer_outside(how):
+    """A step = the loss's forward and backward (≥ 50 ms, in the passes) + 40 ms of 'optimizer' work (outside)."""
+    from normsam.bench.context import Variant, loss
+
+    def build(model, ctx):
+        def step(x, y):
+            batch_loss = loss(model, x, y, ctx)
+            if how == "backward":
+                batch_loss.backward()
+            else:
+                torch.autograd.grad(batch_loss, list(model.parameters()))
+            time.sleep(0.04)
+        return step
+
+    x, y = _data()
+    result = run_benchmark(_SlowModel, x, y, variants=[Variant("slow", build)], rounds=2, steps_per_round=1,
+                           warmup=0, measure_memory=False, progress=False)
+    v = result["slow"]
+    assert len(v.pass_times) == 2
+    assert all(0.05 <= p < 0.09 for p in v.pass_times), v.pass_times
+    assert all(0.04 <= o < 0.08 for o in v.outside_times), v.outside_times
+
+
+def test_the_pass_clock_counts_only_while_running_and_once_at_a_time():
+    from normsam.bench.passes import PassClock
+
+    clock = PassClock()
+    model = _SlowModel()
+    x, _ = _data()
+    out = model(x).sum()
+    clock.arm_backward(out)  # not running: nothing is armed
+    clock.add_forward(1.0)
+    out.backward()
+    assert clock.seconds == 0.0
+    with clock.running():
+        out = model(x).sum()
+        clock.arm_backward(out)
+        out.backward()
+        with pytest.raises(RuntimeError, match="already running"):
+            with clock.running():
+                pass
+    assert 0.03 <= clock.seconds < 0.07 and not clock.active
+
+
+def test_peer_table_gives_the_whole_step_and_the_time_outside_the_passes_with_intervals():
+    from normsam.analysis.stats import describe
+
+    def res(name, steps, passes=()):
+        return VariantResult(name, step_times=steps, pass_times=list(passes), ratios=[1.0] * len(steps))
+
+    mine = res("GSAM (all)", [1.00, 1.10, 0.95], [0.90, 1.00, 0.85])  # outside: 0.10, 0.10, 0.10
+    peer = res("pytorch_optimizer.GSAM", [1.02, 1.08, 0.97], [0.90, 0.96, 0.85])  # outside: 0.12 each
+    result = BenchResult([res(SGD, [0.5, 0.5, 0.5]), mine, peer], settings={})
+    whole = result.ratio_interval("GSAM (all)", "pytorch_optimizer.GSAM")
+    logs = describe([math.log(a / b) for a, b in zip(mine.step_times, peer.step_times)])
+    assert whole.mean == pytest.approx(math.exp(logs.mean))
+    assert (whole.lo, whole.hi) == (pytest.approx(math.exp(logs.lo)), pytest.approx(math.exp(logs.hi)))
+    outside = result.ratio_interval("GSAM (all)", "pytorch_optimizer.GSAM", outside=True)
+    assert outside.mean == pytest.approx(0.10 / 0.12) and outside.hi - outside.lo < 1e-6  # the same every round
+    table = result.peer_table()
+    assert "| GSAM | " in table and "| 100.00 | 120.00 | 0.833 [0.833, 0.833] |" in table
+    assert "| SAM | " not in table  # SAM-all and the peer did not run
+    assert result.to_dict()["peer_intervals"]["GSAM (all) / pytorch_optimizer.GSAM"]["outside_passes"][0] == \
+        pytest.approx(0.10 / 0.12)
+
+    # a GPU run has no split: the whole step's interval only, and the table says why the rest is missing
+    gpu = BenchResult([res(SGD, [0.5, 0.5]), res("GSAM (all)", [1.0, 1.0]), res("pytorch_optimizer.GSAM", [1.0, 1.1])],
+                      settings={})
+    assert "not split (GPU)" in gpu.peer_table()
+    assert gpu.to_dict()["peer_intervals"]["GSAM (all) / pytorch_optimizer.GSAM"]["outside_passes"] is None
+    assert BenchResult([res(SGD, [0.5])], settings={}).peer_table() == ""
+    # SAM-all beside pytorch_optimizer.SAM: SAM's own row, first
+    sam = BenchResult([res(SGD, [0.5, 0.5]), res(PEER, [1.0, 1.0], [0.9, 0.9]), res(SAM_ALL, [0.9, 0.9], [0.85, 0.85]),
+                       *gpu.variants[1:]], settings={})
+    assert sam.peer_table().splitlines()[2].startswith("| SAM | 0.900 [0.900, 0.900] | 50.00 | 100.00 | 0.500")
+    assert list(sam.to_dict()["peer_intervals"]) == [f"{SAM_ALL} / {PEER}", "GSAM (all) / pytorch_optimizer.GSAM"]

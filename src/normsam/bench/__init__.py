@@ -11,6 +11,11 @@ optional dependency, ``pip install 'normsam[bench]'``), and the *floor*, the sho
 write by hand. A variant that cannot run here (the peer not installed, fp16 for a yardstick without a
 GradScaler path) is listed with the reason instead of figures.
 
+On the CPU each step is also split into its passes and the rest: in a compute-bound step the passes are nearly
+all the time and the same code for every variant, so the whole step's ratio of two optimizers is 1.00 within the
+machine's noise, and the time outside the passes (:meth:`BenchResult.peer_table`, each with its 95% interval) is
+what tells them apart.
+
 Extra peak memory is the variant's peak memory in training above SGD's: what it keeps between steps (its
 model copy, optimizer state, saved copies, a stored ε; measured over build and warm-up) plus the peak it
 allocates during one step. On CUDA from ``torch.cuda.memory_allocated``/``max_memory_allocated``, on the CPU
@@ -27,6 +32,8 @@ The modules, by concern:
 - :mod:`~normsam.bench.yardsticks`: the peers (pytorch_optimizer's SAM and its variants' classes) and the
   hand-written floor;
 - :mod:`~normsam.bench.timing`: :func:`run_benchmark`, the interleaved rounds;
+- :mod:`~normsam.bench.passes`: on the CPU, the part of each step spent in the forward and backward passes, so
+  that what the optimizers do differently (the time outside the passes) is compared on its own;
 - :mod:`~normsam.bench.memory`: memory kept between steps and the peak during one;
 - :mod:`~normsam.bench.report`: the results, ratios, targets, tables and JSON.
 """

@@ -9,6 +9,7 @@ settings, ρ, the perturbation model and the AMP mode. It builds normsam's ``SAM
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from normsam.bench.passes import PASS_CLOCK
 from normsam.optim.amp import autocast, check_bf16_kernels, upcast_bf16_matmuls
 from normsam.optim.options import SAMOptions
 from normsam.optim.sam import SAM
@@ -97,9 +99,14 @@ class StepContext:
 
 
 def loss(model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> Tensor:
-    """The forward pass and loss every variant times, under the context's autocast."""
+    """The forward pass and loss every variant times, under the context's autocast; while the
+    :data:`~normsam.bench.passes.PASS_CLOCK` runs, its forward and its backward are added to the passes' time."""
+    begin = time.perf_counter()
     with ctx.autocast():
-        return F.cross_entropy(model(x), y)
+        batch_loss = F.cross_entropy(model(x), y)
+    PASS_CLOCK.add_forward(time.perf_counter() - begin)
+    PASS_CLOCK.arm_backward(batch_loss)
+    return batch_loss
 
 
 def descend(sam: SAM, batch_loss: Tensor, scaler: torch.amp.GradScaler | None) -> None:

@@ -8,9 +8,12 @@ interleaved, so each round's ratio compares variants measured under the same spe
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from normsam.analysis.stats import Interval, describe
 
 from normsam.bench.names import (
     FLOOR, PEER, SAM_ALL, SAM_ON, SGD, VARIANT_FAMILIES, is_interval_name, is_multi_step_name, peer_name,
@@ -24,6 +27,7 @@ __all__ = ["VariantResult", "Target", "KEY_RATIOS", "VARIANT_TARGETS", "BenchRes
 class VariantResult:
     name: str
     step_times: list[float] = field(default_factory=list)  # seconds, one per round
+    pass_times: list[float] = field(default_factory=list)  # of which in the passes (CPU only; empty on a GPU)
     ratios: list[float] = field(default_factory=list)  # to SGD, one per round
     held_bytes: int | None = None  # kept between steps: the model copy, optimizer state, saved copies, ε
     peak_bytes: int | None = None  # allocated during one step, above the step's start
@@ -39,6 +43,11 @@ class VariantResult:
     @property
     def median_ratio(self) -> float:
         return statistics.median(self.ratios)
+
+    @property
+    def outside_times(self) -> list[float]:
+        """Seconds per step outside the forward and backward passes, one per round (empty when not split)."""
+        return [t - p for t, p in zip(self.step_times, self.pass_times)]
 
 
 @dataclass(frozen=True)
@@ -94,12 +103,31 @@ class BenchResult:
 
     def ratio(self, numerator: str, denominator: str) -> float | None:
         """Median over rounds of the per-round ratio of two variants' step times (None if either is missing)."""
+        pair = self._pair(numerator, denominator)
+        if pair is None:
+            return None
+        a, b = pair
+        return statistics.median(x / y for x, y in zip(a.step_times, b.step_times))
+
+    def ratio_interval(self, numerator: str, denominator: str, *, outside: bool = False) -> Interval | None:
+        """The geometric mean over rounds of the per-round ratio with its 95% t-interval (the interval of the
+        mean per-round log ratio, exponentiated), of the whole steps or, with ``outside``, of the time outside
+        the passes; None when a variant is missing or (``outside``) its steps were not split."""
+        pair = self._pair(numerator, denominator)
+        if pair is None:
+            return None
+        a, b = (v.outside_times if outside else v.step_times for v in pair)
+        if not a or not b or min(a + b) <= 0:
+            return None
+        logs = describe(math.log(x / y) for x, y in zip(a, b))
+        return Interval(logs.n, math.exp(logs.mean), None, *(None if e is None else math.exp(e)
+                                                                   for e in (logs.lo, logs.hi)))
+
+    def _pair(self, numerator: str, denominator: str) -> tuple[VariantResult, VariantResult] | None:
         if numerator not in self or denominator not in self:
             return None
         a, b = self[numerator], self[denominator]
-        if a.unavailable or b.unavailable:
-            return None
-        return statistics.median(x / y for x, y in zip(a.step_times, b.step_times))
+        return None if a.unavailable or b.unavailable else (a, b)
 
     def check(self, target: Target) -> bool | None:
         """True/False for a met/missed target; None when a variant of it did not run."""
@@ -129,8 +157,8 @@ class BenchResult:
             mem = "n/a" if v.extra_bytes is None else format_bytes(v.extra_bytes)
             lines.append(f"| {v.name} | {v.median_ms:.1f} | {v.median_ratio:.3f} | {mem} |")
         text = "\n".join(lines) + self._notes() + "\n\n" + self.ratio_table(targets)
-        variants = self.variants_table()
-        return text + ("\n\n" + variants if variants else "")
+        extra = [t for t in (self.variants_table(), self.peer_table()) if t]
+        return "\n\n".join([text, *extra])
 
     def _notes(self) -> str:
         """One line per distinct note, naming its rows (e.g. how LookSAM's rows are timed)."""
@@ -180,6 +208,44 @@ class BenchResult:
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
+    def peer_pairs(self) -> list[tuple[str, str, str]]:
+        """(label, normsam's row over every parameter, its peer's row) for SAM itself and each of its variants,
+        where both rows are in this benchmark."""
+        pairs = [("SAM", SAM_ALL, PEER)] + [(family, variant_name(family, "all"), peer_name(family))
+                                            for family in VARIANT_FAMILIES.values()]
+        return [p for p in pairs if p[1] in self and p[2] in self]
+
+    def peer_intervals(self) -> list[tuple[str, str, str, Interval, Interval | None]]:
+        """For SAM and each of its variants run beside its peer: the label, the two rows' names, and (all) / peer
+        over the whole step and outside the passes (None where the steps were not split), as
+        :meth:`ratio_interval` gives them."""
+        found = []
+        for label, mine, peer in self.peer_pairs():
+            whole = self.ratio_interval(mine, peer)
+            if whole is not None:
+                found.append((label, mine, peer, whole, self.ratio_interval(mine, peer, outside=True)))
+        return found
+
+    def peer_table(self) -> str:
+        """SAM and its variants at scope="all" against their peers round by round: the whole step's ratio, then the
+        time outside the forward and backward passes (the optimizer's own work; CPU runs only), each the geometric
+        mean of the per-round ratios with its 95% t-interval. In a compute-bound step the passes are nearly all the
+        time and the same code on both sides, so the first interval straddles 1.00 by the machine's noise; the
+        second compares what the two optimizers do differently (empty when no row ran beside its peer)."""
+        rows = []
+        for label, mine, peer, whole, outside in self.peer_intervals():
+            if outside is None:
+                rows.append(f"| {label} | {whole.text(3)} | not split (GPU) | | |")
+                continue
+            ms = [1000 * statistics.median(self[n].outside_times) for n in (mine, peer)]
+            rows.append(f"| {label} | {whole.text(3)} | {ms[0]:.2f} | {ms[1]:.2f} | {outside.text(3)} |")
+        if not rows:
+            return ""
+        return "\n".join([
+            "| SAM or variant | (all) / peer, whole step [95% CI] | normsam outside the passes: ms a step "
+            "| peer outside the passes: ms a step | (all) / peer, outside the passes [95% CI] |",
+            "|---|---:|---:|---:|---:|", *rows])
+
     def _step_cell(self, name: str) -> str:
         if name not in self:
             return "not run"
@@ -204,19 +270,27 @@ class BenchResult:
                     "median_ratio_to_sgd": None if v.unavailable else v.median_ratio,
                     "extra_peak_bytes": v.extra_bytes,
                     "step_times_s": v.step_times,
+                    "pass_times_s": v.pass_times,
                     "cycle": v.cycle,
                     "notes": v.notes,
                 }
                 for v in self.variants
             ],
             "ratios": {f"{n} / {d}": self.ratio(n, d) for n, d in pairs},
+            # SAM and each variant beside its peer: [geometric mean, lo, hi] of (all) / peer, whole step and outside the passes
+            "peer_intervals": {
+                f"{mine} / {peer}": {
+                    "whole_step": [whole.mean, whole.lo, whole.hi],
+                    "outside_passes": None if outside is None else [outside.mean, outside.lo, outside.hi],
+                }
+                for _, mine, peer, whole, outside in self.peer_intervals()
+            },
             "targets": [
                 {"ratio": f"{t.numerator} / {t.denominator}", "value": self.ratio(t.numerator, t.denominator),
                  "limit": t.limit, "strict": t.strict, "met": self.check(t), "verdict": self.verdict(t)}
                 for t in all_targets
             ],
         }
-
 
 def format_bytes(n: int) -> str:
     """A signed byte count as the tables show it (``+8.0 KiB``, ``-512 B``): extra memory can be below SGD's."""

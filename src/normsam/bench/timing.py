@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from normsam.bench.context import StepContext, StepFn, Variant, VariantUnavailable
 from normsam.bench.memory import held_memory, peak_step_bytes, sync
+from normsam.bench.passes import PASS_CLOCK
 from normsam.bench.report import BenchResult, VariantResult
 from normsam.bench.variants import default_variants
 from normsam.optim.scopes import select
@@ -26,8 +27,10 @@ from normsam.optim.scopes import select
 __all__ = ["run_benchmark", "round_order"]
 
 
-def _time_steps(step: StepFn, x: Tensor, y: Tensor, n: int, device: torch.device) -> float:
-    """Seconds per step over ``n`` steps (CUDA events on a GPU, the wall clock elsewhere)."""
+def _time_steps(step: StepFn, x: Tensor, y: Tensor, n: int, device: torch.device) -> tuple[float, float | None]:
+    """Seconds per step over ``n`` steps (CUDA events on a GPU, the wall clock elsewhere), and on the CPU the
+    seconds per step spent in the forward and backward passes (:mod:`normsam.bench.passes`; None on a GPU, where
+    host clocks do not time the kernels)."""
     if device.type == "cuda":  # the host returns long before the GPU is done: time on the GPU's own clock
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -35,11 +38,13 @@ def _time_steps(step: StepFn, x: Tensor, y: Tensor, n: int, device: torch.device
             step(x, y)
         end.record()
         torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1000 / n
-    begin = time.perf_counter()
-    for _ in range(n):
-        step(x, y)
-    return (time.perf_counter() - begin) / n
+        return start.elapsed_time(end) / 1000 / n, None
+    with PASS_CLOCK.running() as passes:
+        begin = time.perf_counter()
+        for _ in range(n):
+            step(x, y)
+        total = time.perf_counter() - begin
+    return total / n, passes.seconds / n
 
 
 def run_benchmark(
@@ -106,12 +111,14 @@ def run_benchmark(
     for r in iterator:
         # each variant times whole cycles (steps_per_round rounded up to a multiple of its cycle), in the order
         # of round_order(r)
-        times = [0.0] * len(steps)
+        times: list[tuple[float, float | None]] = [(0.0, None)] * len(steps)
         for i in round_order(r, len(steps)):
             times[i] = _time_steps(steps[i], x, y, -(-steps_per_round // cycles[i]) * cycles[i], device)
-        for res, t in zip(measured, times):
+        for res, (t, in_passes) in zip(measured, times):
             res.step_times.append(t)
-            res.ratios.append(t / times[0])
+            res.ratios.append(t / times[0][0])
+            if in_passes is not None:
+                res.pass_times.append(in_passes)
 
     settings = {
         "device": _device_name(device),
