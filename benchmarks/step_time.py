@@ -27,6 +27,7 @@ Modes and their targets (printed as PASS/FAIL; the exit status is 1 when one fai
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -111,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     add_variant_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", help="also write the raw figures to this file")
+    parser.add_argument("--tables", metavar="JSON",
+                        help="measure nothing: print the tables of a run saved with --json again")
     args = parser.parse_args(argv)
+    if args.tables:
+        return print_saved_tables(args.tables)
 
     device = torch.device("cpu")
     if args.mode == "gpu":
@@ -185,6 +190,24 @@ def main(argv: list[str] | None = None) -> int:
     verdicts = [r.check(t) for r in results.values()
                 for t in [*targets(args.mode, args.ascent_interval), *r.variant_targets()]]
     return 1 if False in verdicts and not args.smoke else 0
+
+
+def print_saved_tables(path: str) -> int:
+    """The tables of every case of a ``--json`` file, as the run printed them (CPU modes) or the GPU's."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as err:
+        print(f"--tables {path}: cannot read it ({err}); pass a file written by --json.", file=sys.stderr)
+        return 2
+    for label, data in saved.items():
+        result, saved_targets = BenchResult.from_dict(data)
+        # the targets the run printed in its ratio table (SAM's variants' are in their own table)
+        shown = [t for t in saved_targets if t not in result.variant_targets()]
+        print(f"\n{label}: {result.settings['device']}, {result.settings['threads']} threads, "
+              f"{result.settings['rounds']} rounds × {result.settings['steps_per_round']} steps (from {path})")
+        print(result.table(shown))
+    return 0
 
 
 def _memory_note(result: BenchResult) -> None:

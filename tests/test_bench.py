@@ -497,9 +497,9 @@ def test_bench_cli_and_step_time_list_and_run_the_variants(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| LookSAM | " in text and "each round times whole cycles of k=2 steps" in text
     assert f"| {multi_step_name(2)} |" in text
-    assert "(all) / peer, outside the passes [95% CI] |" in text  # the CPU splits every step
+    assert "(all) / peer: outside the passes [95% CI] |" in text  # the CPU splits every step
     case, _resnet20 = json.loads(out.read_text()).values()
-    assert case["peer_intervals"]["LookSAM (all) / pytorch_optimizer.LookSAM"]["outside_passes"] is not None
+    assert case["peer_intervals"]["LookSAM (all) / pytorch_optimizer.LookSAM"]["outside"] is not None
     assert {t["ratio"] for t in case["targets"]} >= {"LookSAM (all) / pytorch_optimizer.LookSAM",
                                                      "LookSAM (norm) / LookSAM (all)", f"{SAM_ALL} / {PEER}"}
     assert case["settings"]["variant_settings"]["looksam_k"] == 2
@@ -575,7 +575,7 @@ def test_the_pass_clock_counts_only_while_running_and_once_at_a_time():
     assert 0.03 <= clock.seconds < 0.07 and not clock.active
 
 
-def test_peer_table_gives_the_whole_step_and_the_time_outside_the_passes_with_intervals():
+def test_peer_table_gives_the_whole_step_its_passes_and_the_time_outside_them_with_intervals():
     from normsam.analysis.stats import describe
 
     def res(name, steps, passes=()):
@@ -588,22 +588,52 @@ def test_peer_table_gives_the_whole_step_and_the_time_outside_the_passes_with_in
     logs = describe([math.log(a / b) for a, b in zip(mine.step_times, peer.step_times)])
     assert whole.mean == pytest.approx(math.exp(logs.mean))
     assert (whole.lo, whole.hi) == (pytest.approx(math.exp(logs.lo)), pytest.approx(math.exp(logs.hi)))
-    outside = result.ratio_interval("GSAM (all)", "pytorch_optimizer.GSAM", outside=True)
+    passes = result.ratio_interval("GSAM (all)", "pytorch_optimizer.GSAM", part="passes")
+    assert passes.mean == pytest.approx((1.0 * (1.00 / 0.96) * 1.0) ** (1 / 3))
+    outside = result.ratio_interval("GSAM (all)", "pytorch_optimizer.GSAM", part="outside")
     assert outside.mean == pytest.approx(0.10 / 0.12) and outside.hi - outside.lo < 1e-6  # the same every round
+    with pytest.raises(ValueError, match="Unknown part 'optimizer'; use one of step, passes, outside"):
+        result.ratio_interval("GSAM (all)", "pytorch_optimizer.GSAM", part="optimizer")
     table = result.peer_table()
-    assert "| GSAM | " in table and "| 100.00 | 120.00 | 0.833 [0.833, 0.833] |" in table
+    assert f"| GSAM | {whole.text(3)} | {passes.text(3)} | 100.00 | 120.00 | 0.833 [0.833, 0.833] |" in table
     assert "| SAM | " not in table  # SAM-all and the peer did not run
-    assert result.to_dict()["peer_intervals"]["GSAM (all) / pytorch_optimizer.GSAM"]["outside_passes"][0] == \
-        pytest.approx(0.10 / 0.12)
+    found = result.to_dict()["peer_intervals"]["GSAM (all) / pytorch_optimizer.GSAM"]
+    assert found["outside"][0] == pytest.approx(0.10 / 0.12) and found["passes"][0] == pytest.approx(passes.mean)
 
     # a GPU run has no split: the whole step's interval only, and the table says why the rest is missing
     gpu = BenchResult([res(SGD, [0.5, 0.5]), res("GSAM (all)", [1.0, 1.0]), res("pytorch_optimizer.GSAM", [1.0, 1.1])],
                       settings={})
     assert "not split (GPU)" in gpu.peer_table()
-    assert gpu.to_dict()["peer_intervals"]["GSAM (all) / pytorch_optimizer.GSAM"]["outside_passes"] is None
+    found = gpu.to_dict()["peer_intervals"]["GSAM (all) / pytorch_optimizer.GSAM"]
+    assert found["passes"] is None and found["outside"] is None and found["step"] is not None
     assert BenchResult([res(SGD, [0.5])], settings={}).peer_table() == ""
     # SAM-all beside pytorch_optimizer.SAM: SAM's own row, first
     sam = BenchResult([res(SGD, [0.5, 0.5]), res(PEER, [1.0, 1.0], [0.9, 0.9]), res(SAM_ALL, [0.9, 0.9], [0.85, 0.85]),
                        *gpu.variants[1:]], settings={})
-    assert sam.peer_table().splitlines()[2].startswith("| SAM | 0.900 [0.900, 0.900] | 50.00 | 100.00 | 0.500")
+    assert sam.peer_table().splitlines()[2].startswith("| SAM | 0.900 [0.900, 0.900] | 0.944 [0.944, 0.944] | 50.00 "
+                                                       "| 100.00 | 0.500")
     assert list(sam.to_dict()["peer_intervals"]) == [f"{SAM_ALL} / {PEER}", "GSAM (all) / pytorch_optimizer.GSAM"]
+
+
+def test_a_saved_run_prints_the_same_tables_again(tmp_path, capsys):
+    """--json then --tables: the tables come back as the run printed them (targets, variants, the split)."""
+    step_time = _script("step_time")
+    out = tmp_path / "run.json"
+    assert step_time.main(["--mode", "host-overhead", "--smoke", "--no-memory", "--rounds", "2", "--variants", "wsam",
+                           "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert step_time.main(["--tables", str(out)]) == 0
+    again = capsys.readouterr().out
+    for table in ("| variant | median step (ms)", "| ratio | value | target | verdict |", "| SAM variant | normsam",
+                  "| SAM or variant | (all) / peer"):
+        def blocks(text):
+            return [chunk[chunk.index(table):] for chunk in text.split("\n\n") if table in chunk]
+
+        assert len(blocks(printed)) == 2, table  # one per case (ResNet-56, ResNet-20)
+        assert blocks(printed) == blocks(again), table
+    assert "<= 1.02 | PASS" in again or "<= 1.02 | FAIL" in again  # the mode's targets, as saved
+
+    (tmp_path / "bad.json").write_text("{not json")
+    assert step_time.main(["--tables", str(tmp_path / "bad.json")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read it" in err and "pass a file written by --json" in err

@@ -20,7 +20,11 @@ from normsam.bench.names import (
     variant_name,
 )
 
-__all__ = ["VariantResult", "Target", "KEY_RATIOS", "VARIANT_TARGETS", "BenchResult", "format_bytes"]
+__all__ = ["VariantResult", "Target", "KEY_RATIOS", "VARIANT_TARGETS", "STEP_PARTS", "BenchResult", "format_bytes"]
+
+#: The parts of a step a ratio can compare (:meth:`BenchResult.ratio_interval`): all of it, its forward and
+#: backward passes, the rest (the optimizer's own work); the last two on the CPU only.
+STEP_PARTS = ("step", "passes", "outside")
 
 
 @dataclass
@@ -109,14 +113,17 @@ class BenchResult:
         a, b = pair
         return statistics.median(x / y for x, y in zip(a.step_times, b.step_times))
 
-    def ratio_interval(self, numerator: str, denominator: str, *, outside: bool = False) -> Interval | None:
+    def ratio_interval(self, numerator: str, denominator: str, *, part: str = "step") -> Interval | None:
         """The geometric mean over rounds of the per-round ratio with its 95% t-interval (the interval of the
-        mean per-round log ratio, exponentiated), of the whole steps or, with ``outside``, of the time outside
-        the passes; None when a variant is missing or (``outside``) its steps were not split."""
+        mean per-round log ratio, exponentiated) of one :data:`STEP_PARTS` part of the two variants' steps: the
+        whole ``"step"``, its ``"passes"`` or the time ``"outside"`` them; None when a variant is missing or (for
+        a part) its steps were not split."""
+        if part not in STEP_PARTS:
+            raise ValueError(f"Unknown part {part!r}; use one of {', '.join(STEP_PARTS)}.")
         pair = self._pair(numerator, denominator)
         if pair is None:
             return None
-        a, b = (v.outside_times if outside else v.step_times for v in pair)
+        a, b = ({"step": v.step_times, "passes": v.pass_times, "outside": v.outside_times}[part] for v in pair)
         if not a or not b or min(a + b) <= 0:
             return None
         logs = describe(math.log(x / y) for x, y in zip(a, b))
@@ -215,42 +222,65 @@ class BenchResult:
                                             for family in VARIANT_FAMILIES.values()]
         return [p for p in pairs if p[1] in self and p[2] in self]
 
-    def peer_intervals(self) -> list[tuple[str, str, str, Interval, Interval | None]]:
+    def peer_intervals(self) -> list[tuple[str, str, str, dict[str, Interval | None]]]:
         """For SAM and each of its variants run beside its peer: the label, the two rows' names, and (all) / peer
-        over the whole step and outside the passes (None where the steps were not split), as
+        over each of :data:`STEP_PARTS` (None for the parts of steps that were not split), as
         :meth:`ratio_interval` gives them."""
         found = []
         for label, mine, peer in self.peer_pairs():
-            whole = self.ratio_interval(mine, peer)
-            if whole is not None:
-                found.append((label, mine, peer, whole, self.ratio_interval(mine, peer, outside=True)))
+            parts = {part: self.ratio_interval(mine, peer, part=part) for part in STEP_PARTS}
+            if parts["step"] is not None:
+                found.append((label, mine, peer, parts))
         return found
 
     def peer_table(self) -> str:
-        """SAM and its variants at scope="all" against their peers round by round: the whole step's ratio, then the
-        time outside the forward and backward passes (the optimizer's own work; CPU runs only), each the geometric
-        mean of the per-round ratios with its 95% t-interval. In a compute-bound step the passes are nearly all the
-        time and the same code on both sides, so the first interval straddles 1.00 by the machine's noise; the
-        second compares what the two optimizers do differently (empty when no row ran beside its peer)."""
+        """SAM and its variants at scope="all" against their peers round by round: the ratio of the whole steps, of
+        the forward and backward passes, and of the time outside them (the optimizer's own work; CPU runs only),
+        each the geometric mean of the per-round ratios with its 95% t-interval. In a compute-bound step the passes
+        are nearly all the time and the same code on both sides: the whole step's ratio follows the passes' ratio,
+        which strays from 1.00 by the machine's noise, while the time outside the passes compares what the two
+        optimizers do differently (empty when no row ran beside its peer)."""
         rows = []
-        for label, mine, peer, whole, outside in self.peer_intervals():
-            if outside is None:
-                rows.append(f"| {label} | {whole.text(3)} | not split (GPU) | | |")
+        for label, mine, peer, parts in self.peer_intervals():
+            if parts["outside"] is None:
+                rows.append(f"| {label} | {parts['step'].text(3)} | not split (GPU) | | | |")
                 continue
             ms = [1000 * statistics.median(self[n].outside_times) for n in (mine, peer)]
-            rows.append(f"| {label} | {whole.text(3)} | {ms[0]:.2f} | {ms[1]:.2f} | {outside.text(3)} |")
+            rows.append(f"| {label} | {parts['step'].text(3)} | {parts['passes'].text(3)} | {ms[0]:.2f} | {ms[1]:.2f} "
+                        f"| {parts['outside'].text(3)} |")
         if not rows:
             return ""
         return "\n".join([
-            "| SAM or variant | (all) / peer, whole step [95% CI] | normsam outside the passes: ms a step "
-            "| peer outside the passes: ms a step | (all) / peer, outside the passes [95% CI] |",
-            "|---|---:|---:|---:|---:|", *rows])
+            "| SAM or variant | (all) / peer: whole step [95% CI] | passes [95% CI] | outside the passes, normsam: "
+            "ms a step | peer: ms a step | (all) / peer: outside the passes [95% CI] |",
+            "|---|---:|---:|---:|---:|---:|", *rows])
 
     def _step_cell(self, name: str) -> str:
         if name not in self:
             return "not run"
         v = self[name]
         return "n/a" if v.unavailable else f"{v.median_ms:.1f} ({v.median_ratio:.2f}×)"
+
+    @classmethod
+    def from_dict(cls, data: dict) -> tuple[BenchResult, list[Target]]:
+        """A result and its targets back from :meth:`to_dict`'s JSON, to print a saved run's tables again (the
+        per-round ratios recomputed against the first variant, as :func:`~normsam.bench.timing.run_benchmark`
+        takes them)."""
+        rows = data["variants"]
+        baseline = rows[0]["step_times_s"]
+        variants = [
+            VariantResult(
+                row["name"], step_times=list(row["step_times_s"]), pass_times=list(row.get("pass_times_s", [])),
+                ratios=[t / b for t, b in zip(row["step_times_s"], baseline)], extra_bytes=row["extra_peak_bytes"],
+                unavailable=row["unavailable"], cycle=row.get("cycle", 1), notes=list(row.get("notes", [])),
+            )
+            for row in rows
+        ]
+        targets = []
+        for t in data.get("targets", []):
+            numerator, _, denominator = t["ratio"].partition(" / ")
+            targets.append(Target(numerator, denominator, t["limit"], strict=t["strict"]))
+        return cls(variants, dict(data["settings"])), targets
 
     def to_dict(self, targets: Sequence[Target] = ()) -> dict:
         """The figures as JSON: settings, every variant (``cycle``: the steps each round times a whole number of;
@@ -277,13 +307,11 @@ class BenchResult:
                 for v in self.variants
             ],
             "ratios": {f"{n} / {d}": self.ratio(n, d) for n, d in pairs},
-            # SAM and each variant beside its peer: [geometric mean, lo, hi] of (all) / peer, whole step and outside the passes
+            # SAM and each variant beside its peer: [geometric mean, lo, hi] of (all) / peer over the whole step,
+            # the passes and outside them (None where the steps were not split)
             "peer_intervals": {
-                f"{mine} / {peer}": {
-                    "whole_step": [whole.mean, whole.lo, whole.hi],
-                    "outside_passes": None if outside is None else [outside.mean, outside.lo, outside.hi],
-                }
-                for _, mine, peer, whole, outside in self.peer_intervals()
+                f"{mine} / {peer}": {part: None if i is None else [i.mean, i.lo, i.hi] for part, i in parts.items()}
+                for _, mine, peer, parts in self.peer_intervals()
             },
             "targets": [
                 {"ratio": f"{t.numerator} / {t.denominator}", "value": self.ratio(t.numerator, t.denominator),
