@@ -112,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     add_variant_arguments(parser)
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", help="also write the raw figures to this file")
-    parser.add_argument("--tables", metavar="JSON",
-                        help="measure nothing: print the tables of a run saved with --json again")
+    parser.add_argument("--tables", metavar="JSON", nargs="+",
+                        help="measure nothing: print the tables of a run saved with --json again; of several runs "
+                             "of the same variants, pooled round by round (each case by its label)")
     args = parser.parse_args(argv)
     if args.tables:
         return print_saved_tables(args.tables)
@@ -192,20 +193,30 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if False in verdicts and not args.smoke else 0
 
 
-def print_saved_tables(path: str) -> int:
-    """The tables of every case of a ``--json`` file, as the run printed them (CPU modes) or the GPU's."""
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as err:
-        print(f"--tables {path}: cannot read it ({err}); pass a file written by --json.", file=sys.stderr)
-        return 2
-    for label, data in saved.items():
-        result, saved_targets = BenchResult.from_dict(data)
+def print_saved_tables(paths: list[str]) -> int:
+    """The tables of every case of one or more ``--json`` files, as a run prints them; several runs of a case
+    (the same label) are pooled round by round (:meth:`BenchResult.pooled`)."""
+    cases: dict[str, list[tuple[BenchResult, list[Target]]]] = {}
+    for path in paths:
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError) as err:
+            print(f"--tables {path}: cannot read it ({err}); pass a file written by --json.", file=sys.stderr)
+            return 2
+        for label, data in saved.items():
+            cases.setdefault(label, []).append(BenchResult.from_dict(data))
+    for label, runs in cases.items():
+        try:
+            result = BenchResult.pooled([r for r, _ in runs])
+        except ValueError as err:
+            print(f"--tables: {label}: {err}", file=sys.stderr)
+            return 2
         # the targets the run printed in its ratio table (SAM's variants' are in their own table)
-        shown = [t for t in saved_targets if t not in result.variant_targets()]
-        print(f"\n{label}: {result.settings['device']}, {result.settings['threads']} threads, "
-              f"{result.settings['rounds']} rounds × {result.settings['steps_per_round']} steps (from {path})")
+        shown = [t for t in runs[0][1] if t not in result.variant_targets()]
+        s = result.settings
+        print(f"\n{label}: {s['device']}, {s['threads']} threads, {s['rounds']} rounds × {s['steps_per_round']} "
+              f"steps ({len(runs)} run{'s' if len(runs) > 1 else ''} pooled: {', '.join(paths)})")
         print(result.table(shown))
     return 0
 

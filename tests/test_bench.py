@@ -633,7 +633,26 @@ def test_a_saved_run_prints_the_same_tables_again(tmp_path, capsys):
         assert blocks(printed) == blocks(again), table
     assert "<= 1.02 | PASS" in again or "<= 1.02 | FAIL" in again  # the mode's targets, as saved
 
+    assert step_time.main(["--tables", str(out), str(out)]) == 0  # two runs of a case: pooled, round by round
+    assert "4 rounds × 1 steps (2 runs pooled" in capsys.readouterr().out
+
     (tmp_path / "bad.json").write_text("{not json")
     assert step_time.main(["--tables", str(tmp_path / "bad.json")]) == 2
     err = capsys.readouterr().err
     assert "cannot read it" in err and "pass a file written by --json" in err
+
+
+def test_pooled_runs_put_their_rounds_in_sequence_and_refuse_different_variants():
+    def result(steps, passes):
+        return BenchResult([VariantResult(SGD, step_times=[1.0] * len(steps), ratios=[1.0] * len(steps)),
+                            VariantResult(SAM_ALL, step_times=steps, pass_times=passes, ratios=steps)],
+                           settings={"rounds": len(steps), "device": "CPU"})
+
+    pooled = BenchResult.pooled([result([2.0, 2.2], [1.8, 2.0]), result([2.4], [2.1])])
+    assert pooled[SAM_ALL].step_times == [2.0, 2.2, 2.4] and pooled[SAM_ALL].pass_times == [1.8, 2.0, 2.1]
+    assert pooled[SAM_ALL].ratios == [2.0, 2.2, 2.4] and pooled.settings == {"rounds": 3, "device": "CPU"}
+    other = BenchResult([VariantResult(SGD, step_times=[1.0], ratios=[1.0])], settings={"rounds": 1})
+    with pytest.raises(ValueError, match="Only runs of the same variants pool: run them with the same options"):
+        BenchResult.pooled([result([2.0], [1.8]), other])
+    with pytest.raises(ValueError, match="Nothing to pool"):
+        BenchResult.pooled([])

@@ -282,6 +282,30 @@ class BenchResult:
             targets.append(Target(numerator, denominator, t["limit"], strict=t["strict"]))
         return cls(variants, dict(data["settings"])), targets
 
+    @classmethod
+    def pooled(cls, results: Sequence[BenchResult]) -> BenchResult:
+        """Several runs of the same variants as one, their rounds in sequence (each round stays a comparison made
+        under one spell of the machine); ``settings`` are the first run's, with the rounds added up."""
+        if not results:
+            raise ValueError("Nothing to pool: give at least one result.")
+        names = [v.name for v in results[0].variants]
+        for other in results[1:]:
+            if [v.name for v in other.variants] != names:
+                raise ValueError("Only runs of the same variants pool: run them with the same options "
+                                 f"({', '.join(names)} against {', '.join(v.name for v in other.variants)}).")
+        variants = []
+        for rows in zip(*(r.variants for r in results)):
+            pooled = VariantResult(rows[0].name, extra_bytes=rows[0].extra_bytes, cycle=rows[0].cycle,
+                                   notes=list(rows[0].notes),
+                                   unavailable=next((v.unavailable for v in rows if v.unavailable), None))
+            for v in rows:
+                pooled.step_times += v.step_times
+                pooled.ratios += v.ratios
+                pooled.pass_times += v.pass_times
+            variants.append(pooled)
+        settings = {**results[0].settings, "rounds": sum(r.settings.get("rounds", 0) for r in results)}
+        return cls(variants, settings)
+
     def to_dict(self, targets: Sequence[Target] = ()) -> dict:
         """The figures as JSON: settings, every variant (``cycle``: the steps each round times a whole number of;
         ``notes``: how it is timed or driven), the key ratios and the variants' ratios, and the targets (``targets`` and
