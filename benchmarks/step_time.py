@@ -16,8 +16,9 @@ Modes and their targets (printed as PASS/FAIL; the exit status is 1 when one fai
   SAM-ON / hand-written SAM-ON <= 1.03 and SAM-all / pytorch_optimizer.SAM <= 1.02. The ResNet-20 case has the
   cpu mode's weights: its time outside the passes is the optimizer work of that mode's steps, measured without
   the passes' noise.
-- on the CPU, every table of SAM's variants is followed by (all) / peer over the whole step and outside the
-  forward and backward passes (the optimizers' own work), each with its 95% interval over the rounds.
+- the tables end with (all) / peer for SAM and each variant run beside its peer: the whole step and, on the CPU,
+  its forward and backward passes and the time outside them (the optimizers' own work), each the geometric mean
+  of the per-round ratios with its 95% interval.
 - gpu: WRN-28-10 (32×32), ResNet-56 (32×32), ViT-S/32 and ResNet-50 (224×224), one table, no targets.
 - with --variants, in every mode: <variant> (all) / pytorch_optimizer.<variant> <= 1.00 and
   <variant> (norm) / <variant> (all) < 1 (GCSAM's peer is pytorch_optimizer.SAM(use_gc=True)). LookSAM's rows

@@ -656,3 +656,7 @@ def test_pooled_runs_put_their_rounds_in_sequence_and_refuse_different_variants(
         BenchResult.pooled([result([2.0], [1.8]), other])
     with pytest.raises(ValueError, match="Nothing to pool"):
         BenchResult.pooled([])
+    missing_peer = result([2.0], [1.8])
+    missing_peer[SAM_ALL].unavailable, missing_peer[SAM_ALL].step_times = "not installed", []
+    with pytest.raises(ValueError, match="SAM-all ran in some of them only"):
+        BenchResult.pooled([result([2.0], [1.8]), missing_peer])

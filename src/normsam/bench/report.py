@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from normsam.analysis.stats import Interval, describe
-
 from normsam.bench.names import (
     FLOOR, PEER, SAM_ALL, SAM_ON, SGD, VARIANT_FAMILIES, is_interval_name, is_multi_step_name, peer_name,
     variant_name,
@@ -293,11 +292,16 @@ class BenchResult:
             if [v.name for v in other.variants] != names:
                 raise ValueError("Only runs of the same variants pool: run them with the same options "
                                  f"({', '.join(names)} against {', '.join(v.name for v in other.variants)}).")
+            # rounds pair variants by position: a row that ran in some runs only would pair the wrong rounds
+            ran = [v.name for v, w in zip(results[0].variants, other.variants)
+                   if bool(v.unavailable) != bool(w.unavailable)]
+            if ran:
+                raise ValueError(f"Only runs of the same variants pool: {', '.join(ran)} ran in some of them only "
+                                 "(install the same packages, e.g. pytorch_optimizer, for every run).")
         variants = []
         for rows in zip(*(r.variants for r in results)):
             pooled = VariantResult(rows[0].name, extra_bytes=rows[0].extra_bytes, cycle=rows[0].cycle,
-                                   notes=list(rows[0].notes),
-                                   unavailable=next((v.unavailable for v in rows if v.unavailable), None))
+                                   notes=list(rows[0].notes), unavailable=rows[0].unavailable)
             for v in rows:
                 pooled.step_times += v.step_times
                 pooled.ratios += v.ratios
@@ -343,6 +347,7 @@ class BenchResult:
                 for t in all_targets
             ],
         }
+
 
 def format_bytes(n: int) -> str:
     """A signed byte count as the tables show it (``+8.0 KiB``, ``-512 B``): extra memory can be below SGD's."""
