@@ -54,14 +54,13 @@ class PassClock:
         """Time the backward passes that will run through ``loss``'s graph (from its ``grad_fn`` to the end)."""
         if not self.active or loss.grad_fn is None:
             return
-        clock = self
 
         def started(_grad_outputs):
             begin = time.perf_counter()
 
             def finished():
-                if clock.active:
-                    clock.seconds += time.perf_counter() - begin
+                if self.active:
+                    self.seconds += time.perf_counter() - begin
 
             # the engine runs queued callbacks once the whole graph task is done (as DDP's reducer uses it)
             torch.autograd.Variable._execution_engine.queue_callback(finished)

@@ -21,9 +21,11 @@ from normsam.bench.names import (
 
 __all__ = ["VariantResult", "Target", "KEY_RATIOS", "VARIANT_TARGETS", "STEP_PARTS", "BenchResult", "format_bytes"]
 
-#: The parts of a step a ratio can compare (:meth:`BenchResult.ratio_interval`): all of it, its forward and
-#: backward passes, the rest (the optimizer's own work); the last two on the CPU only.
-STEP_PARTS = ("step", "passes", "outside")
+#: The parts of a step a ratio can compare (:meth:`BenchResult.ratio_interval`), each with the
+#: :class:`VariantResult` attribute holding its seconds per round: all of it, its forward and backward passes,
+#: the rest (the optimizer's own work); the last two on the CPU only.
+_PART_TIMES = {"step": "step_times", "passes": "pass_times", "outside": "outside_times"}
+STEP_PARTS = tuple(_PART_TIMES)
 
 
 @dataclass
@@ -122,7 +124,7 @@ class BenchResult:
         pair = self._pair(numerator, denominator)
         if pair is None:
             return None
-        a, b = ({"step": v.step_times, "passes": v.pass_times, "outside": v.outside_times}[part] for v in pair)
+        a, b = (getattr(v, _PART_TIMES[part]) for v in pair)
         if not a or not b or min(a + b) <= 0:
             return None
         logs = describe(math.log(x / y) for x, y in zip(a, b))
